@@ -1,0 +1,59 @@
+//! Pieces every stage binary shares: error reporting and exit codes, and the model-loading
+//! flags.
+use crate::checkpoint::{load_model, ModelFiles};
+use crate::model::CausalLm;
+use crate::records::{full_text, read_jsonl_numbered, Record};
+use crate::runtime::{parse_device, parse_dtype};
+use crate::tokenizer::Tok;
+use anyhow::{Context, Result};
+use rayon::prelude::*;
+use std::path::Path;
+use tch::{Device, Kind};
+
+/// Runs a stage's body; on error prints `stage: error: ...` with its causes and exits 1.
+pub fn run(stage: &str, body: impl FnOnce() -> Result<()>) {
+    if let Err(e) = body() {
+        eprintln!("{stage}: error: {e}");
+        for cause in e.chain().skip(1) {
+            eprintln!("  caused by: {cause}");
+        }
+        std::process::exit(1);
+    }
+}
+
+/// Resolves `--device` and `--dtype` together.
+pub fn device_and_kind(device: &str, dtype: &str) -> Result<(Device, Kind)> {
+    let d = parse_device(device)?;
+    Ok((d, parse_dtype(dtype, d)?))
+}
+
+pub fn load(spec: &str, device: Device, kind: Kind) -> Result<(CausalLm, ModelFiles, Tok)> {
+    let (model, files) = load_model(spec, device, kind).with_context(|| format!("loading model `{spec}`"))?;
+    let tok = Tok::load(&files)?;
+    Ok((model, files, tok))
+}
+
+/// Reads records and tokenizes each one's whole text with special tokens (CONTRACT.md's
+/// rule for perplexity), in parallel. Errors name the file and line.
+pub fn read_and_tokenize(path: &Path, tok: &Tok, max_length: Option<usize>) -> Result<(Vec<Record>, Vec<Vec<i64>>)> {
+    let numbered = read_jsonl_numbered(path)?;
+    let seqs = numbered
+        .par_iter()
+        .map(|(line, rec)| {
+            let text = full_text(rec).with_context(|| format!("{}:{line}", path.display()))?;
+            let mut ids = tok.encode(&text, true).with_context(|| format!("{}:{line}", path.display()))?;
+            if let Some(m) = max_length {
+                ids.truncate(m);
+            }
+            Ok(ids)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((numbered.into_iter().map(|(_, r)| r).collect(), seqs))
+}
+
+/// Total size of the files in a directory (the checkpoint's bytes on disk).
+pub fn dir_bytes(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| entries.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
+        .unwrap_or(0)
+}

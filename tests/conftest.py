@@ -1,0 +1,61 @@
+"""Shared fixtures: release binaries, tiny random checkpoints, small JSONL files."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tiny  # noqa: E402
+
+BIN = ROOT / "target" / "release"
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A teacher model distills its knowledge into a smaller student model, and the student "
+    "learns from soft targets as well as hard labels, which carry more information per example.",
+    "It was the best of times.",
+    "Numbers like 12345 and 2026 appear in text, as do symbols: #, %, &. "
+    "In the beginning God created the heaven and the earth.",
+    "Knowledge distillation trains the student on soft targets from the teacher.",
+]
+
+
+def run_bin(name, *args, check=True, env=None):
+    """Runs a stage binary; returns the CompletedProcess (stdout/stderr as text)."""
+    proc = subprocess.run(
+        [str(BIN / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {arch: tiny.make_model(arch, str(root / arch), seed=i) for i, arch in enumerate(tiny.ARCHS)}
+
+
+@pytest.fixture(scope="session")
+def text_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "texts.jsonl"
+    return write_jsonl(path, [{"id": f"t{i}", "text": t} for i, t in enumerate(TEXTS)])
