@@ -59,3 +59,44 @@ def model_dirs(tmp_path_factory):
 def text_data(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "texts.jsonl"
     return write_jsonl(path, [{"id": f"t{i}", "text": t} for i, t in enumerate(TEXTS)])
+
+
+HELD_OUT = [
+    "The student model learns from the teacher model.",
+    "It was the worst of times, it was the best of times.",
+    "The lazy dog jumps over the quick brown fox.",
+    "A smaller student distills knowledge from soft targets.",
+]
+
+
+def train_tiny(arch, out_dir, steps=150, seed=0, **overrides):
+    """A tiny model trained with plain PyTorch on the corpus, so it has real structure."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tiny.make_model(arch, out_dir, seed=seed, std=0.02)
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    batch = tok(sorted(set(tiny.CORPUS)), return_tensors="pt", padding=True)
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def trained_llama(tmp_path_factory):
+    return train_tiny("llama", str(tmp_path_factory.mktemp("trained") / "llama"))
+
+
+@pytest.fixture(scope="session")
+def held_out(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "held_out.jsonl"
+    return write_jsonl(path, [{"id": f"h{i}", "text": t} for i, t in enumerate(HELD_OUT)])

@@ -52,7 +52,7 @@ def make_config(arch, vocab):
     common = dict(vocab_size=vocab, bos_token_id=0, eos_token_id=1, pad_token_id=2)
     if arch == "gpt2":
         return AutoConfig.for_model(
-            "gpt2", n_embd=64, n_layer=2, n_head=4, n_positions=128, **common
+            "gpt2", n_embd=64, n_layer=3, n_head=4, n_positions=128, **common
         )
     kw = dict(
         hidden_size=64,

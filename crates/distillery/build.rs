@@ -1,8 +1,8 @@
-//! Link settings for every stage binary.
-//!
-//! * `--no-as-needed -ltorch`: Rust links with `--as-needed`, which would drop
-//!   `libtorch.so` (and with it `libtorch_cuda.so`), leaving CUDA unavailable.
-//! * rpath to the venv's `torch/lib`, so the binaries run without `LD_LIBRARY_PATH`.
+// Link settings for every stage binary.
+//
+// * `--no-as-needed -ltorch`: Rust links with `--as-needed`, which would drop
+//   `libtorch.so` (and with it `libtorch_cuda.so`), leaving CUDA unavailable.
+// * rpath to the venv's `torch/lib`, so the binaries run without `LD_LIBRARY_PATH`.
 use std::process::Command;
 
 fn main() {

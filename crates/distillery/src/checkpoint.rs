@@ -230,8 +230,14 @@ pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()
 
 /// Saves `model` as a Hugging Face checkpoint directory, atomically: `config.json`,
 /// `model.safetensors`, `generation_config.json` and the tokenizer files from `tokenizer_from`.
-/// Files already in `out` that are not replaced (e.g. training state) are kept.
-pub fn save_pretrained(model: &CausalLm, out: &Path, tokenizer_from: Option<&ModelFiles>) -> Result<()> {
+/// `extra_json` adds named JSON files (reports) to the same atomic write. Files already in
+/// `out` that are not replaced (e.g. training state) are kept.
+pub fn save_pretrained(
+    model: &CausalLm,
+    out: &Path,
+    tokenizer_from: Option<&ModelFiles>,
+    extra_json: &[(&str, &Value)],
+) -> Result<()> {
     let mut config = model.config.to_json();
     let dtype = kind_name(model.kind());
     config["torch_dtype"] = json!(dtype);
@@ -243,6 +249,9 @@ pub fn save_pretrained(model: &CausalLm, out: &Path, tokenizer_from: Option<&Mod
     atomic_dir(out, |tmp| {
         write_json_atomic(&tmp.join("config.json"), &config)?;
         write_safetensors(&tensors, &tmp.join("model.safetensors"))?;
+        for (name, value) in extra_json {
+            write_json_atomic(&tmp.join(name), value)?;
+        }
         if let Some(files) = tokenizer_from {
             for f in &files.side_files {
                 std::fs::copy(f, tmp.join(f.file_name().unwrap()))

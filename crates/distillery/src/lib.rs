@@ -13,6 +13,7 @@ pub mod model;
 pub mod records;
 pub mod rng;
 pub mod runtime;
+pub mod student;
 pub mod tokenizer;
 
 pub use checkpoint::{load_model, save_pretrained, ModelFiles};

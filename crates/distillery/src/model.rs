@@ -175,6 +175,7 @@ impl Attention {
         mask: &AttnMask,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         want_probs: bool,
+        head_norms: Option<&mut Tensor>,
     ) -> (Tensor, Option<Tensor>) {
         let (b, t, _) = x.size3().unwrap();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -235,6 +236,10 @@ impl Attention {
             };
             (out, None)
         };
+        if let Some(acc) = head_norms {
+            // Per-head output norm summed over tokens: [nh] (Minitron head importance).
+            *acc += out.to_kind(Kind::Float).norm_scalaropt_dim(2.0, [-1], false).sum_dim_intlist([0i64, 2].as_slice(), false, Kind::Float);
+        }
         let out = out.transpose(1, 2).reshape([b, t, nh * hd]);
         (self.o.forward(&out), probs)
     }
@@ -276,7 +281,19 @@ impl Mlp {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    /// The output, and when `inner` is given, adds to it the summed `|activation|` of every
+    /// intermediate channel (Minitron FFN importance).
+    fn forward(&self, x: &Tensor, inner: Option<&mut Tensor>) -> Tensor {
+        let Some(acc) = inner else { return self.forward_plain(x) };
+        let (mid, out_proj) = match self {
+            Mlp::Gated { gate, up, down, act } => (activate(&gate.forward(x), *act) * up.forward(x), down),
+            Mlp::Plain { fc, proj, act } => (activate(&fc.forward(x), *act), proj),
+        };
+        *acc += mid.to_kind(Kind::Float).abs().sum_dim_intlist([0i64, 1].as_slice(), false, Kind::Float);
+        out_proj.forward(&mid)
+    }
+
+    fn forward_plain(&self, x: &Tensor) -> Tensor {
         match self {
             Mlp::Gated { gate, up, down, act } => down.forward(&(activate(&gate.forward(x), *act) * up.forward(x))),
             Mlp::Plain { fc, proj, act } => proj.forward(&activate(&fc.forward(x), *act)),
@@ -345,6 +362,21 @@ impl KvCache {
 pub struct Capture {
     pub hidden_states: bool,
     pub attentions: bool,
+    /// Activation statistics for structured pruning ([`LayerImportance`]); use unpadded batches.
+    pub importance: bool,
+}
+
+/// Activation statistics of one layer, summed over the tokens seen (Minitron-style importance).
+pub struct LayerImportance {
+    /// `[heads]`: L2 norm of each head's attention output.
+    pub heads: Tensor,
+    /// `[intermediate]`: |activation| of each FFN channel.
+    pub ffn: Tensor,
+    /// `[hidden]`: |output| of this layer's two norms, per hidden channel.
+    pub hidden: Tensor,
+    /// Sum over tokens of `1 - cos(layer input, layer output)` (ShortGPT block influence).
+    pub block_influence: f64,
+    pub tokens: i64,
 }
 
 pub struct ForwardOutput {
@@ -354,6 +386,8 @@ pub struct ForwardOutput {
     pub hidden_states: Vec<Tensor>,
     /// One `[b, heads, t, kv_len]` probability tensor per layer.
     pub attentions: Vec<Tensor>,
+    /// Per-layer activation statistics, when captured.
+    pub importance: Vec<LayerImportance>,
 }
 
 /// Parameter initialisation when a model is built.
@@ -517,15 +551,43 @@ impl CausalLm {
 
         let mut hidden_states = vec![];
         let mut attentions = vec![];
+        let mut importance = vec![];
         if capture.hidden_states {
             hidden_states.push(x.shallow_clone());
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let (a, probs) =
-                layer.attn.forward(&layer.norm_attn.forward(&x), rope.as_ref(), &mask, slot, capture.attentions);
+            let mut stats = capture.importance.then(|| {
+                let zeros = |n: i64| Tensor::zeros([n], (Kind::Float, device));
+                LayerImportance {
+                    heads: zeros(self.config.num_heads),
+                    ffn: zeros(self.config.intermediate_size),
+                    hidden: zeros(self.config.hidden_size),
+                    block_influence: 0.0,
+                    tokens: b * t,
+                }
+            });
+            let x_in = x.shallow_clone();
+            let normed = layer.norm_attn.forward(&x);
+            let (a, probs) = layer.attn.forward(
+                &normed,
+                rope.as_ref(),
+                &mask,
+                slot,
+                capture.attentions,
+                stats.as_mut().map(|s| &mut s.heads),
+            );
             x = x + a;
-            x = &x + layer.mlp.forward(&layer.norm_mlp.forward(&x));
+            let normed2 = layer.norm_mlp.forward(&x);
+            x = &x + layer.mlp.forward(&normed2, stats.as_mut().map(|s| &mut s.ffn));
+            if let Some(mut s) = stats {
+                for n in [&normed, &normed2] {
+                    s.hidden += n.to_kind(Kind::Float).abs().sum_dim_intlist([0i64, 1].as_slice(), false, Kind::Float);
+                }
+                let cos = Tensor::cosine_similarity(&x_in.to_kind(Kind::Float), &x.to_kind(Kind::Float), -1, 1e-8);
+                s.block_influence = cos.neg().g_add_scalar(1.0).sum(Kind::Double).double_value(&[]);
+                importance.push(s);
+            }
             if capture.hidden_states {
                 hidden_states.push(x.shallow_clone());
             }
@@ -533,7 +595,7 @@ impl CausalLm {
                 attentions.push(p);
             }
         }
-        ForwardOutput { hidden: self.final_norm.forward(&x), hidden_states, attentions }
+        ForwardOutput { hidden: self.final_norm.forward(&x), hidden_states, attentions, importance }
     }
 
     /// `[b, 1, t, past + t]` additive mask: causal by index, padded keys hidden, and the

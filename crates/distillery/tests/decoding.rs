@@ -79,7 +79,7 @@ fn captured_attentions_are_distributions_and_match_sdpa_output() {
         let ids = Tensor::randint(97, [2, 9], (Kind::Int64, Device::Cpu));
         let (plain, captured) = tch::no_grad(|| {
             let plain = model.forward_hidden(&ids, None, Capture::default(), None);
-            let cap = Capture { hidden_states: true, attentions: true };
+            let cap = Capture { hidden_states: true, attentions: true, ..Default::default() };
             (plain, model.forward_hidden(&ids, None, cap, None))
         });
         assert!(max_diff(&plain.hidden, &captured.hidden) < 1e-5, "{arch}: eager and sdpa paths differ");
