@@ -6,14 +6,19 @@
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod data;
+pub mod distill;
 pub mod eval;
 pub mod generate;
 pub mod io;
+pub mod losses;
 pub mod model;
+pub mod optim;
 pub mod records;
 pub mod rng;
 pub mod runtime;
 pub mod student;
+pub mod teacher_logits;
 pub mod tokenizer;
 
 pub use checkpoint::{load_model, save_pretrained, ModelFiles};

@@ -1,0 +1,595 @@
+//! The training engine: distillation (alpha * CE + beta * KD + gamma_h * L_hidden +
+//! gamma_a * L_attn), its progressive layer-by-layer schedule, and plain task fine-tuning
+//! (beta = 0, no teacher) through the same loop.
+//!
+//! A run is `setup` (load, validate, resume), `train` (steps with accumulation, clipping,
+//! evaluation, checkpoints) and `finish` (export the student). The training state (fp32
+//! weights, AdamW moments, projections, step) lives in `<out>/train_state/`, apart from the
+//! exported `model.safetensors`, and restores bit for bit on CPU.
+use crate::checkpoint::{load_model, save_pretrained, write_safetensors, ModelFiles};
+use crate::data::{build_examples, Example, Sampler, TrainBatch};
+use crate::eval::{evaluate, EvalMetrics};
+use crate::io::{atomic_dir, write_atomic, write_json_atomic};
+use crate::losses::{
+    attention_loss_sum, chunked_logit_losses, hidden_loss_sum, Divergence, HiddenMetric, LogitLossWeights,
+    SparseTeacher, TeacherRows,
+};
+use crate::model::{Capture, CausalLm};
+use crate::optim::{AdamW, Schedule};
+use crate::records::read_jsonl_numbered;
+use crate::runtime::{parse_device, parse_dtype, Progress};
+use crate::teacher_logits::LogitsReader;
+use crate::tokenizer::Tok;
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{nn, Device, Kind, Tensor};
+
+/// Every setting of a run; saved as `distill_config.json` beside the output.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DistillConfig {
+    pub teacher: Option<String>,
+    pub student: String,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub steps: i64,
+    pub alpha: f64,
+    pub beta: f64,
+    pub temperature: f64,
+    pub divergence: Divergence,
+    pub hidden_weight: f64,
+    pub hidden_metric: HiddenMetric,
+    pub attn_weight: f64,
+    /// `uniform`, `last` or `S:T,S:T,...` (0-based student:teacher layer indices).
+    pub layer_map: String,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub seq_len: usize,
+    pub lr: f64,
+    pub min_lr_ratio: f64,
+    pub warmup: i64,
+    pub weight_decay: f64,
+    pub clip: f64,
+    pub eval_data: Option<PathBuf>,
+    pub eval_every: i64,
+    pub save_every: i64,
+    pub log_every: i64,
+    /// Offline mode: the sidecar of stored teacher top-k log-probabilities.
+    pub teacher_logits: Option<PathBuf>,
+    /// `standard` or `progressive`.
+    pub schedule: String,
+    /// Steps per progressive phase (default: half the budget spread over the layers).
+    pub phase_steps: Option<i64>,
+    pub include_prompt_loss: bool,
+    /// Token rows per chunk of the logit losses.
+    pub chunk: i64,
+    pub seed: u64,
+    pub device: String,
+    pub dtype: String,
+}
+
+impl DistillConfig {
+    /// Cheap checks before anything is loaded.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.steps > 0, "--steps must be positive");
+        ensure!(self.batch_size > 0 && self.grad_accum > 0, "--batch-size and --grad-accum must be positive");
+        ensure!(self.seq_len >= 2, "--seq-len must be at least 2");
+        ensure!(self.temperature > 0.0, "--temperature must be positive");
+        for (name, v) in [("--alpha", self.alpha), ("--beta", self.beta), ("--hidden-weight", self.hidden_weight), ("--attn-weight", self.attn_weight)] {
+            ensure!(v >= 0.0 && v.is_finite(), "{name} must be a non-negative number, got {v}");
+        }
+        ensure!(self.lr > 0.0, "--lr must be positive");
+        ensure!(self.chunk > 0, "--chunk must be positive");
+        ensure!(matches!(self.schedule.as_str(), "standard" | "progressive"), "--schedule must be standard or progressive");
+        let online = self.teacher.is_some() && self.teacher_logits.is_none();
+        if self.beta > 0.0 && self.teacher.is_none() && self.teacher_logits.is_none() {
+            bail!("--beta > 0 needs a teacher (--teacher) or stored teacher logits (--teacher-logits)");
+        }
+        if (self.hidden_weight > 0.0 || self.attn_weight > 0.0 || self.schedule == "progressive") && !online {
+            bail!("hidden/attention matching and the progressive schedule need a live teacher (--teacher without --teacher-logits)");
+        }
+        if self.alpha == 0.0 && self.beta == 0.0 && self.hidden_weight == 0.0 && self.attn_weight == 0.0 {
+            bail!("every loss weight is zero; nothing to train");
+        }
+        Ok(())
+    }
+
+    /// Human-readable differences from another config (for resumed runs).
+    pub fn differences(&self, other: &DistillConfig) -> Vec<String> {
+        let a = serde_json::to_value(self).unwrap();
+        let b = serde_json::to_value(other).unwrap();
+        let mut out = vec![];
+        for (k, v) in a.as_object().unwrap() {
+            let w = &b[k];
+            if v != w {
+                out.push(format!("{k}: {w} -> {v}"));
+            }
+        }
+        out
+    }
+}
+
+/// Student/teacher layer pairs for intermediate matching.
+pub fn parse_layer_map(spec: &str, student_layers: usize, teacher_layers: usize, init_map: Option<Vec<usize>>) -> Result<Vec<(usize, usize)>> {
+    let pairs: Vec<(usize, usize)> = match spec {
+        "uniform" => match init_map.filter(|m| m.len() == student_layers && m.iter().all(|&t| t < teacher_layers)) {
+            Some(m) => m.into_iter().enumerate().collect(),
+            None => {
+                // Each student layer's output against the teacher layer at the same relative depth.
+                (0..student_layers).map(|s| (s, ((s + 1) * teacher_layers) / student_layers - 1)).collect()
+            }
+        },
+        "last" => vec![(student_layers - 1, teacher_layers - 1)],
+        explicit => explicit
+            .split(',')
+            .map(|pair| {
+                let (s, t) = pair.split_once(':').with_context(|| format!("--layer-map: `{pair}` is not S:T"))?;
+                let s: usize = s.trim().parse().with_context(|| format!("--layer-map: bad student layer in `{pair}`"))?;
+                let t: usize = t.trim().parse().with_context(|| format!("--layer-map: bad teacher layer in `{pair}`"))?;
+                ensure!(s < student_layers, "--layer-map: student has layers 0..{}", student_layers - 1);
+                ensure!(t < teacher_layers, "--layer-map: teacher has layers 0..{}", teacher_layers - 1);
+                Ok((s, t))
+            })
+            .collect::<Result<_>>()?,
+    };
+    Ok(pairs)
+}
+
+/// The layer map kd-init recorded, if the student came from kd-init.
+fn init_layer_map(student_dir: &Path) -> Option<Vec<usize>> {
+    let text = std::fs::read_to_string(student_dir.join("distillery_init.json")).ok()?;
+    let v: Value = serde_json::from_str(&text).ok()?;
+    v.get("layer_map")?.as_array()?.iter().map(|x| x.as_u64().map(|u| u as usize)).collect()
+}
+
+/// One logged step.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StepLog {
+    pub step: i64,
+    pub phase: String,
+    pub lr: f64,
+    pub loss: f64,
+    pub ce: f64,
+    pub kd: f64,
+    pub hidden: f64,
+    pub attn: f64,
+    pub grad_norm: f64,
+    pub tokens: i64,
+    pub seconds: f64,
+    pub eval_perplexity: Option<f64>,
+    pub eval_teacher_kl: Option<f64>,
+}
+
+pub struct Summary {
+    pub steps: i64,
+    pub final_eval: Option<EvalMetrics>,
+    pub last: StepLog,
+    pub tokens_per_second: f64,
+}
+
+struct Projections {
+    vs: nn::VarStore,
+    /// Per matched pair: `[h_teacher, h_student]` weight, or `None` when widths agree.
+    weights: Vec<Option<Tensor>>,
+}
+
+const STATE_DIR: &str = "train_state";
+
+pub struct Trainer {
+    pub cfg: DistillConfig,
+    device: Device,
+    /// Compute precision of forward passes (autocast on CUDA); master weights stay fp32.
+    compute: Kind,
+    student: CausalLm,
+    student_files: ModelFiles,
+    teacher: Option<CausalLm>,
+    examples: Vec<Example>,
+    eval_seqs: Vec<Vec<i64>>,
+    pairs: Vec<(usize, usize)>,
+    proj: Projections,
+    opt: AdamW,
+    schedule: Schedule,
+    logits_reader: Option<LogitsReader>,
+    start_step: i64,
+}
+
+fn autocast<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    if on {
+        tch::autocast(true, f)
+    } else {
+        f()
+    }
+}
+
+impl Trainer {
+    /// Loads models and data, checks they fit together, and restores state with `resume`.
+    pub fn setup(cfg: DistillConfig, resume: bool) -> Result<Trainer> {
+        cfg.validate()?;
+        let device = parse_device(&cfg.device)?;
+        let compute = parse_dtype(&cfg.dtype, device)?;
+        ensure!(device.is_cuda() || compute == Kind::Float, "--dtype {}: reduced precision training runs on CUDA only; use f32 on the CPU", cfg.dtype);
+        tch::manual_seed(cfg.seed as i64);
+        let data_records = read_jsonl_numbered(&cfg.data)?;
+        let state_dir = cfg.out.join(STATE_DIR);
+        let resuming = resume && state_dir.join("state.json").is_file();
+        // The student starts from --student; a resumed run takes its weights from the state.
+        let (student, student_files) = load_model(&cfg.student, device, Kind::Float).with_context(|| format!("loading student `{}`", cfg.student))?;
+        let tok = Tok::load(&student_files)?;
+        let online = cfg.teacher.is_some() && cfg.teacher_logits.is_none();
+        let teacher = match &cfg.teacher {
+            Some(t) => {
+                let (teacher, tfiles) = load_model(t, device, compute).with_context(|| format!("loading teacher `{t}`"))?;
+                let ttok = Tok::load(&tfiles)?;
+                if teacher.config.vocab_size != student.config.vocab_size || ttok.vocab_size() != tok.vocab_size() {
+                    bail!(
+                        "student vocabulary ({} logits, tokenizer {}) does not match the teacher's ({} logits, tokenizer {}); \
+                         distillation needs a shared tokenizer (cross-tokenizer distillation is not supported)",
+                        student.config.vocab_size, tok.vocab_size(), teacher.config.vocab_size, ttok.vocab_size()
+                    );
+                }
+                for (_, mut p) in teacher.vs.variables() {
+                    let _ = p.requires_grad_(false);
+                }
+                Some(teacher)
+            }
+            None => None,
+        };
+        let examples = build_examples(&data_records, &cfg.data, &tok, cfg.seq_len, cfg.include_prompt_loss, cfg.teacher_logits.is_some())?;
+        let eval_seqs = match &cfg.eval_data {
+            Some(p) => {
+                let (_, seqs) = crate::cli::read_and_tokenize(p, &tok, Some(cfg.seq_len))?;
+                seqs
+            }
+            None => vec![],
+        };
+        let (ls, lt) = (student.num_layers(), teacher.as_ref().map_or(0, |t| t.num_layers()));
+        let pairs = if online && (cfg.hidden_weight > 0.0 || cfg.attn_weight > 0.0 || cfg.schedule == "progressive") {
+            parse_layer_map(&cfg.layer_map, ls, lt, init_layer_map(Path::new(&cfg.student)))?
+        } else {
+            vec![]
+        };
+        if cfg.attn_weight > 0.0 {
+            let (hs, ht) = (student.config.num_heads, teacher.as_ref().unwrap().config.num_heads);
+            ensure!(ht % hs == 0, "attention matching averages teacher heads per student head: {hs} student heads do not divide {ht} teacher heads");
+        }
+        // Learned projections where widths differ (FitNets); trained with the student.
+        let proj_vs = nn::VarStore::new(device);
+        let weights = pairs
+            .iter()
+            .enumerate()
+            .map(|(i, _)| {
+                let (hs, ht) = (student.config.hidden_size, teacher.as_ref().unwrap().config.hidden_size);
+                (hs != ht && cfg.hidden_weight > 0.0 || hs != ht && cfg.schedule == "progressive").then(|| {
+                    let bound = 1.0 / (hs as f64).sqrt();
+                    (proj_vs.root() / "proj" / i).var("weight", &[ht, hs], nn::Init::Uniform { lo: -bound, up: bound })
+                })
+            })
+            .collect();
+        let proj = Projections { vs: proj_vs, weights };
+        let mut params: Vec<(String, Tensor)> = student.vs.variables().into_iter().collect();
+        params.extend(proj.vs.variables());
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        let opt = AdamW::new(params, cfg.weight_decay);
+        let schedule = Schedule { lr: cfg.lr, warmup: cfg.warmup, total: cfg.steps, min_ratio: cfg.min_lr_ratio };
+        let logits_reader = cfg.teacher_logits.as_ref().map(|p| LogitsReader::with_file(p));
+        let mut trainer = Trainer {
+            cfg,
+            device,
+            compute,
+            student,
+            student_files,
+            teacher,
+            examples,
+            eval_seqs,
+            pairs,
+            proj,
+            opt,
+            schedule,
+            logits_reader,
+            start_step: 0,
+        };
+        if resuming {
+            trainer.restore(&state_dir)?;
+        } else if state_dir.exists() && !resume {
+            bail!("{} holds the state of an earlier run; add --resume to continue it, or choose another --out", state_dir.display());
+        }
+        Ok(trainer)
+    }
+
+    fn restore(&mut self, dir: &Path) -> Result<()> {
+        let state: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
+        let saved: DistillConfig = serde_json::from_value(state["config"].clone()).context("reading the saved configuration")?;
+        let diffs = self.cfg.differences(&saved);
+        if !diffs.is_empty() {
+            eprintln!("kd-distill: warning: the resumed run's settings differ from the saved run's: {}", diffs.join("; "));
+        }
+        let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(dir.join("state.safetensors"))?.into_iter().collect();
+        tch::no_grad(|| -> Result<()> {
+            for (name, p) in self.opt.params() {
+                let src = tensors.get(&format!("param.{name}")).with_context(|| format!("training state lacks `param.{name}`"))?;
+                p.shallow_clone().copy_(&src.to_device(p.device()));
+            }
+            Ok(())
+        })?;
+        let step = state["step"].as_i64().context("state.json: no step")?;
+        self.opt.load_state(&tensors, step)?;
+        self.start_step = step;
+        eprintln!("kd-distill: resuming at step {step}");
+        Ok(())
+    }
+
+    fn save_state(&self, step: i64) -> Result<()> {
+        let mut tensors: Vec<(String, Tensor)> = self.opt.params().map(|(n, p)| (format!("param.{n}"), p.detach())).collect();
+        tensors.extend(self.opt.state_tensors());
+        let state = json!({"step": step, "config": self.cfg});
+        atomic_dir(&self.cfg.out.join(STATE_DIR), |tmp| {
+            write_safetensors(&tensors, &tmp.join("state.safetensors"))?;
+            // state.json last: its presence marks a complete checkpoint.
+            write_json_atomic(&tmp.join("state.json"), &state)
+        })?;
+        save_pretrained(&self.student, &self.cfg.out, Some(&self.student_files), &[("distill_config.json", &serde_json::to_value(&self.cfg)?)])
+    }
+
+    /// The phase of a step: progressive phases train the first `depth` student layers on
+    /// hidden matching alone; `None` is full distillation.
+    fn phase(&self, step: i64) -> Option<usize> {
+        if self.cfg.schedule != "progressive" {
+            return None;
+        }
+        let depths: Vec<usize> = {
+            let mut d: Vec<usize> = self.pairs.iter().map(|p| p.0 + 1).collect();
+            d.sort();
+            d.dedup();
+            d
+        };
+        let per = self.cfg.phase_steps.unwrap_or((self.cfg.steps / 2 / depths.len().max(1) as i64).max(1));
+        let k = (step / per) as usize;
+        depths.get(k).copied()
+    }
+
+    fn micro_batches(&self, sampler: &mut Sampler, step: i64) -> Vec<TrainBatch> {
+        let per_step = self.cfg.batch_size * self.cfg.grad_accum;
+        (0..self.cfg.grad_accum)
+            .map(|m| {
+                let base = step as usize * per_step + m * self.cfg.batch_size;
+                let which: Vec<usize> = (0..self.cfg.batch_size).map(|j| sampler.at(base + j)).collect();
+                TrainBatch::new(&self.examples, &which, self.device)
+            })
+            .collect()
+    }
+
+    fn sparse_rows(&mut self, batch: &TrainBatch) -> Result<SparseTeacher> {
+        let reader = self.logits_reader.as_mut().unwrap();
+        let (mut idx, mut lp, mut tail) = (vec![], vec![], vec![]);
+        for &e in &batch.examples {
+            let ex = &self.examples[e];
+            let (i, l, t) = reader.rows(ex.teacher_rows.as_ref().unwrap())?;
+            let need = ex.loss_targets() as i64;
+            ensure!(i.size()[0] >= need, "stored teacher logits have {} rows, the example needs {need}", i.size()[0]);
+            idx.push(i.narrow(0, 0, need));
+            lp.push(l.narrow(0, 0, need));
+            tail.push(t.narrow(0, 0, need));
+        }
+        Ok(SparseTeacher {
+            indices: Tensor::cat(&idx, 0).to_device(self.device),
+            logprobs: Tensor::cat(&lp, 0).to_device(self.device),
+            tail_logmass: Tensor::cat(&tail, 0).to_device(self.device),
+        })
+    }
+
+    /// Forward and backward of one micro-batch; returns unnormalised loss sums
+    /// (ce, kd, hidden, attn).
+    fn micro_step(&mut self, batch: &TrainBatch, depth: Option<usize>, n_loss: f64, n_valid: f64) -> Result<[f64; 4]> {
+        let amp = self.device.is_cuda() && self.compute != Kind::Float;
+        let want_hidden = depth.is_some() || self.cfg.hidden_weight > 0.0;
+        let want_attn = depth.is_none() && self.cfg.attn_weight > 0.0;
+        let cap = Capture { hidden_states: want_hidden, attentions: want_attn, ..Default::default() };
+        let t_out = self.teacher.as_ref().filter(|_| self.cfg.teacher_logits.is_none()).map(|t| {
+            tch::no_grad(|| autocast(amp, || t.forward_hidden(&batch.input_ids, Some(&batch.attention_mask), cap, None)))
+        });
+        let s_out = autocast(amp, || self.student.forward_hidden(&batch.input_ids, Some(&batch.attention_mask), cap, None));
+        let valid = batch.attention_mask.ne(0);
+        let mut sums = [0.0; 4];
+        let mut surrogate: Option<Tensor> = None;
+        let mut add = |t: Tensor| {
+            surrogate = Some(match surrogate.take() {
+                Some(s) => s + t,
+                None => t,
+            })
+        };
+        if depth.is_none() && (self.cfg.alpha > 0.0 || self.cfg.beta > 0.0) {
+            let hs = batch.at_loss_positions(&s_out.hidden);
+            let leaf = hs.detach().set_requires_grad(true);
+            let rows = if self.cfg.teacher_logits.is_some() && self.cfg.beta > 0.0 {
+                TeacherRows::Offline(self.sparse_rows(batch)?)
+            } else if let (Some(t), Some(o)) = (self.teacher.as_ref(), t_out.as_ref()) {
+                if self.cfg.beta > 0.0 { TeacherRows::Online { model: t, hidden: batch.at_loss_positions(&o.hidden) } } else { TeacherRows::None }
+            } else {
+                TeacherRows::None
+            };
+            let w = LogitLossWeights {
+                alpha: self.cfg.alpha,
+                beta: self.cfg.beta,
+                temperature: self.cfg.temperature,
+                divergence: self.cfg.divergence,
+                chunk: self.cfg.chunk,
+            };
+            let student = &self.student;
+            let s = autocast(amp, || chunked_logit_losses(student, &leaf, &batch.targets, &rows, &w, n_loss, true));
+            sums[0] = s.ce;
+            sums[1] = s.kd;
+            let g = leaf.grad();
+            if g.defined() {
+                add((hs * g).sum(Kind::Float));
+            }
+        }
+        if let Some(t_out) = &t_out {
+            let gh = if depth.is_some() { self.cfg.hidden_weight.max(1.0) } else { self.cfg.hidden_weight };
+            if want_hidden && gh > 0.0 {
+                let mut total = Tensor::zeros([], (Kind::Float, self.device));
+                let mut used = 0;
+                for (i, &(s, t)) in self.pairs.iter().enumerate() {
+                    if depth.is_some_and(|d| s >= d) {
+                        continue;
+                    }
+                    let mut hs = s_out.hidden_states[s + 1].to_kind(Kind::Float);
+                    if let Some(w) = &self.proj.weights[i] {
+                        hs = hs.linear::<Tensor>(w, None);
+                    }
+                    total += hidden_loss_sum(&hs, &t_out.hidden_states[t + 1], &valid, self.cfg.hidden_metric);
+                    used += 1;
+                }
+                if used > 0 {
+                    let l = total / used as f64;
+                    sums[2] = l.double_value(&[]);
+                    add(l * (gh / n_valid));
+                }
+            }
+            if want_attn {
+                let mut total = Tensor::zeros([], (Kind::Float, self.device));
+                for &(s, t) in &self.pairs {
+                    total += attention_loss_sum(&s_out.attentions[s], &t_out.attentions[t], &valid)?;
+                }
+                let l = total / self.pairs.len().max(1) as f64;
+                sums[3] = l.double_value(&[]);
+                add(l * (self.cfg.attn_weight / n_valid));
+            }
+        }
+        if let Some(s) = surrogate {
+            s.backward();
+        }
+        Ok(sums)
+    }
+
+    fn evaluate(&self) -> Result<Option<EvalMetrics>> {
+        if self.eval_seqs.is_empty() {
+            return Ok(None);
+        }
+        let amp = self.device.is_cuda() && self.compute != Kind::Float;
+        autocast(amp, || evaluate(&self.student, self.teacher.as_ref(), &self.eval_seqs, self.cfg.batch_size.max(8), false)).map(Some)
+    }
+
+    /// Runs the remaining steps; writes metrics rows, checkpoints and the final student.
+    pub fn train(&mut self) -> Result<Summary> {
+        let out = self.cfg.out.clone();
+        std::fs::create_dir_all(&out)?;
+        write_json_atomic(&out.join("distill_config.json"), &self.cfg)?;
+        let metrics_path = out.join("metrics.csv");
+        let mut rows = read_metric_rows(&metrics_path, self.start_step)?;
+        let mut sampler = Sampler::new(self.examples.len(), self.cfg.seed);
+        let mut progress = Progress::new("distill", (self.cfg.steps - self.start_step) as u64);
+        let start = Instant::now();
+        let mut tokens_done = 0i64;
+        let mut last = StepLog::default();
+        let mut final_eval = None;
+        for step in self.start_step..self.cfg.steps {
+            let depth = self.phase(step);
+            let batches = self.micro_batches(&mut sampler, step);
+            let n_loss: i64 = batches.iter().map(TrainBatch::loss_tokens).sum();
+            let n_valid: i64 = batches.iter().map(TrainBatch::valid_tokens).sum();
+            let mut sums = [0.0; 4];
+            for b in &batches {
+                let s = self.micro_step(b, depth, n_loss.max(1) as f64, n_valid.max(1) as f64)?;
+                for i in 0..4 {
+                    sums[i] += s[i];
+                }
+            }
+            let grad_norm = self.opt.clip_grad_norm(self.cfg.clip);
+            let lr = self.schedule.lr_at(step);
+            self.opt.step(lr);
+            self.opt.zero_grad();
+            tokens_done += n_valid;
+            let (ce, kd) = (sums[0] / n_loss.max(1) as f64, sums[1] / n_loss.max(1) as f64);
+            let (hid, att) = (sums[2] / n_valid.max(1) as f64, sums[3] / n_valid.max(1) as f64);
+            let loss = match depth {
+                Some(_) => self.cfg.hidden_weight.max(1.0) * hid,
+                None => self.cfg.alpha * ce + self.cfg.beta * kd + self.cfg.hidden_weight * hid + self.cfg.attn_weight * att,
+            };
+            ensure!(loss.is_finite(), "loss became {loss} at step {}; lower --lr or check the data", step + 1);
+            let done = step + 1;
+            last = StepLog {
+                step: done,
+                phase: depth.map_or("full".into(), |d| format!("layers<{d}")),
+                lr,
+                loss,
+                ce,
+                kd,
+                hidden: hid,
+                attn: att,
+                grad_norm,
+                tokens: n_valid,
+                seconds: start.elapsed().as_secs_f64(),
+                eval_perplexity: None,
+                eval_teacher_kl: None,
+            };
+            let eval_now = (self.cfg.eval_every > 0 && done % self.cfg.eval_every == 0) || done == self.cfg.steps;
+            if eval_now {
+                if let Some(m) = self.evaluate()? {
+                    last.eval_perplexity = Some(m.perplexity);
+                    last.eval_teacher_kl = m.teacher_kl;
+                    final_eval = Some(m);
+                }
+            }
+            if done % self.cfg.log_every.max(1) == 0 || eval_now {
+                rows.push(last.clone());
+                write_metric_rows(&metrics_path, &rows)?;
+            }
+            if (self.cfg.save_every > 0 && done % self.cfg.save_every == 0) || done == self.cfg.steps {
+                self.save_state(done)?;
+            }
+            progress.inc(1, &format!("loss {loss:.4}"));
+        }
+        progress.finish();
+        let secs = start.elapsed().as_secs_f64();
+        Ok(Summary { steps: self.cfg.steps, final_eval, last, tokens_per_second: tokens_done as f64 / secs.max(1e-9) })
+    }
+}
+
+fn read_metric_rows(path: &Path, up_to_step: i64) -> Result<Vec<StepLog>> {
+    // A resumed run rewrites the rows logged after its checkpoint, so the CSV stays one row
+    // per step.
+    let mut rows = vec![];
+    if up_to_step == 0 || !path.exists() {
+        return Ok(rows);
+    }
+    let mut r = csv::Reader::from_path(path)?;
+    for rec in r.records() {
+        let rec = rec?;
+        let get = |i: usize| rec.get(i).unwrap_or("").to_string();
+        let num = |i: usize| get(i).parse::<f64>().unwrap_or(f64::NAN);
+        let step: i64 = get(0).parse().unwrap_or(i64::MAX);
+        if step > up_to_step {
+            break;
+        }
+        rows.push(StepLog {
+            step,
+            phase: get(1),
+            lr: num(2),
+            loss: num(3),
+            ce: num(4),
+            kd: num(5),
+            hidden: num(6),
+            attn: num(7),
+            grad_norm: num(8),
+            tokens: num(9) as i64,
+            seconds: num(10),
+            eval_perplexity: get(11).parse().ok(),
+            eval_teacher_kl: get(12).parse().ok(),
+        });
+    }
+    Ok(rows)
+}
+
+fn write_metric_rows(path: &Path, rows: &[StepLog]) -> Result<()> {
+    let mut w = csv::Writer::from_writer(vec![]);
+    for r in rows {
+        w.serialize(r)?;
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    write_atomic(path, &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)
+}

@@ -1,0 +1,161 @@
+//! kd-distill: train a student against a teacher (live, or from stored top-k logits) with
+//! alpha * CE + beta * KD + gamma_h * L_hidden + gamma_a * L_attn.
+use anyhow::Result;
+use clap::Parser;
+use distillery::cli;
+use distillery::distill::{DistillConfig, Trainer};
+use distillery::losses::{Divergence, HiddenMetric};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(about = "Distil a teacher into a student")]
+struct Args {
+    /// Teacher model (directory or hub id). With --teacher-logits it is used for evaluation only.
+    #[arg(long)]
+    teacher: Option<String>,
+    /// Student checkpoint to start from (kd-init output).
+    #[arg(long)]
+    student: String,
+    /// Training records (JSONL).
+    #[arg(long)]
+    data: PathBuf,
+    /// Output: the trained student checkpoint plus train_state/, metrics.csv, distill_config.json.
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 100)]
+    steps: i64,
+    /// Weight of the cross-entropy on the data's tokens.
+    #[arg(long, default_value_t = 0.5)]
+    alpha: f64,
+    /// Weight of the KD divergence.
+    #[arg(long, default_value_t = 0.5)]
+    beta: f64,
+    #[arg(long, default_value_t = 2.0)]
+    temperature: f64,
+    /// forward-kl, reverse-kl, jsd, skew-kl or tvd.
+    #[arg(long, default_value = "forward-kl")]
+    divergence: String,
+    #[arg(long, default_value_t = 0.5)]
+    jsd_beta: f64,
+    #[arg(long, default_value_t = 0.1)]
+    skew_lambda: f64,
+    /// gamma_h: weight of hidden-state matching.
+    #[arg(long, default_value_t = 0.0)]
+    hidden_weight: f64,
+    /// mse or cosine.
+    #[arg(long, default_value = "mse")]
+    hidden_metric: String,
+    /// gamma_a: weight of attention-map matching.
+    #[arg(long, default_value_t = 0.0)]
+    attn_weight: f64,
+    /// uniform (kd-init's map when present), last, or S:T,S:T,...
+    #[arg(long, default_value = "uniform")]
+    layer_map: String,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Final learning rate of the cosine decay, as a fraction of --lr.
+    #[arg(long, default_value_t = 0.1)]
+    min_lr_ratio: f64,
+    #[arg(long, default_value_t = 10)]
+    warmup: i64,
+    #[arg(long, default_value_t = 0.01)]
+    weight_decay: f64,
+    /// Global gradient-norm clip (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    clip: f64,
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    eval_every: i64,
+    #[arg(long, default_value_t = 0)]
+    save_every: i64,
+    #[arg(long, default_value_t = 1)]
+    log_every: i64,
+    /// Offline mode: stored teacher top-k (kd-generate --store-logits sidecar).
+    #[arg(long)]
+    teacher_logits: Option<PathBuf>,
+    /// standard, or progressive (layer-by-layer hidden matching, then full distillation).
+    #[arg(long, default_value = "standard")]
+    schedule: String,
+    #[arg(long)]
+    phase_steps: Option<i64>,
+    /// Count prompt tokens in the losses too.
+    #[arg(long)]
+    include_prompt_loss: bool,
+    /// Token rows per chunk of the logit losses.
+    #[arg(long, default_value_t = 1024)]
+    chunk: i64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Compute precision: auto (bf16 autocast on CUDA, f32 on CPU), f32, bf16, f16.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// Continue from <out>/train_state.
+    #[arg(long)]
+    resume: bool,
+}
+
+fn main() {
+    cli::run("kd-distill", || run(Args::parse()));
+}
+
+fn run(a: Args) -> Result<()> {
+    let cfg = DistillConfig {
+        teacher: a.teacher,
+        student: a.student,
+        data: a.data,
+        out: a.out,
+        steps: a.steps,
+        alpha: a.alpha,
+        beta: a.beta,
+        temperature: a.temperature,
+        divergence: Divergence::parse(&a.divergence, a.jsd_beta, a.skew_lambda)?,
+        hidden_weight: a.hidden_weight,
+        hidden_metric: match a.hidden_metric.as_str() {
+            "mse" => HiddenMetric::Mse,
+            "cosine" => HiddenMetric::Cosine,
+            other => anyhow::bail!("--hidden-metric must be mse or cosine, got `{other}`"),
+        },
+        attn_weight: a.attn_weight,
+        layer_map: a.layer_map,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        seq_len: a.seq_len,
+        lr: a.lr,
+        min_lr_ratio: a.min_lr_ratio,
+        warmup: a.warmup,
+        weight_decay: a.weight_decay,
+        clip: a.clip,
+        eval_data: a.eval_data,
+        eval_every: a.eval_every,
+        save_every: a.save_every,
+        log_every: a.log_every,
+        teacher_logits: a.teacher_logits,
+        schedule: a.schedule,
+        phase_steps: a.phase_steps,
+        include_prompt_loss: a.include_prompt_loss,
+        chunk: a.chunk,
+        seed: a.seed,
+        device: a.device,
+        dtype: a.dtype,
+    };
+    let mut trainer = Trainer::setup(cfg, a.resume)?;
+    let s = trainer.train()?;
+    let mut line = format!("{} steps, final loss {:.4} (ce {:.4}, kd {:.4}), {:.0} tokens/s", s.steps, s.last.loss, s.last.ce, s.last.kd, s.tokens_per_second);
+    if let Some(m) = &s.final_eval {
+        line += &format!("; held-out perplexity {:.3}", m.perplexity);
+        if let Some(kl) = m.teacher_kl {
+            line += &format!(", teacher KL {kl:.4}");
+        }
+    }
+    println!("{line} -> {}", trainer.cfg.out.display());
+    Ok(())
+}
