@@ -209,6 +209,7 @@ pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()
             Kind::BFloat16 => (Dtype::BF16, 2),
             Kind::Half => (Dtype::F16, 2),
             Kind::Int64 => (Dtype::I64, 8),
+            Kind::Int => (Dtype::I32, 4),
             Kind::Double => (Dtype::F64, 8),
             k => bail!("cannot save tensor `{name}` of kind {k:?}"),
         };

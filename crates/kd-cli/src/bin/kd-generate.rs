@@ -9,7 +9,10 @@ use distillery::rng::SplitMix64;
 use distillery::runtime::Progress;
 use distillery::tokenizer::SpecialTokens;
 use serde_json::{json, Value};
-use std::path::PathBuf;
+use distillery::eval::pad_batch;
+use distillery::model::{Capture, CausalLm};
+use distillery::teacher_logits::{bytes_per_row, sidecar_path, LogitsWriter};
+use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
 #[command(about = "Generate teacher completions for JSONL prompts")]
@@ -38,6 +41,10 @@ struct Args {
     samples: usize,
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
+    /// Also store the teacher's top-K log-probabilities at every completion position in
+    /// `<out>.logits.safetensors` (kd-distill --teacher-logits reads it).
+    #[arg(long)]
+    store_logits: Option<i64>,
     #[arg(long, default_value = "auto")]
     device: String,
     #[arg(long, default_value = "auto")]
@@ -97,6 +104,13 @@ fn run(args: Args) -> Result<()> {
     }
     progress.finish();
 
+    let pointers = match args.store_logits {
+        Some(k) => {
+            ensure!(k >= 1 && k <= model.config.vocab_size, "--store-logits must be in 1..={}", model.config.vocab_size);
+            Some(store_logits(&model, &jobs.iter().map(|j| j.3.clone()).collect::<Vec<_>>(), &completions, k, &args.out, args.batch_size)?)
+        }
+        None => None,
+    };
     let teacher_info = json!({
         "model": args.teacher,
         "temperature": args.temperature,
@@ -120,10 +134,50 @@ fn run(args: Args) -> Result<()> {
         rec.insert("completion_ids".into(), json!(completions[j]));
         rec.insert("source".into(), Value::from("teacher"));
         rec.insert("teacher".into(), teacher_info.clone());
+        if let Some(p) = &pointers {
+            rec.insert("teacher_logits".into(), p[j].clone());
+        }
         out.push(rec);
     }
+    // The sidecar was written first: a JSONL whose pointers lead nowhere never exists.
     write_jsonl(&args.out, &out)?;
     let tokens: usize = completions.iter().map(Vec::len).sum();
     println!("{}: {} completions, {tokens} new tokens -> {}", args.teacher, out.len(), args.out.display());
+    if let Some(k) = args.store_logits {
+        println!("teacher logits: top-{k}, {} bytes per token -> {}", bytes_per_row(k), sidecar_path(&args.out).display());
+    }
     Ok(())
+}
+
+/// The teacher's top-K at every completion position: the temperature-1 distribution each
+/// completion token was predicted from, written to the sidecar before the JSONL.
+fn store_logits(
+    model: &CausalLm,
+    prompts: &[Vec<i64>],
+    completions: &[Vec<i64>],
+    k: i64,
+    out: &Path,
+    batch: usize,
+) -> Result<Vec<Value>> {
+    let seqs: Vec<Vec<i64>> = prompts.iter().zip(completions).map(|(p, c)| p.iter().chain(c).copied().collect()).collect();
+    let file = sidecar_path(out);
+    let file_name = file.file_name().unwrap().to_string_lossy().into_owned();
+    let mut writer = LogitsWriter::new(k);
+    let mut pointers = vec![Value::Null; seqs.len()];
+    tch::no_grad(|| {
+        for start in (0..seqs.len()).step_by(batch.max(1)) {
+            let rows: Vec<usize> = (start..(start + batch).min(seqs.len())).collect();
+            let b = pad_batch(&seqs, &rows, 0, model.device());
+            let h = model.forward_hidden(&b.input_ids, Some(&b.attention_mask), Capture::default(), None).hidden;
+            for (r, &i) in rows.iter().enumerate() {
+                let (p, c) = (prompts[i].len() as i64, completions[i].len() as i64);
+                let logits = model.logits(&h.get(r as i64).narrow(0, p - 1, c));
+                let mut pointer = writer.push(&logits);
+                pointer["file"] = json!(file_name);
+                pointers[i] = pointer;
+            }
+        }
+    });
+    writer.write(&file)?;
+    Ok(pointers)
 }
