@@ -3,6 +3,7 @@
 //! One library for every pipeline stage: model configs and the forward pass ([`model`]),
 //! checkpoint I/O ([`checkpoint`]), tokenizers, JSONL records, evaluation and generation.
 //! The `kd-*` binaries are thin front ends over it.
+pub mod augment;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
@@ -16,8 +17,10 @@ pub mod model;
 pub mod optim;
 pub mod records;
 pub mod rng;
+pub mod scoring;
 pub mod runtime;
 pub mod student;
+pub mod tasks;
 pub mod teacher_logits;
 pub mod tokenizer;
 

@@ -23,8 +23,13 @@ enum Init {
 #[derive(Parser)]
 #[command(about = "Build a student: scaled-down teacher or another architecture, random, copied or pruned")]
 struct Args {
+    /// Teacher model (directory or hub id). May be left out only with --config and
+    /// --tokenizer, to build a model from scratch (e.g. the demo teacher).
     #[arg(long)]
-    teacher: String,
+    teacher: Option<String>,
+    /// Directory whose tokenizer files the new model gets (with --config, no teacher).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     #[arg(long)]
     out: PathBuf,
     #[arg(long, value_enum, default_value = "random")]
@@ -68,6 +73,36 @@ fn main() {
     cli::run("kd-init", || run(Args::parse()));
 }
 
+/// A randomly initialised model from --config, with the tokenizer of --tokenizer.
+fn from_scratch(args: &Args, device: tch::Device, kind: tch::Kind) -> Result<()> {
+    let (Some(config), Some(tok_dir)) = (&args.config, &args.tokenizer) else {
+        bail!("--teacher is required (without one, give --config and --tokenizer to build a model from scratch)");
+    };
+    ensure!(args.init == Init::Random, "without a teacher only --init random is possible");
+    let cfg = ModelConfig::from_file(config)?;
+    let side_files: Vec<PathBuf> = distillery::checkpoint::SIDE_FILES
+        .iter()
+        .map(|f| tok_dir.join(f))
+        .filter(|p| p.is_file())
+        .collect();
+    let files = distillery::ModelFiles { name: tok_dir.display().to_string(), config: config.clone(), weights: vec![], side_files };
+    let tok = distillery::tokenizer::Tok::load(&files)?;
+    ensure!(
+        tok.vocab_size() as i64 <= cfg.vocab_size,
+        "{}: the tokenizer has {} tokens, more than the config's vocab_size {}",
+        config.display(),
+        tok.vocab_size(),
+        cfg.vocab_size
+    );
+    tch::manual_seed(args.seed);
+    let model = CausalLm::new(cfg, device, kind, InitMode::Random);
+    let report = json!({"init": "random", "teacher": null, "seed": args.seed, "config": config.display().to_string(),
+                        "student_params": model.param_count(), "layer_map": []});
+    save_pretrained(&model, &args.out, Some(&files), &[("distillery_init.json", &report)])?;
+    println!("model {} params -> {}", model.param_count(), args.out.display());
+    Ok(())
+}
+
 fn run(args: Args) -> Result<()> {
     let shape = ShapeSpec {
         layers: args.layers,
@@ -87,7 +122,10 @@ fn run(args: Args) -> Result<()> {
         bail!("{} already holds a checkpoint; choose another --out or remove it", args.out.display());
     }
     let (device, kind) = cli::device_and_kind(&args.device, &args.dtype)?;
-    let (teacher, files, tok) = cli::load(&args.teacher, device, kind)?;
+    let Some(teacher_spec) = args.teacher.clone() else {
+        return from_scratch(&args, device, kind);
+    };
+    let (teacher, files, tok) = cli::load(&teacher_spec, device, kind)?;
     let tcfg = &teacher.config;
     let cfg = match &args.config {
         Some(path) => {
@@ -148,7 +186,7 @@ fn run(args: Args) -> Result<()> {
     let bytes = |m: &CausalLm| m.param_count() * m.kind().elt_size_in_bytes() as i64;
     let report = json!({
         "init": format!("{:?}", args.init.to_possible_value().unwrap().get_name()).trim_matches('"'),
-        "teacher": args.teacher,
+        "teacher": teacher_spec,
         "seed": args.seed,
         "shape": shape,
         "model_type": student.config.arch.model_type(),
