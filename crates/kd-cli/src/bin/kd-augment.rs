@@ -199,8 +199,8 @@ fn run(args: Args) -> Result<()> {
                         pending.push((ri, k, field.into(), String::new(), String::new()));
                     }
                     "resample" => {
-                        let prompt = str_field(rec, "prompt")?
-                            .with_context(|| format!("{}:{line}: resample needs a `prompt`", args.data.display()))?;
+                        // Only prompt records can be resampled; text records are left alone.
+                        let Some(prompt) = str_field(rec, "prompt")? else { continue };
                         let t = args.temperatures[k % args.temperatures.len()];
                         jobs.push((prompt.to_string(), key(ri, op_idx, k), t));
                         pending.push((ri, k, "completion".into(), String::new(), t.to_string()));
