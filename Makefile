@@ -11,8 +11,9 @@ PYTHON := $(VENV_ABS)/bin/python
 export LIBTORCH_USE_PYTORCH := 1
 export PATH := $(VENV_ABS)/bin:$(PATH)
 BIN := target/release
+PIPELINE ?= pipelines/default.mk
 
-.PHONY: setup build test test-rust test-python pipeline clean
+.PHONY: setup build test test-rust test-python bench demo-teacher clean
 
 setup: build
 
@@ -33,7 +34,11 @@ test-rust:
 test-python:
 	$(PYTHON) -m pytest tests -q
 
-include pipelines/default.mk
+bench: build
+	$(PYTHON) scripts/bench.py --out docs/BENCHMARKS.md
+
+include $(PIPELINE)
+include pipelines/demo-teacher.mk
 
 clean:
 	rm -rf runs

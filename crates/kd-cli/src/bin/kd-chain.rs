@@ -34,7 +34,7 @@ struct Args {
     #[arg(long)]
     eval_data: Option<PathBuf>,
     /// Extra kd-distill flags for every hop, whitespace-separated (e.g. "--beta 0.7 --lr 2e-3").
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
     distill_args: String,
     #[arg(long, default_value_t = 0)]
     seed: u64,
