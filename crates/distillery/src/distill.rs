@@ -543,6 +543,10 @@ impl Trainer {
             progress.inc(1, &format!("loss {loss:.4}"));
         }
         progress.finish();
+        if self.start_step >= self.cfg.steps {
+            // Resumed after the last step: the export may be what was lost.
+            self.save_state(self.cfg.steps)?;
+        }
         let secs = start.elapsed().as_secs_f64();
         Ok(Summary { steps: self.cfg.steps, final_eval, last, tokens_per_second: tokens_done as f64 / secs.max(1e-9) })
     }

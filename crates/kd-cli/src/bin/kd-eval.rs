@@ -111,7 +111,11 @@ fn run(args: Args) -> Result<()> {
 
     if let Some(data) = &args.data {
         let (_, seqs) = cli::read_and_tokenize(data, &tok, args.max_length)?;
+        let t0 = Instant::now();
         let e = evaluate(&model, teacher.as_ref().map(|t| &t.0), &seqs, args.batch_size, true)?;
+        let secs = t0.elapsed().as_secs_f64();
+        m.insert("perplexity_seconds".into(), json!(secs));
+        m.insert("perplexity_tokens_per_second".into(), json!((e.tokens + e.records as i64) as f64 / secs.max(1e-9)));
         m.insert("data".into(), json!(data.display().to_string()));
         if let Value::Object(o) = serde_json::to_value(&e)? {
             m.extend(o);

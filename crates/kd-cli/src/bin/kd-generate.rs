@@ -41,6 +41,9 @@ struct Args {
     samples: usize,
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
+    /// Generate exactly --max-new-tokens tokens, ignoring EOS (for benchmarks).
+    #[arg(long)]
+    ignore_eos: bool,
     /// Also store the teacher's top-K log-probabilities at every completion position in
     /// `<out>.logits.safetensors` (kd-distill --teacher-logits reads it).
     #[arg(long)]
@@ -85,11 +88,12 @@ fn run(args: Args) -> Result<()> {
         temperature: args.temperature,
         top_k: args.top_k,
         top_p: args.top_p,
-        eos: special.eos.clone(),
+        eos: if args.ignore_eos { vec![] } else { special.eos.clone() },
         pad: special.pad.unwrap_or(0),
     };
     let mut completions: Vec<Vec<i64>> = vec![vec![]; jobs.len()];
     let mut progress = Progress::new("generate", jobs.len() as u64);
+    let started = std::time::Instant::now();
     for chunk in order.chunks(args.batch_size) {
         let prompts: Vec<Vec<i64>> = chunk.iter().map(|&j| jobs[j].3.clone()).collect();
         let mut rngs: Vec<SplitMix64> = chunk
@@ -103,6 +107,7 @@ fn run(args: Args) -> Result<()> {
         progress.inc(chunk.len() as u64, "");
     }
     progress.finish();
+    let gen_secs = started.elapsed().as_secs_f64();
 
     let pointers = match args.store_logits {
         Some(k) => {
@@ -142,7 +147,13 @@ fn run(args: Args) -> Result<()> {
     // The sidecar was written first: a JSONL whose pointers lead nowhere never exists.
     write_jsonl(&args.out, &out)?;
     let tokens: usize = completions.iter().map(Vec::len).sum();
-    println!("{}: {} completions, {tokens} new tokens -> {}", args.teacher, out.len(), args.out.display());
+    println!(
+        "{}: {} completions, {tokens} new tokens in {gen_secs:.2}s ({:.1} tokens/s) -> {}",
+        args.teacher,
+        out.len(),
+        tokens as f64 / gen_secs.max(1e-9),
+        args.out.display()
+    );
     if let Some(k) = args.store_logits {
         println!("teacher logits: top-{k}, {} bytes per token -> {}", bytes_per_row(k), sidecar_path(&args.out).display());
     }

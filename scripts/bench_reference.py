@@ -1,0 +1,130 @@
+"""The PyTorch reference a practitioner would write: transformers models, the same KD loss
+in eager torch, torch.optim.AdamW. Run by scripts/bench.py in its own process so its time
+and peak memory are measured alone. Prints one JSON line.
+
+    python scripts/bench_reference.py distill --teacher T --student S --batch 8 --seq 128 --steps 20
+    python scripts/bench_reference.py generate --teacher T --batch 8 --prompt-len 16 --new 64
+    python scripts/bench_reference.py eval --teacher T --batch 8 --seq 128 --batches 10
+"""
+import argparse
+import json
+import time
+
+import torch
+from transformers import AutoModelForCausalLM
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_memory(device):
+    if device.startswith("cuda"):
+        return {"cuda_max_allocated_bytes": torch.cuda.max_memory_allocated()}
+    return {}
+
+
+def load(path, device, dtype):
+    m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    return m
+
+
+def batch_ids(vocab, batch, seq, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, seq), generator=g).to(device)
+
+
+def distill(a):
+    dtype = torch.bfloat16 if a.bf16 else torch.float32
+    teacher = load(a.teacher, a.device, dtype).eval()
+    # fp32 master weights with bf16 autocast on GPU, as kd-distill does.
+    student = load(a.student, a.device, torch.float32).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.01)
+    vocab = student.config.vocab_size
+    ids = batch_ids(vocab, a.batch, a.seq, a.device)
+    T, alpha, beta = 2.0, 0.5, 0.5
+    times = []
+    for step in range(a.steps):
+        sync(a.device)
+        t0 = time.perf_counter()
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=a.bf16):
+            with torch.no_grad():
+                t_logits = teacher(ids).logits[:, :-1].float()
+            s_logits = student(ids).logits[:, :-1].float()
+        tgt = ids[:, 1:]
+        ce = torch.nn.functional.cross_entropy(s_logits.reshape(-1, vocab), tgt.reshape(-1))
+        ls = (s_logits / T).log_softmax(-1)
+        lt = (t_logits / T).log_softmax(-1)
+        kd = (lt.exp() * (lt - ls)).sum(-1).mean() * T * T
+        loss = alpha * ce + beta * kd
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(a.device)
+        times.append(time.perf_counter() - t0)
+    warm = times[a.warmup:]
+    step_s = sum(warm) / len(warm)
+    return {"step_seconds": step_s, "tokens_per_second": a.batch * a.seq / step_s, **peak_memory(a.device)}
+
+
+@torch.no_grad()
+def generate(a):
+    dtype = torch.bfloat16 if a.bf16 else torch.float32
+    model = load(a.teacher, a.device, dtype).eval()
+    ids = batch_ids(model.config.vocab_size, a.batch, a.prompt_len, a.device, seed=1)
+    mask = torch.ones_like(ids)
+    model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=4, min_new_tokens=4)
+    sync(a.device)
+    t0 = time.perf_counter()
+    out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=a.new, min_new_tokens=a.new,
+                         eos_token_id=None)
+    sync(a.device)
+    secs = time.perf_counter() - t0
+    new = (out.shape[1] - a.prompt_len) * a.batch
+    return {"seconds": secs, "tokens_per_second": new / secs, **peak_memory(a.device)}
+
+
+@torch.no_grad()
+def evaluate(a):
+    dtype = torch.bfloat16 if a.bf16 else torch.float32
+    model = load(a.teacher, a.device, dtype).eval()
+    vocab = model.config.vocab_size
+    batches = [batch_ids(vocab, a.batch, a.seq, a.device, seed=i) for i in range(a.batches)]
+    model(batches[0])
+    sync(a.device)
+    t0 = time.perf_counter()
+    nll = 0.0
+    for ids in batches:
+        logp = model(ids).logits[:, :-1].float().log_softmax(-1)
+        nll -= logp.gather(-1, ids[:, 1:, None]).sum().item()
+    sync(a.device)
+    secs = time.perf_counter() - t0
+    return {"seconds": secs, "tokens_per_second": a.batches * a.batch * a.seq / secs, **peak_memory(a.device)}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["distill", "generate", "eval"])
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--student")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--batches", type=int, default=10)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--threads", type=int, default=0)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    result = {"distill": distill, "generate": generate, "eval": evaluate}[a.mode](a)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
