@@ -7,6 +7,9 @@ use distillery::distill::{DistillConfig, Trainer};
 use distillery::losses::{Divergence, HiddenMetric};
 use std::path::PathBuf;
 
+#[path = "../loop_args.rs"]
+mod loop_args;
+
 #[derive(Parser)]
 #[command(about = "Distil a teacher into a student")]
 struct Args {
@@ -22,8 +25,6 @@ struct Args {
     /// Output: the trained student checkpoint plus train_state/, metrics.csv, distill_config.json.
     #[arg(long)]
     out: PathBuf,
-    #[arg(long, default_value_t = 100)]
-    steps: i64,
     /// Weight of the cross-entropy on the data's tokens.
     #[arg(long, default_value_t = 0.5)]
     alpha: f64,
@@ -51,32 +52,10 @@ struct Args {
     /// uniform (kd-init's map when present), last, or S:T,S:T,...
     #[arg(long, default_value = "uniform")]
     layer_map: String,
-    #[arg(long, default_value_t = 8)]
-    batch_size: usize,
-    #[arg(long, default_value_t = 1)]
-    grad_accum: usize,
-    #[arg(long, default_value_t = 256)]
-    seq_len: usize,
     #[arg(long, default_value_t = 1e-3)]
     lr: f64,
-    /// Final learning rate of the cosine decay, as a fraction of --lr.
-    #[arg(long, default_value_t = 0.1)]
-    min_lr_ratio: f64,
-    #[arg(long, default_value_t = 10)]
-    warmup: i64,
     #[arg(long, default_value_t = 0.01)]
     weight_decay: f64,
-    /// Global gradient-norm clip (0 disables).
-    #[arg(long, default_value_t = 1.0)]
-    clip: f64,
-    #[arg(long)]
-    eval_data: Option<PathBuf>,
-    #[arg(long, default_value_t = 0)]
-    eval_every: i64,
-    #[arg(long, default_value_t = 0)]
-    save_every: i64,
-    #[arg(long, default_value_t = 1)]
-    log_every: i64,
     /// Offline mode: stored teacher top-k (kd-generate --store-logits sidecar).
     #[arg(long)]
     teacher_logits: Option<PathBuf>,
@@ -85,22 +64,11 @@ struct Args {
     schedule: String,
     #[arg(long)]
     phase_steps: Option<i64>,
-    /// Count prompt tokens in the losses too.
-    #[arg(long)]
-    include_prompt_loss: bool,
     /// Token rows per chunk of the logit losses.
     #[arg(long, default_value_t = 1024)]
     chunk: i64,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// Compute precision: auto (bf16 autocast on CUDA, f32 on CPU), f32, bf16, f16.
-    #[arg(long, default_value = "auto")]
-    dtype: String,
-    /// Continue from <out>/train_state.
-    #[arg(long)]
-    resume: bool,
+    #[command(flatten)]
+    run: loop_args::LoopArgs,
 }
 
 fn main() {
@@ -108,12 +76,9 @@ fn main() {
 }
 
 fn run(a: Args) -> Result<()> {
+    let base = a.run.config(a.student, a.data, a.out, a.lr, a.weight_decay);
     let cfg = DistillConfig {
         teacher: a.teacher,
-        student: a.student,
-        data: a.data,
-        out: a.out,
-        steps: a.steps,
         alpha: a.alpha,
         beta: a.beta,
         temperature: a.temperature,
@@ -126,28 +91,13 @@ fn run(a: Args) -> Result<()> {
         },
         attn_weight: a.attn_weight,
         layer_map: a.layer_map,
-        batch_size: a.batch_size,
-        grad_accum: a.grad_accum,
-        seq_len: a.seq_len,
-        lr: a.lr,
-        min_lr_ratio: a.min_lr_ratio,
-        warmup: a.warmup,
-        weight_decay: a.weight_decay,
-        clip: a.clip,
-        eval_data: a.eval_data,
-        eval_every: a.eval_every,
-        save_every: a.save_every,
-        log_every: a.log_every,
         teacher_logits: a.teacher_logits,
         schedule: a.schedule,
         phase_steps: a.phase_steps,
-        include_prompt_loss: a.include_prompt_loss,
         chunk: a.chunk,
-        seed: a.seed,
-        device: a.device,
-        dtype: a.dtype,
+        ..base
     };
-    let mut trainer = Trainer::setup(cfg, a.resume)?;
+    let mut trainer = Trainer::setup(cfg, a.run.resume)?;
     let s = trainer.train()?;
     let mut line = format!("{} steps, final loss {:.4} (ce {:.4}, kd {:.4}), {:.0} tokens/s", s.steps, s.last.loss, s.last.ce, s.last.kd, s.tokens_per_second);
     if let Some(m) = &s.final_eval {

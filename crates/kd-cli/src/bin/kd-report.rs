@@ -128,11 +128,13 @@ fn plot(rows: &[Row], path: &std::path::Path, title: &str) -> Result<()> {
                 .x_label_formatter(&|x| format!("{:.2}M", x / 1e6))
                 .draw()
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
+            // A dot per model, its name just above and to the right.
             chart
-                .draw_series(pts.iter().map(|p| Circle::new((p.0, p.1), 5, BLUE.filled())))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            chart
-                .draw_series(pts.iter().map(|p| Text::new(p.2.to_string(), (p.0, p.1), ("sans-serif", 13))))
+                .draw_series(pts.iter().map(|p| {
+                    EmptyElement::at((p.0, p.1))
+                        + Circle::new((0, 0), 5, BLUE.filled())
+                        + Text::new(p.2.to_string(), (7, -16), ("sans-serif", 13))
+                }))
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
         root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
