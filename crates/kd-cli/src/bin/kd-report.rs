@@ -98,46 +98,67 @@ fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Two panels: parameters (log scale) against perplexity, and against teacher KL.
+/// Two panels: parameters (log scale) against perplexity (log scale), and against teacher
+/// KL. One colour per model, named in each panel's legend (models of one size overlap).
 fn plot(rows: &[Row], path: &std::path::Path, title: &str) -> Result<()> {
+    let err = |e: &dyn std::fmt::Display| anyhow::anyhow!("drawing the plot: {e}");
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (1000, 420)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let root = root.titled(title, ("sans-serif", 20)).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let root = SVGBackend::with_string(&mut svg, (1100, 460)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let root = root.titled(title, ("sans-serif", 20)).map_err(|e| err(&e))?;
         let panels = root.split_evenly((1, 2));
-        for (panel, (key, label)) in panels.iter().zip([("perplexity", "held-out perplexity"), ("teacher_kl", "KL from teacher")]) {
-            let pts: Vec<(f64, f64, &str)> =
-                rows.iter().filter_map(|r| Some((r.f("params")?, r.f(key)?, r.name.as_str()))).collect();
+        for (panel, (key, label)) in panels.iter().zip([("perplexity", "held-out perplexity (log scale)"), ("teacher_kl", "KL from teacher")]) {
+            let pts: Vec<(f64, f64, &str, usize)> = rows
+                .iter()
+                .enumerate()
+                .filter_map(|(i, r)| Some((r.f("params")?, r.f(key)?, r.name.as_str(), i)))
+                .collect();
             if pts.is_empty() {
                 continue;
             }
             let (xmin, xmax) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.0), b.max(p.0)));
             let (ymin, ymax) = pts.iter().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.1), b.max(p.1)));
-            let pad = ((ymax - ymin) * 0.15).max(ymax.abs() * 0.05).max(1e-3);
-            let mut chart = ChartBuilder::on(panel)
-                .margin(20)
-                .x_label_area_size(40)
-                .y_label_area_size(60)
-                .build_cartesian_2d((xmin * 0.7..xmax * 1.4).log_scale(), (ymin - pad).max(0.0)..ymax + pad)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            chart
-                .configure_mesh()
-                .x_desc("parameters (log scale)")
-                .y_desc(label)
-                .x_label_formatter(&|x| format!("{:.2}M", x / 1e6))
-                .draw()
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            // A dot per model, its name just above and to the right.
-            chart
-                .draw_series(pts.iter().map(|p| {
-                    EmptyElement::at((p.0, p.1))
-                        + Circle::new((0, 0), 5, BLUE.filled())
-                        + Text::new(p.2.to_string(), (7, -16), ("sans-serif", 13))
-                }))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let mut builder = ChartBuilder::on(panel);
+            builder.margin(20).x_label_area_size(40).y_label_area_size(60);
+            let xs = (xmin * 0.7..xmax * 1.4).log_scale();
+            macro_rules! draw {
+                ($chart:expr) => {{
+                    let mut chart = $chart;
+                    chart
+                        .configure_mesh()
+                        .x_desc("parameters (log scale)")
+                        .y_desc(label)
+                        .x_label_formatter(&|x| format!("{:.2}M", x / 1e6))
+                        .draw()
+                        .map_err(|e| err(&e))?;
+                    for &(x, y, name, i) in &pts {
+                        let color = Palette99::pick(i).to_rgba();
+                        chart
+                            .draw_series(std::iter::once(Circle::new((x, y), 6, color.filled())))
+                            .map_err(|e| err(&e))?
+                            .label(name)
+                            .legend(move |(lx, ly)| Circle::new((lx + 6, ly), 5, color.filled()));
+                    }
+                    chart
+                        .configure_series_labels()
+                        .position(SeriesLabelPosition::UpperRight)
+                        .background_style(WHITE.mix(0.85))
+                        .border_style(BLACK.mix(0.3))
+                        .label_font(("sans-serif", 12))
+                        .draw()
+                        .map_err(|e| err(&e))?;
+                }};
+            }
+            if key == "perplexity" {
+                let ys = (ymin * 0.8..ymax * 1.25).log_scale();
+                draw!(builder.build_cartesian_2d(xs, ys).map_err(|e| err(&e))?);
+            } else {
+                let pad = ((ymax - ymin) * 0.1).max(1e-3);
+                draw!(builder.build_cartesian_2d(xs, (ymin - pad).max(0.0)..ymax + pad).map_err(|e| err(&e))?);
+            }
         }
-        root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+        root.present().map_err(|e| err(&e))?;
     }
     if svg.is_empty() {
         bail!("nothing to plot");
