@@ -26,7 +26,7 @@ build: $(VENV)/.ready
 	cargo build --release
 
 test: build
-	$(MAKE) test-rust test-python
+	$(MAKE) --no-print-directory test-rust test-python
 
 test-rust:
 	cargo test --release --workspace
