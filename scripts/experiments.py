@@ -69,7 +69,8 @@ def main():
     lines = [f"Commands: `scripts/experiments.py` (steps {a.steps}, batch 16, sequence 160, lr 2e-3, "
              "seed 0, CPU fp32). Student: 2 layers, hidden 128, 2 heads / 1 KV head, FFN 352 "
              "(0.9M parameters against the teacher's 4.0M).", ""]
-    teacher_m = evaluate(TEACHER, work, "teacher", heldout, mc)
+    cached = work / "teacher.json"
+    teacher_m = json.loads(cached.read_text()) if cached.exists() else evaluate(TEACHER, work, "teacher", heldout, mc)
     lines += ["Teacher: " + row("teacher", teacher_m).strip("| ").replace(" | ", ", "), ""]
 
     for init in ["prune", "random"]:
@@ -77,25 +78,33 @@ def main():
         if not (student / "model.safetensors").exists():
             extra = ["--calib", calib] if init == "prune" else []
             sh(BIN / "kd-init", "--teacher", TEACHER, "--out", student, "--init", init, *SHAPE, *extra, "--device", "cpu")
+        kd = ["--alpha", 0.5, "--beta", 0.5, "--temperature", 2]
         variants = {
-            "CE only (alpha=1, beta=0)": ["--alpha", 1, "--beta", 0],
-            "KD logits (alpha=0.5, beta=0.5, T=2)": ["--alpha", 0.5, "--beta", 0.5, "--temperature", 2],
-            "KD logits, beta=1, T=1": ["--alpha", 0, "--beta", 1, "--temperature", 1],
-            "KD + hidden MSE (gamma_h=1)": ["--alpha", 0.5, "--beta", 0.5, "--temperature", 2, "--hidden-weight", 1],
-            "KD + attention KL (gamma_a=1)": ["--alpha", 0.5, "--beta", 0.5, "--temperature", 2, "--attn-weight", 1],
-            "KD, progressive (2 x 50 hidden-only steps first)": ["--alpha", 0.5, "--beta", 0.5, "--temperature", 2,
-                                                                 "--hidden-weight", 1, "--schedule", "progressive",
-                                                                 "--phase-steps", 50],
+            "ce": ("CE only (alpha=1, beta=0)", ["--alpha", 1, "--beta", 0]),
+            "kd": ("KD logits (alpha=0.5, beta=0.5, T=2)", kd),
+            "kd-t1": ("KD logits only (alpha=0, beta=1, T=1)", ["--alpha", 0, "--beta", 1, "--temperature", 1]),
+            "hid-mse1": ("KD + hidden MSE, gamma_h=1", kd + ["--hidden-weight", 1]),
+            "hid-mse0.001": ("KD + hidden MSE, gamma_h=0.001", kd + ["--hidden-weight", 0.001]),
+            "hid-cos": ("KD + hidden cosine, gamma_h=1", kd + ["--hidden-weight", 1, "--hidden-metric", "cosine"]),
+            "attn": ("KD + attention KL, gamma_a=1", kd + ["--attn-weight", 1]),
+            "prog-mse": ("progressive, hidden MSE gamma_h=1 (2 x 50 steps), then KD + hidden", kd + [
+                "--hidden-weight", 1, "--schedule", "progressive", "--phase-steps", 50]),
+            "prog-cos": ("progressive, hidden cosine gamma_h=1 (2 x 50 steps), then KD + hidden", kd + [
+                "--hidden-weight", 1, "--hidden-metric", "cosine", "--schedule", "progressive", "--phase-steps", 50]),
         }
         lines += [f"### Student initialised by {'pruning the teacher' if init == 'prune' else 'random init'}", ""]
         lines += HEADER
-        lines.append(row("before training", evaluate(student, work, f"{init}-before", heldout, mc)))
-        for k, (name, flags) in enumerate(variants.items()):
-            out = work / f"{init}-v{k}"
+        cached = work / f"{init}-before.json"
+        before = json.loads(cached.read_text()) if cached.exists() else evaluate(student, work, f"{init}-before", heldout, mc)
+        lines.append(row("before training", before))
+        for slug, (name, flags) in variants.items():
+            out = work / f"{init}-{slug}"
             if not (out / "model.safetensors").exists() or not (out / "train_state").exists():
                 sh(BIN / "kd-distill", "--teacher", TEACHER, "--student", student, "--data", train, "--out", out,
                    *flags, *common, "--resume")
-            lines.append(row(name, evaluate(out, work, f"{init}-v{k}", heldout, mc)))
+            result = work / f"{init}-{slug}.json"
+            m = json.loads(result.read_text()) if result.exists() else evaluate(out, work, f"{init}-{slug}", heldout, mc)
+            lines.append(row(name, m))
         lines.append("")
 
     # Offline top-32 logits against the live teacher on the same transfer set.
@@ -113,7 +122,9 @@ def main():
         if not (out / "model.safetensors").exists() or not (out / "train_state").exists():
             sh(BIN / "kd-distill", "--teacher", TEACHER, "--student", student, "--data", transfer, "--out", out,
                "--alpha", 0, "--beta", 1, "--temperature", 1, *extra, *common, "--resume")
-        lines.append(row(name, evaluate(out, work, f"offline-{len(extra)}", heldout, mc)))
+        cached = work / f"offline-{len(extra)}.json"
+        m = json.loads(cached.read_text()) if cached.exists() else evaluate(out, work, f"offline-{len(extra)}", heldout, mc)
+        lines.append(row(name, m))
     text = "\n".join(lines) + "\n"
     Path(a.out).write_text(text)
     print(text)

@@ -222,3 +222,73 @@ def test_batched_generation_with_samples_equals_one_at_a_time(trained_llama, tmp
         outs.append(read_jsonl(out))
     assert outs[0] == outs[1]
     assert len(outs[0]) == 12
+
+
+def test_stop_strings_end_completions(trained_llama, tmp_path):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "p", "prompt": "The quick brown"}])
+    full, cut = tmp_path / "full.jsonl", tmp_path / "cut.jsonl"
+    run_bin("kd-generate", "--teacher", trained_llama, "--prompts", prompts, "--out", full, "--max-new-tokens", 20,
+            "--device", "cpu")
+    text = read_jsonl(full)[0]["completion"]
+    stop = text.split()[2]  # a word in the middle of the greedy completion
+    run_bin("kd-generate", "--teacher", trained_llama, "--prompts", prompts, "--out", cut, "--max-new-tokens", 20,
+            "--stop", stop, "--device", "cpu")
+    rec = read_jsonl(cut)[0]
+    assert stop in rec["completion"] and len(rec["completion_ids"]) < len(read_jsonl(full)[0]["completion_ids"])
+    # It stopped at the first token whose text completes the stop string.
+    assert read_jsonl(full)[0]["completion_ids"][: len(rec["completion_ids"])] == rec["completion_ids"]
+
+
+def test_chat_template_matches_transformers(trained_llama, tmp_path):
+    import shutil
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "chat"
+    shutil.copytree(trained_llama, model)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'].strip() }}"
+                            "{% endfor %}{% if add_generation_prompt %} [ASSISTANT]{% endif %}")
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "p", "prompt": "  The quick brown fox "}])
+    out = tmp_path / "g.jsonl"
+    run_bin("kd-generate", "--teacher", model, "--prompts", prompts, "--out", out, "--max-new-tokens", 4,
+            "--chat-template", "--device", "cpu")
+    tok = AutoTokenizer.from_pretrained(model)
+    want = tok.apply_chat_template([{"role": "user", "content": "  The quick brown fox "}], add_generation_prompt=True,
+                                   tokenize=True)
+    want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+    assert read_jsonl(out)[0]["prompt_ids"] == list(want)
+    p = run_bin("kd-generate", "--teacher", trained_llama, "--prompts", prompts, "--out", tmp_path / "x.jsonl",
+                "--chat-template", "--device", "cpu", check=False)
+    assert p.returncode != 0 and "has no chat template" in p.stderr
+
+
+def test_scoring_mode_stores_logits_for_corpus_records(trained_llama, tmp_path):
+    from safetensors.torch import load_file
+    import torch
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": "t", "text": "The quick brown fox jumps over the lazy dog."},
+                                              {"id": "q", "prompt": "It was the best", "completion": " of times."}])
+    out = tmp_path / "scored.jsonl"
+    run_bin("kd-generate", "--teacher", trained_llama, "--prompts", data, "--out", out, "--score", "--store-logits", 8,
+            "--device", "cpu")
+    recs = read_jsonl(out)
+    assert recs[0]["text"].startswith("The quick") and len(recs[0]["prompt_ids"]) == 1
+    stored = load_file(tmp_path / "scored.jsonl.logits.safetensors")
+    n = sum(len(r["completion_ids"]) for r in recs)
+    assert stored["indices"].shape == (n, 8) and stored["logprobs"].dtype == torch.float16
+    # Row i holds the teacher's top-8 for predicting completion_ids[i]: compare with transformers.
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(trained_llama)
+    ids = torch.tensor([recs[0]["prompt_ids"] + recs[0]["completion_ids"]])
+    lp = m(ids).logits[0, :-1].log_softmax(-1)
+    top, idx = lp.topk(8, -1)
+    rows = recs[0]["teacher_logits"]
+    assert torch.equal(stored["indices"][rows["row"]:rows["row"] + rows["rows"]].long(), idx)
+    assert torch.allclose(stored["logprobs"][:rows["rows"]].float(), top, atol=2e-2)
+    # And kd-distill trains from it offline.
+    student = tmp_path / "s"
+    run_bin("kd-init", "--teacher", trained_llama, "--out", student, "--layers", 1, "--device", "cpu")
+    run_bin("kd-distill", "--student", student, "--data", out, "--out", tmp_path / "run", "--steps", 3, "--alpha", 0,
+            "--beta", 1, "--teacher-logits", tmp_path / "scored.jsonl.logits.safetensors", "--batch-size", 2,
+            "--device", "cpu")

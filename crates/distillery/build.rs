@@ -7,7 +7,6 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=PYTHON");
-    println!("cargo:rerun-if-env-changed=PATH");
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
     println!("cargo:rustc-link-arg=-ltorch");
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());

@@ -2,7 +2,7 @@
 //! flags.
 use crate::checkpoint::{load_model, ModelFiles};
 use crate::model::CausalLm;
-use crate::records::{full_text, read_jsonl_numbered, Record};
+use crate::records::{full_text, ids_field, read_jsonl_numbered, Record};
 use crate::runtime::{parse_device, parse_dtype};
 use crate::tokenizer::Tok;
 use anyhow::{Context, Result};
@@ -40,8 +40,16 @@ pub fn read_and_tokenize(path: &Path, tok: &Tok, max_length: Option<usize>) -> R
     let seqs = numbered
         .par_iter()
         .map(|(line, rec)| {
-            let text = full_text(rec).with_context(|| format!("{}:{line}", path.display()))?;
-            let mut ids = tok.encode(&text, true).with_context(|| format!("{}:{line}", path.display()))?;
+            let at = || format!("{}:{line}", path.display());
+            // Token ids alone (no text) are taken as they are.
+            let stored = match (ids_field(rec, "prompt_ids").with_context(at)?, ids_field(rec, "completion_ids").with_context(at)?) {
+                (Some(p), Some(c)) if !rec.contains_key("text") && !rec.contains_key("prompt") => Some([p, c].concat()),
+                _ => None,
+            };
+            let mut ids = match stored {
+                Some(ids) => ids,
+                None => tok.encode(&full_text(rec).with_context(at)?, true).with_context(at)?,
+            };
             if let Some(m) = max_length {
                 ids.truncate(m);
             }

@@ -64,7 +64,7 @@ pub struct DistillConfig {
     /// Steps per progressive phase (default: half the budget spread over the layers).
     pub phase_steps: Option<i64>,
     pub include_prompt_loss: bool,
-    /// Token rows per chunk of the logit losses.
+    /// Token rows per chunk of the logit losses (0: automatic, 64 MiB per fp32 chunk).
     pub chunk: i64,
     pub seed: u64,
     pub device: String,
@@ -82,7 +82,7 @@ impl DistillConfig {
             ensure!(v >= 0.0 && v.is_finite(), "{name} must be a non-negative number, got {v}");
         }
         ensure!(self.lr > 0.0, "--lr must be positive");
-        ensure!(self.chunk > 0, "--chunk must be positive");
+        ensure!(self.chunk >= 0, "--chunk must be 0 (automatic) or positive");
         ensure!(matches!(self.schedule.as_str(), "standard" | "progressive"), "--schedule must be standard or progressive");
         let online = self.teacher.is_some() && self.teacher_logits.is_none();
         if self.beta > 0.0 && self.teacher.is_none() && self.teacher_logits.is_none() {

@@ -66,10 +66,6 @@ pub struct EvalMetrics {
     pub teacher_perplexity: Option<f64>,
 }
 
-/// Rows of hidden states processed at once when turning them into logits; bounds the
-/// `[rows, vocab]` fp32 temporaries.
-pub const LOGIT_CHUNK: i64 = 1024;
-
 /// Perplexity of `model` (and KL/agreement against `teacher`) over `seqs`.
 pub fn evaluate(
     model: &CausalLm,
@@ -118,9 +114,10 @@ pub fn evaluate(
             let hs = hidden_at(model);
             let ht = teacher.map(hidden_at);
             let n = targets.size()[0];
+            let chunk = crate::losses::chunk_rows(0, model.config.vocab_size);
             let mut start = 0;
             while start < n {
-                let len = LOGIT_CHUNK.min(n - start);
+                let len = chunk.min(n - start);
                 let tgt = targets.narrow(0, start, len);
                 let ls = model.logits(&hs.narrow(0, start, len)).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
                 nll -= ls.gather(1, &tgt.unsqueeze(1), false).sum(Kind::Double).double_value(&[]);

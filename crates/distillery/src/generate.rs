@@ -42,6 +42,18 @@ pub fn warp_logits(logits: &Tensor, s: &Sampling) -> Tensor {
 /// Generates a completion for each prompt. `rngs[i]` is row i's sampling stream (unused
 /// when greedy). Returns completion ids, up to and including the first EOS.
 pub fn generate(model: &CausalLm, prompts: &[Vec<i64>], s: &Sampling, rngs: &mut [SplitMix64]) -> Result<Vec<Vec<i64>>> {
+    generate_until(model, prompts, s, rngs, &|_| false)
+}
+
+/// As [`generate`], also ending a row as soon as `stop(completion so far)` holds (stop
+/// strings); the token that completed the stop condition is kept.
+pub fn generate_until(
+    model: &CausalLm,
+    prompts: &[Vec<i64>],
+    s: &Sampling,
+    rngs: &mut [SplitMix64],
+    stop: &dyn Fn(&[i64]) -> bool,
+) -> Result<Vec<Vec<i64>>> {
     if prompts.iter().any(Vec::is_empty) {
         bail!("cannot generate from an empty prompt (no tokens after tokenization)");
     }
@@ -98,7 +110,7 @@ pub fn generate(model: &CausalLm, prompts: &[Vec<i64>], s: &Sampling, rngs: &mut
                     continue;
                 }
                 out[i].push(next[i]);
-                if s.eos.contains(&next[i]) {
+                if s.eos.contains(&next[i]) || stop(&out[i]) {
                     done[i] = true;
                 }
             }

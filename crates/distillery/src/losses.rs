@@ -194,13 +194,26 @@ pub enum TeacherRows<'a> {
     None,
 }
 
+/// Elements of one `[rows, vocab]` fp32 chunk when the chunk size is automatic: 16M
+/// (64 MiB), so peak memory stays flat as the vocabulary grows.
+pub const CHUNK_ELEMENTS: i64 = 1 << 24;
+
+/// Token rows per chunk: `requested` when positive, else as many as fit [`CHUNK_ELEMENTS`].
+pub fn chunk_rows(requested: i64, vocab: i64) -> i64 {
+    if requested > 0 {
+        requested
+    } else {
+        (CHUNK_ELEMENTS / vocab.max(1)).max(16)
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct LogitLossWeights {
     pub alpha: f64,
     pub beta: f64,
     pub temperature: f64,
     pub divergence: Divergence,
-    /// Token rows per chunk.
+    /// Token rows per chunk (0: automatic, see [`chunk_rows`]).
     pub chunk: i64,
 }
 
@@ -228,10 +241,11 @@ pub fn chunked_logit_losses(
     backward: bool,
 ) -> LogitLossSums {
     let n = hidden.size()[0];
+    let chunk = chunk_rows(w.chunk, student.config.vocab_size);
     let mut sums = LogitLossSums::default();
     let mut start = 0;
     while start < n {
-        let len = w.chunk.min(n - start);
+        let len = chunk.min(n - start);
         let logits = student.logits(&hidden.narrow(0, start, len)).to_kind(Kind::Float);
         let tgt = targets.narrow(0, start, len);
         let ce = logits.cross_entropy_loss::<Tensor>(&tgt, None, tch::Reduction::Sum, -100, 0.0);

@@ -75,3 +75,53 @@ impl SpecialTokens {
         Ok(SpecialTokens { eos, pad })
     }
 }
+
+/// The chat template of a tokenizer (`tokenizer_config.json`'s `chat_template`, or
+/// `chat_template.jinja`), if it has one.
+pub fn chat_template(files: &ModelFiles) -> Result<Option<String>> {
+    if let Some(p) = files.side_file("chat_template.jinja") {
+        return Ok(Some(std::fs::read_to_string(p)?));
+    }
+    let Some(p) = files.side_file("tokenizer_config.json") else { return Ok(None) };
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(p)?).with_context(|| format!("{}: invalid JSON", p.display()))?;
+    Ok(match cfg.get("chat_template") {
+        Some(Value::String(t)) => Some(t.clone()),
+        // A list of named templates: the default one.
+        Some(Value::Array(list)) => list
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .and_then(|t| t.get("template").and_then(Value::as_str))
+            .map(String::from),
+        _ => None,
+    })
+}
+
+/// A special token's text from `tokenizer_config.json` (a string or an AddedToken object).
+fn special_token(files: &ModelFiles, key: &str) -> Option<String> {
+    let p = files.side_file("tokenizer_config.json")?;
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
+    match cfg.get(key)? {
+        Value::String(s) => Some(s.clone()),
+        v => v.get("content").and_then(Value::as_str).map(String::from),
+    }
+}
+
+/// Renders one user turn through the chat template with the generation prompt appended, as
+/// `apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)`.
+/// The result already holds the template's special tokens: tokenize it without adding more.
+pub fn apply_chat_template(files: &ModelFiles, template: &str, text: &str) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    minijinja_contrib::add_to_environment(&mut env);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    env.add_template("chat", template).map_err(|e| anyhow::anyhow!("chat template does not parse: {e}"))?;
+    let ctx = minijinja::context! {
+        messages => vec![minijinja::context! { role => "user", content => text }],
+        add_generation_prompt => true,
+        bos_token => special_token(files, "bos_token").unwrap_or_default(),
+        eos_token => special_token(files, "eos_token").unwrap_or_default(),
+    };
+    env.get_template("chat")?.render(ctx).map_err(|e| anyhow::anyhow!("rendering the chat template: {e}"))
+}

@@ -81,7 +81,7 @@ impl LoopArgs {
             schedule: "standard".into(),
             phase_steps: None,
             include_prompt_loss: self.include_prompt_loss,
-            chunk: 1024,
+            chunk: 0,
             seed: self.seed,
             device: self.device.clone(),
             dtype: self.dtype.clone(),

@@ -3,11 +3,12 @@
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use distillery::cli;
-use distillery::generate::{generate, Sampling};
+use distillery::generate::{generate_until, Sampling};
 use distillery::records::{id_of, prompt_of, read_jsonl_numbered, write_jsonl, Record};
 use distillery::rng::SplitMix64;
 use distillery::runtime::Progress;
-use distillery::tokenizer::SpecialTokens;
+use distillery::tokenizer::{apply_chat_template, chat_template, SpecialTokens, Tok};
+use distillery::records::{ids_field, text_parts};
 use serde_json::{json, Value};
 use distillery::eval::pad_batch;
 use distillery::model::{Capture, CausalLm};
@@ -41,6 +42,18 @@ struct Args {
     samples: usize,
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
+    /// Stop a completion once its text contains this string (repeatable); the token that
+    /// completes it is kept.
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    /// Render each prompt as a user turn through the tokenizer's chat template (with the
+    /// generation prompt), as transformers' apply_chat_template does.
+    #[arg(long)]
+    chat_template: bool,
+    /// Scoring mode: no generation; store the teacher's top-K (--store-logits) at every
+    /// predicted position of existing records (`text`, or `prompt` + `completion`).
+    #[arg(long)]
+    score: bool,
     /// Generate exactly --max-new-tokens tokens, ignoring EOS (for benchmarks).
     #[arg(long)]
     ignore_eos: bool,
@@ -65,16 +78,30 @@ fn run(args: Args) -> Result<()> {
     if let Some(p) = args.top_p {
         ensure!(p > 0.0 && p <= 1.0, "--top-p must be in (0, 1]");
     }
+    ensure!(!args.score || args.store_logits.is_some(), "--score stores logits: give --store-logits K");
     let numbered = read_jsonl_numbered(&args.prompts)?;
     let (device, kind) = cli::device_and_kind(&args.device, &args.dtype)?;
     let (model, files, tok) = cli::load(&args.teacher, device, kind)?;
     let special = SpecialTokens::resolve(&files, &model.config)?;
+    if args.score {
+        return score_records(&args, &numbered, &model, &tok);
+    }
+    let template = if args.chat_template {
+        Some(chat_template(&files)?.with_context(|| format!("--chat-template: model `{}` has no chat template", args.teacher))?)
+    } else {
+        None
+    };
 
     // One job per (record, sample); each has its own sampling stream.
     let mut jobs = vec![];
     for (idx, (line, rec)) in numbered.iter().enumerate() {
         let prompt = prompt_of(rec, &args.prompts, *line)?;
-        let ids = tok.encode(&prompt, true).with_context(|| format!("{}:{line}", args.prompts.display()))?;
+        let ids = match &template {
+            // The rendered template carries its own special tokens.
+            Some(t) => tok.encode(&apply_chat_template(&files, t, &prompt)?, false),
+            None => tok.encode(&prompt, true),
+        }
+        .with_context(|| format!("{}:{line}", args.prompts.display()))?;
         ensure!(!ids.is_empty(), "{}:{line}: prompt has no tokens", args.prompts.display());
         for s in 0..args.samples {
             jobs.push((idx, s, prompt.clone(), ids.clone()));
@@ -100,7 +127,10 @@ fn run(args: Args) -> Result<()> {
             .iter()
             .map(|&j| SplitMix64::for_key(args.seed, (jobs[j].0 as u64) << 20 | jobs[j].1 as u64))
             .collect();
-        let outs = generate(&model, &prompts, &sampling, &mut rngs)?;
+        let stop = |ids: &[i64]| {
+            !args.stop.is_empty() && tok.decode(ids, true).is_ok_and(|t| args.stop.iter().any(|s| t.contains(s.as_str())))
+        };
+        let outs = generate_until(&model, &prompts, &sampling, &mut rngs, &stop)?;
         for (&j, out) in chunk.iter().zip(outs) {
             completions[j] = out;
         }
@@ -191,4 +221,49 @@ fn store_logits(
     });
     writer.write(&file)?;
     Ok(pointers)
+}
+
+/// Scoring mode: the teacher's top-K at every predicted position of existing records.
+/// Text records get `prompt_ids` (the first token) and `completion_ids` (the rest), so that
+/// row `i` predicts `completion_ids[i]` exactly as for generated records.
+fn score_records(args: &Args, numbered: &[(usize, Record)], model: &CausalLm, tok: &Tok) -> Result<()> {
+    let k = args.store_logits.unwrap();
+    ensure!(k >= 1 && k <= model.config.vocab_size, "--store-logits must be in 1..={}", model.config.vocab_size);
+    let mut prompts = vec![];
+    let mut completions = vec![];
+    for (line, rec) in numbered {
+        let at = || format!("{}:{line}", args.prompts.display());
+        let (p, c) = match (ids_field(rec, "prompt_ids").with_context(at)?, ids_field(rec, "completion_ids").with_context(at)?) {
+            (Some(p), Some(c)) => (p, c),
+            _ => match text_parts(rec).with_context(at)? {
+                (text, None) => {
+                    let ids = tok.encode(&text, true).with_context(at)?;
+                    ensure!(!ids.is_empty(), "{}: text has no tokens", at());
+                    (ids[..1].to_vec(), ids[1..].to_vec())
+                }
+                (prompt, Some(completion)) => (tok.encode(&prompt, true)?, tok.encode(&completion, false)?),
+            },
+        };
+        ensure!(!p.is_empty(), "{}: prompt has no tokens", at());
+        prompts.push(p);
+        completions.push(c);
+    }
+    let pointers = store_logits(model, &prompts, &completions, k, &args.out, args.batch_size)?;
+    let mut out = Vec::with_capacity(numbered.len());
+    for (i, (_, rec)) in numbered.iter().enumerate() {
+        let mut rec = rec.clone();
+        rec.insert("prompt_ids".into(), json!(prompts[i]));
+        rec.insert("completion_ids".into(), json!(completions[i]));
+        rec.insert("teacher_logits".into(), pointers[i].clone());
+        out.push(rec);
+    }
+    write_jsonl(&args.out, &out)?;
+    let rows: usize = completions.iter().map(Vec::len).sum();
+    println!(
+        "scored {} records, {rows} positions, top-{k} at {} bytes per token -> {}",
+        out.len(),
+        bytes_per_row(k),
+        sidecar_path(&args.out).display()
+    );
+    Ok(())
 }
