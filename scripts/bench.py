@@ -34,7 +34,7 @@ CPU_SHAPES = {
                     num_key_value_heads=2, vocab_size=8192),
     "student": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=2,
                     num_key_value_heads=1, vocab_size=8192),
-    "batch": 8, "seq": 128, "steps": 12, "warmup": 2, "gen_batch": 8, "gen_new": 64, "prompt_len": 16,
+    "batch": 8, "seq": 128, "steps": 30, "warmup": 5, "gen_batch": 8, "gen_new": 64, "prompt_len": 16,
 }
 # Llama-3.2-3B teacher and Llama-3.2-1B student shapes, random weights.
 GPU_SHAPES = {
@@ -236,6 +236,12 @@ def main():
                   "|---:|---:|---:|---:|---:|"]
         for v, rss, ref_rss, _ in vocab:
             lines.append(f"| {v} | {mib(rss)} | {mib(ref_rss)} | {rss / ref_rss:.2f}x | {mib(8 * 511 * v * 4)} |")
+    if not a.gpu:
+        lines += ["", "## GPU case", "",
+                  "`python scripts/bench.py --gpu --out docs/BENCHMARKS-gpu.md` runs the same comparison with a "
+                  "Llama-3.2-3B-shaped teacher and a Llama-3.2-1B-shaped student (random weights, bf16 autocast, "
+                  "sequence 1024, vocabulary 128256) and generation at batch 32, sampling GPU memory with nvidia-smi. "
+                  "No session so far has had a GPU, so it has not been run: no GPU figure is claimed."]
     text = "\n".join(lines) + "\n"
     print(text)
     Path(a.out).write_text(text)

@@ -478,7 +478,11 @@ impl Trainer {
         std::fs::create_dir_all(&out)?;
         write_json_atomic(&out.join("distill_config.json"), &self.cfg)?;
         let metrics_path = out.join("metrics.csv");
-        let mut rows = read_metric_rows(&metrics_path, self.start_step)?;
+        // Rows up to the restored step are kept (rewritten once, atomically); later rows are
+        // appended as they come, without an fsync per step.
+        let kept = read_metric_rows(&metrics_path, self.start_step)?;
+        write_metric_rows(&metrics_path, &kept)?;
+        let mut metrics = MetricsLog::open(&metrics_path, kept.is_empty())?;
         let mut sampler = Sampler::new(self.examples.len(), self.cfg.seed);
         let mut progress = Progress::new("distill", (self.cfg.steps - self.start_step) as u64);
         let start = Instant::now();
@@ -534,8 +538,7 @@ impl Trainer {
                 }
             }
             if done % self.cfg.log_every.max(1) == 0 || eval_now {
-                rows.push(last.clone());
-                write_metric_rows(&metrics_path, &rows)?;
+                metrics.append(&last)?;
             }
             if (self.cfg.save_every > 0 && done % self.cfg.save_every == 0) || done == self.cfg.steps {
                 self.save_state(done)?;
@@ -588,12 +591,31 @@ fn read_metric_rows(path: &Path, up_to_step: i64) -> Result<Vec<StepLog>> {
 }
 
 fn write_metric_rows(path: &Path, rows: &[StepLog]) -> Result<()> {
+    if rows.is_empty() {
+        let _ = std::fs::remove_file(path);
+        return Ok(());
+    }
     let mut w = csv::Writer::from_writer(vec![]);
     for r in rows {
         w.serialize(r)?;
     }
-    if rows.is_empty() {
-        return Ok(());
-    }
     write_atomic(path, &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)
+}
+
+/// `metrics.csv`, appended one row per logged step and flushed (a log, not a checkpoint).
+struct MetricsLog {
+    w: csv::Writer<std::fs::File>,
+}
+
+impl MetricsLog {
+    fn open(path: &Path, header: bool) -> Result<MetricsLog> {
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(MetricsLog { w: csv::WriterBuilder::new().has_headers(header).from_writer(f) })
+    }
+
+    fn append(&mut self, row: &StepLog) -> Result<()> {
+        self.w.serialize(row)?;
+        self.w.flush()?;
+        Ok(())
+    }
 }
