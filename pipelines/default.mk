@@ -12,7 +12,7 @@ CORPUS     ?= data/kjv
 DEVICE     ?= cpu
 DTYPE      ?= auto
 SEED       ?= 0
-# Sizes and budgets (2 CPU cores: about 10 minutes in all).
+# Sizes and budgets (2 CPU cores: about 6 minutes in all).
 STUDENT_SHAPE ?= --layers 2 --hidden 128 --heads 2 --kv-heads 1 --intermediate 352
 TA_SIZES   ?= layers=3,hidden=192,heads=2,kv-heads=1,intermediate=512;layers=2,hidden=128,heads=2,kv-heads=1,intermediate=352
 INIT       ?= prune
