@@ -292,3 +292,44 @@ def test_scoring_mode_stores_logits_for_corpus_records(trained_llama, tmp_path):
     run_bin("kd-distill", "--student", student, "--data", out, "--out", tmp_path / "run", "--steps", 3, "--alpha", 0,
             "--beta", 1, "--teacher-logits", tmp_path / "scored.jsonl.logits.safetensors", "--batch-size", 2,
             "--device", "cpu")
+
+
+def test_teacher_ops_exact_with_greedy_decoding(trained_llama, tmp_path):
+    """Infill and paraphrase at temperature 0 equal transformers' greedy generate on the
+    documented prompts (span from the documented stream; template from the file)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = "It was the best of times, it was the worst of times."
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": "x", "text": text}])
+    out = tmp_path / "aug.jsonl"
+    seed, ratio, new = 4, 0.3, 10
+    run_bin("kd-augment", "--data", data, "--out", out, "--ops", "infill,paraphrase", "--teacher", trained_llama,
+            "--ratio", ratio, "--temperature", 0, "--max-new-tokens", new, "--seed", seed, "--no-originals",
+            "--device", "cpu")
+    got = {r["id"]: r["text"] for r in read_jsonl(out)}
+    tok = AutoTokenizer.from_pretrained(trained_llama)
+    model = AutoModelForCausalLM.from_pretrained(trained_llama)
+
+    def greedy(prompt):
+        ids = tok(prompt, return_tensors="pt").input_ids
+        g = model.generate(ids, do_sample=False, max_new_tokens=new)[0, ids.shape[1]:]
+        cut = []
+        for t in g.tolist():
+            cut.append(t)
+            if t == tok.eos_token_id:
+                break
+        return tok.decode(cut, skip_special_tokens=True)
+
+    # Infill (op 0): a span of round(ratio * (n - 1)) words starting after the first word.
+    words = text.split()
+    rng = SplitMix64(seed, (0 << 24) ^ (0 << 16) ^ 0)
+    span = min(max(int((len(words) - 1) * ratio + 0.5), 1), len(words) - 1)
+    start = rng.below(len(words) - 1 - span + 1) + 1
+    prefix, suffix = " ".join(words[:start]), " ".join(words[start + span:])
+    fill = greedy(prefix).split()[:span]
+    assert got["x#infill0"] == " ".join(p for p in [prefix, " ".join(fill), suffix] if p)
+    # Paraphrase (op 1): the first line of the greedy continuation of the filled template.
+    template = json.load(open("pipelines/templates/augment.json"))["paraphrase"]
+    lines = greedy(template.replace("{text}", text)).lstrip().splitlines()
+    assert got["x#paraphrase0"] == (lines[0].strip() if lines else "")

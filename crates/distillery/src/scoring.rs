@@ -39,8 +39,10 @@ pub struct RecordScores {
 pub fn score(teacher: &CausalLm, student: Option<&CausalLm>, seqs: &[Scored], batch: usize, worst_k: usize) -> Vec<RecordScores> {
     let ids: Vec<Vec<i64>> = seqs.iter().map(|s| s.ids.clone()).collect();
     let mut out = vec![RecordScores::default(); seqs.len()];
+    let mut progress = crate::runtime::Progress::new("score", seqs.len() as u64);
     tch::no_grad(|| {
         for start in (0..seqs.len()).step_by(batch.max(1)) {
+            progress.inc((batch.max(1)).min(seqs.len() - start) as u64, "");
             let rows: Vec<usize> = (start..(start + batch).min(seqs.len())).collect();
             let b = pad_batch(&ids, &rows, 0, teacher.device());
             let ht = teacher.forward_hidden(&b.input_ids, Some(&b.attention_mask), Capture::default(), None).hidden;
@@ -75,6 +77,7 @@ pub fn score(teacher: &CausalLm, student: Option<&CausalLm>, seqs: &[Scored], ba
             }
         }
     });
+    progress.finish();
     out
 }
 

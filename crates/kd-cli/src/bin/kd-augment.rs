@@ -98,6 +98,7 @@ impl TeacherGen<'_> {
     /// Completions for `(prompt, rng key, temperature)` jobs, batched.
     fn run(&self, jobs: &[(String, u64, f64)]) -> Result<Vec<String>> {
         let mut out = vec![String::new(); jobs.len()];
+        let mut progress = distillery::runtime::Progress::new("augment", jobs.len() as u64);
         let mut order: Vec<usize> = (0..jobs.len()).collect();
         // Same temperature together (one Sampling per batch).
         order.sort_by(|&a, &b| jobs[a].2.total_cmp(&jobs[b].2));
@@ -116,8 +117,10 @@ impl TeacherGen<'_> {
                 for (&j, ids) in batch.iter().zip(generate(self.model, &prompts, &s, &mut rngs)?) {
                     out[j] = self.tok.decode(&ids, true)?;
                 }
+                progress.inc(batch.len() as u64, "");
             }
         }
+        progress.finish();
         Ok(out)
     }
 }
