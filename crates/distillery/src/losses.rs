@@ -227,7 +227,73 @@ pub struct LogitLossSums {
 /// chunk's `(alpha * CE + beta * KD) / normalizer` is back-propagated at once, so the
 /// gradient lands in `hidden.grad()` and the output head; only one chunk of logits is alive
 /// at a time.
+///
+/// Forward KL against a live teacher (or CE alone), the default, takes a fused path: the
+/// gradient with respect to the logits is written down directly (`alpha (softmax(z) - onehot)
+/// + beta T (softmax(z/T) - p_teacher)`, over the normaliser) and pushed through the output
+/// head by hand, instead of recording every elementwise op for autograd. Other divergences
+/// and offline logits use autograd ([`chunked_logit_losses_autograd`]); the two agree (tests).
 pub fn chunked_logit_losses(
+    student: &CausalLm,
+    hidden: &Tensor,
+    targets: &Tensor,
+    teacher: &TeacherRows,
+    w: &LogitLossWeights,
+    normalizer: f64,
+    backward: bool,
+) -> LogitLossSums {
+    let fused = backward && w.divergence == Divergence::ForwardKl && !matches!(teacher, TeacherRows::Offline(_));
+    if !fused {
+        return chunked_logit_losses_autograd(student, hidden, targets, teacher, w, normalizer, backward);
+    }
+    let n = hidden.size()[0];
+    let chunk = chunk_rows(w.chunk, student.config.vocab_size);
+    let head = student.lm_head_weight();
+    let mut sums = LogitLossSums::default();
+    let mut start = 0;
+    while start < n {
+        let len = chunk.min(n - start);
+        let h = hidden.narrow(0, start, len);
+        let tgt = targets.narrow(0, start, len).unsqueeze(1);
+        let (grad_h, grad_head, ce, kd) = tch::no_grad(|| {
+            let hd = h.detach();
+            let z = student.logits(&hd).to_kind(Kind::Float); // [len, vocab]
+            let ls = z.log_softmax(-1, Kind::Float);
+            let ce = ls.gather(1, &tgt, false).sum(Kind::Double).neg().double_value(&[]);
+            // d(alpha * CE)/dz = alpha * (softmax(z) - onehot(target))
+            let scale = w.alpha / normalizer;
+            let mut g = ls.exp() * scale;
+            g = g.scatter_add(1, &tgt, &Tensor::full([len, 1], -scale, (Kind::Float, g.device())));
+            let mut kd = 0.0;
+            if let TeacherRows::Online { model, hidden: ht } = teacher {
+                let t = w.temperature;
+                let zt = model.logits(&ht.narrow(0, start, len)).to_kind(Kind::Float);
+                let lt = (zt / t).log_softmax(-1, Kind::Float);
+                let pt = lt.exp();
+                let ls_t = if t == 1.0 { ls.shallow_clone() } else { (&z / t).log_softmax(-1, Kind::Float) };
+                kd = (&pt * (&lt - &ls_t)).sum(Kind::Double).double_value(&[]) * t * t;
+                // d(beta * T^2 * KL(p_t || softmax(z/T)))/dz = beta * T * (softmax(z/T) - p_t)
+                g += (ls_t.exp() - pt) * (w.beta * t / normalizer);
+            }
+            let hf = hd.to_kind(Kind::Float);
+            let grad_h = g.matmul(&head.to_kind(Kind::Float)); // [len, hidden]
+            let grad_head = g.tr().matmul(&hf); // [vocab, hidden]
+            (grad_h, grad_head, ce, kd)
+        });
+        // Hand the two gradients to autograd: d/dx sum(x * g) = g.
+        let surrogate = (&h * grad_h.to_kind(h.kind())).sum(Kind::Float) + (head * grad_head.to_kind(head.kind())).sum(Kind::Float);
+        surrogate.backward();
+        sums.ce += ce;
+        if !matches!(teacher, TeacherRows::None) {
+            sums.kd += kd;
+        }
+        start += len;
+    }
+    sums
+}
+
+/// [`chunked_logit_losses`] through autograd, for every divergence and offline logits.
+pub fn chunked_logit_losses_autograd(
     student: &CausalLm,
     hidden: &Tensor,
     targets: &Tensor,
