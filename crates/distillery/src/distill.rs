@@ -387,7 +387,9 @@ impl Trainer {
         let want_hidden = depth.is_some() || self.cfg.hidden_weight > 0.0;
         let want_attn = depth.is_none() && self.cfg.attn_weight > 0.0;
         let cap = Capture { hidden_states: want_hidden, attentions: want_attn, ..Default::default() };
-        let t_out = self.teacher.as_ref().filter(|_| self.cfg.teacher_logits.is_none()).map(|t| {
+        // The live teacher runs only when some loss term reads its output.
+        let teacher_needed = want_hidden || want_attn || (depth.is_none() && self.cfg.beta > 0.0);
+        let t_out = self.teacher.as_ref().filter(|_| self.cfg.teacher_logits.is_none() && teacher_needed).map(|t| {
             tch::no_grad(|| autocast(amp, || t.forward_hidden(&batch.input_ids, Some(&batch.attention_mask), cap, None)))
         });
         let s_out = autocast(amp, || self.student.forward_hidden(&batch.input_ids, Some(&batch.attention_mask), cap, None));

@@ -43,6 +43,21 @@ pub fn pad_batch(seqs: &[Vec<i64>], rows: &[usize], pad: i64, device: Device) ->
     }
 }
 
+/// Runs `model` (no grad) over `seqs` in right-padded batches of `batch` sequences and calls
+/// `f(i, states)` with sequence `i`'s final hidden states `[len_i, hidden]`.
+pub fn for_each_hidden(model: &CausalLm, seqs: &[Vec<i64>], batch: usize, mut f: impl FnMut(usize, &Tensor)) {
+    tch::no_grad(|| {
+        for start in (0..seqs.len()).step_by(batch.max(1)) {
+            let rows: Vec<usize> = (start..(start + batch.max(1)).min(seqs.len())).collect();
+            let b = pad_batch(seqs, &rows, 0, model.device());
+            let h = model.forward_hidden(&b.input_ids, Some(&b.attention_mask), Capture::default(), None).hidden;
+            for (r, &i) in rows.iter().enumerate() {
+                f(i, &h.get(r as i64).narrow(0, 0, seqs[i].len() as i64));
+            }
+        }
+    });
+}
+
 /// Positions that predict a real next token: `[b, t-1]` bool (position i predicts token i+1).
 pub fn predicted_positions(attention_mask: &Tensor) -> Tensor {
     let t = attention_mask.size()[1];

@@ -1,9 +1,9 @@
 //! Benchmark-style evaluation: multiple choice scored by log-likelihood (as lm-eval's `acc`
 //! and `acc_norm`), LAMBADA-style cloze by greedy decoding, ROUGE-L of generated
 //! completions, and speed (latency at batch 1, throughput at batch N).
-use crate::eval::pad_batch;
+use crate::eval::for_each_hidden;
 use crate::generate::{generate, Sampling};
-use crate::model::{Capture, CausalLm};
+use crate::model::CausalLm;
 use crate::records::{id_of, str_field, Record};
 use crate::rng::SplitMix64;
 use crate::tokenizer::Tok;
@@ -17,21 +17,14 @@ use tch::{Kind, Tensor};
 pub fn continuation_logprobs(model: &CausalLm, pairs: &[(Vec<i64>, Vec<i64>)], batch: usize) -> Vec<f64> {
     let seqs: Vec<Vec<i64>> = pairs.iter().map(|(c, x)| c.iter().chain(x).copied().collect()).collect();
     let mut out = vec![0.0; pairs.len()];
-    tch::no_grad(|| {
-        for start in (0..seqs.len()).step_by(batch.max(1)) {
-            let rows: Vec<usize> = (start..(start + batch).min(seqs.len())).collect();
-            let b = pad_batch(&seqs, &rows, 0, model.device());
-            let h = model.forward_hidden(&b.input_ids, Some(&b.attention_mask), Capture::default(), None).hidden;
-            for (r, &i) in rows.iter().enumerate() {
-                let (c, x) = (pairs[i].0.len() as i64, pairs[i].1.len() as i64);
-                if x == 0 {
-                    continue;
-                }
-                let logits = model.logits(&h.get(r as i64).narrow(0, c - 1, x)).to_kind(Kind::Float);
-                let tgt = Tensor::from_slice(&pairs[i].1).to_device(model.device());
-                out[i] = logits.log_softmax(-1, Kind::Float).gather(1, &tgt.unsqueeze(1), false).sum(Kind::Double).double_value(&[]);
-            }
+    for_each_hidden(model, &seqs, batch, |i, h| {
+        let (c, x) = (pairs[i].0.len() as i64, pairs[i].1.len() as i64);
+        if x == 0 {
+            return;
         }
+        let logits = model.logits(&h.narrow(0, c - 1, x)).to_kind(Kind::Float);
+        let tgt = Tensor::from_slice(&pairs[i].1).to_device(model.device());
+        out[i] = logits.log_softmax(-1, Kind::Float).gather(1, &tgt.unsqueeze(1), false).sum(Kind::Double).double_value(&[]);
     });
     out
 }

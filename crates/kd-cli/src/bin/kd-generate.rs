@@ -10,8 +10,8 @@ use distillery::runtime::Progress;
 use distillery::tokenizer::{apply_chat_template, chat_template, SpecialTokens, Tok};
 use distillery::records::{ids_field, text_parts};
 use serde_json::{json, Value};
-use distillery::eval::pad_batch;
-use distillery::model::{Capture, CausalLm};
+use distillery::eval::for_each_hidden;
+use distillery::model::CausalLm;
 use distillery::teacher_logits::{bytes_per_row, sidecar_path, LogitsWriter};
 use std::path::{Path, PathBuf};
 
@@ -205,19 +205,11 @@ fn store_logits(
     let file_name = file.file_name().unwrap().to_string_lossy().into_owned();
     let mut writer = LogitsWriter::new(k);
     let mut pointers = vec![Value::Null; seqs.len()];
-    tch::no_grad(|| {
-        for start in (0..seqs.len()).step_by(batch.max(1)) {
-            let rows: Vec<usize> = (start..(start + batch).min(seqs.len())).collect();
-            let b = pad_batch(&seqs, &rows, 0, model.device());
-            let h = model.forward_hidden(&b.input_ids, Some(&b.attention_mask), Capture::default(), None).hidden;
-            for (r, &i) in rows.iter().enumerate() {
-                let (p, c) = (prompts[i].len() as i64, completions[i].len() as i64);
-                let logits = model.logits(&h.get(r as i64).narrow(0, p - 1, c));
-                let mut pointer = writer.push(&logits);
-                pointer["file"] = json!(file_name);
-                pointers[i] = pointer;
-            }
-        }
+    for_each_hidden(model, &seqs, batch, |i, h| {
+        let (p, c) = (prompts[i].len() as i64, completions[i].len() as i64);
+        let mut pointer = writer.push(&model.logits(&h.narrow(0, p - 1, c)));
+        pointer["file"] = json!(file_name);
+        pointers[i] = pointer;
     });
     writer.write(&file)?;
     Ok(pointers)
