@@ -230,7 +230,7 @@ def main():
     if vocab:
         lines += ["", "## Loss memory against vocabulary size", "",
                   "One distillation step, batch 8, sequence 512, hidden 64 (so the vocabulary dominates). Distillery "
-                  "computes logit losses in chunks of at most 16M elements (64 MiB fp32) per [rows, vocab] tensor; the reference materialises full fp32 "
+                  "computes logit losses in chunks of at most 4M elements on CPU (16 MiB fp32) per [rows, vocab] tensor; the reference materialises full fp32 "
                   "`[batch, seq, vocab]` logits of both models.", "",
                   "| vocabulary | Distillery peak RSS | PyTorch peak RSS | ratio | fp32 [8, 512, vocab] tensor |",
                   "|---:|---:|---:|---:|---:|"]

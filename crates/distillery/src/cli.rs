@@ -12,6 +12,7 @@ use tch::{Device, Kind};
 
 /// Runs a stage's body; on error prints `stage: error: ...` with its causes and exits 1.
 pub fn run(stage: &str, body: impl FnOnce() -> Result<()>) {
+    crate::runtime::tune_cpu_allocator();
     if let Err(e) = body() {
         eprintln!("{stage}: error: {e}");
         for cause in e.chain().skip(1) {

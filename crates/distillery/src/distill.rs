@@ -64,7 +64,7 @@ pub struct DistillConfig {
     /// Steps per progressive phase (default: half the budget spread over the layers).
     pub phase_steps: Option<i64>,
     pub include_prompt_loss: bool,
-    /// Token rows per chunk of the logit losses (0: automatic, 64 MiB per fp32 chunk).
+    /// Token rows per chunk of the logit losses (0: automatic, 16 MiB per fp32 chunk on CPU, 64 MiB on a GPU).
     pub chunk: i64,
     pub seed: u64,
     pub device: String,

@@ -129,7 +129,7 @@ pub fn evaluate(
             let hs = hidden_at(model);
             let ht = teacher.map(hidden_at);
             let n = targets.size()[0];
-            let chunk = crate::losses::chunk_rows(0, model.config.vocab_size);
+            let chunk = crate::losses::chunk_rows(0, model.config.vocab_size, model.device());
             let mut start = 0;
             while start < n {
                 let len = chunk.min(n - start);

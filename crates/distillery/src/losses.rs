@@ -12,7 +12,7 @@
 use crate::model::CausalLm;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
@@ -190,17 +190,20 @@ pub enum TeacherRows<'a> {
     None,
 }
 
-/// Elements of one `[rows, vocab]` fp32 chunk when the chunk size is automatic: 16M
-/// (64 MiB), so peak memory stays flat as the vocabulary grows.
-pub const CHUNK_ELEMENTS: i64 = 1 << 24;
+/// Elements of one `[rows, vocab]` fp32 chunk when the chunk size is automatic, so peak
+/// memory stays flat as the vocabulary grows. On CPU 4M (16 MiB): under glibc's largest mmap
+/// threshold, so chunk buffers are reused instead of mapped and faulted in each time (see
+/// [`crate::runtime::tune_cpu_allocator`]). On a GPU 16M (64 MiB): fewer, larger matmuls.
+pub const CHUNK_ELEMENTS_CPU: i64 = 1 << 22;
+pub const CHUNK_ELEMENTS_GPU: i64 = 1 << 24;
 
-/// Token rows per chunk: `requested` when positive, else as many as fit [`CHUNK_ELEMENTS`].
-pub fn chunk_rows(requested: i64, vocab: i64) -> i64 {
+/// Token rows per chunk: `requested` when positive, else as many as fit the device's budget.
+pub fn chunk_rows(requested: i64, vocab: i64, device: Device) -> i64 {
     if requested > 0 {
-        requested
-    } else {
-        (CHUNK_ELEMENTS / vocab.max(1)).max(16)
+        return requested;
     }
+    let budget = if device.is_cuda() { CHUNK_ELEMENTS_GPU } else { CHUNK_ELEMENTS_CPU };
+    (budget / vocab.max(1)).max(16)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -247,7 +250,7 @@ pub fn chunked_logit_losses(
         return chunked_logit_losses_autograd(student, hidden, targets, teacher, w, normalizer, backward);
     }
     let n = hidden.size()[0];
-    let chunk = chunk_rows(w.chunk, student.config.vocab_size);
+    let chunk = chunk_rows(w.chunk, student.config.vocab_size, hidden.device());
     let head = student.lm_head_weight();
     let mut sums = LogitLossSums::default();
     let mut start = 0;
@@ -256,25 +259,60 @@ pub fn chunked_logit_losses(
         let h = hidden.narrow(0, start, len);
         let tgt = targets.narrow(0, start, len).unsqueeze(1);
         let (grad_h, grad_head, ce, kd) = tch::no_grad(|| {
+            // Every [len, vocab] buffer below is rewritten in place once it is no longer
+            // read: on CPU each fresh buffer of this size costs page faults as well as a pass.
             let hd = h.detach();
-            let z = student.logits(&hd).to_kind(Kind::Float); // [len, vocab]
+            let mut z = student.logits(&hd).to_kind(Kind::Float); // [len, vocab]
             let ls = z.log_softmax(-1, Kind::Float);
             let ce = ls.gather(1, &tgt, false).sum(Kind::Double).neg().double_value(&[]);
-            // d(alpha * CE)/dz = alpha * (softmax(z) - onehot(target))
             let scale = w.alpha / normalizer;
-            let mut g = ls.exp() * scale;
-            g = g.scatter_add(1, &tgt, &Tensor::full([len, 1], -scale, (Kind::Float, g.device())));
             let mut kd = 0.0;
-            if let TeacherRows::Online { model, hidden: ht } = teacher {
-                let t = w.temperature;
-                let zt = model.logits(&ht.narrow(0, start, len)).to_kind(Kind::Float);
-                let lt = (zt / t).log_softmax(-1, Kind::Float);
-                let pt = lt.exp();
-                let ls_t = if t == 1.0 { ls.shallow_clone() } else { (&z / t).log_softmax(-1, Kind::Float) };
-                kd = (&pt * (&lt - &ls_t)).sum(Kind::Double).double_value(&[]) * t * t;
-                // d(beta * T^2 * KL(p_t || softmax(z/T)))/dz = beta * T * (softmax(z/T) - p_t)
-                g += (ls_t.exp() - pt) * (w.beta * t / normalizer);
-            }
+            // g = d(alpha * CE)/dz = alpha * (softmax(z) - onehot(target)), over the normaliser
+            let mut g = match teacher {
+                TeacherRows::Online { model, hidden: ht } => {
+                    let t = w.temperature;
+                    let mut zt = model.logits(&ht.narrow(0, start, len)).to_kind(Kind::Float);
+                    if t != 1.0 {
+                        let _ = zt.g_div_scalar_(t);
+                    }
+                    let mut lt = zt.log_softmax(-1, Kind::Float);
+                    drop(zt);
+                    let pt = lt.exp();
+                    let ls_t = if t == 1.0 {
+                        ls.shallow_clone()
+                    } else {
+                        let _ = z.g_div_scalar_(t);
+                        z.log_softmax(-1, Kind::Float)
+                    };
+                    drop(z);
+                    let diff = lt.g_sub_(&ls_t);
+                    kd = pt.view([-1]).dot(&diff.view([-1])).double_value(&[]) * t * t;
+                    drop(lt);
+                    // d(beta * T^2 * KL(p_t || softmax(z/T)))/dz = beta * T * (softmax(z/T) - p_t)
+                    let c = w.beta * t / normalizer;
+                    let mut pt = pt;
+                    let _ = pt.g_mul_scalar_(c);
+                    if t == 1.0 {
+                        drop(ls_t);
+                        let mut g = ls;
+                        let _ = g.exp_().g_mul_scalar_(scale + c).g_sub_(&pt);
+                        g
+                    } else {
+                        let mut q = ls_t;
+                        let _ = q.exp_().g_mul_scalar_(c).g_sub_(&pt);
+                        drop(pt);
+                        let mut g = ls;
+                        let _ = g.exp_().g_mul_scalar_(scale).g_add_(&q);
+                        g
+                    }
+                }
+                _ => {
+                    let mut g = ls;
+                    let _ = g.exp_().g_mul_scalar_(scale);
+                    g
+                }
+            };
+            let _ = g.scatter_add_(1, &tgt, &Tensor::full([len, 1], -scale, (Kind::Float, g.device())));
             let hf = hd.to_kind(Kind::Float);
             let grad_h = g.matmul(&head.to_kind(Kind::Float)); // [len, hidden]
             let grad_head = g.tr().matmul(&hf); // [vocab, hidden]
@@ -303,7 +341,7 @@ pub fn chunked_logit_losses_autograd(
     backward: bool,
 ) -> LogitLossSums {
     let n = hidden.size()[0];
-    let chunk = chunk_rows(w.chunk, student.config.vocab_size);
+    let chunk = chunk_rows(w.chunk, student.config.vocab_size, hidden.device());
     let mut sums = LogitLossSums::default();
     let mut start = 0;
     while start < n {

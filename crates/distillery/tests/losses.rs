@@ -154,7 +154,7 @@ fn fused_forward_kl_path_equals_autograd() {
     let hidden = Tensor::randn([29, 16], (Kind::Float, Device::Cpu));
     let t_hidden = Tensor::randn([29, 16], (Kind::Float, Device::Cpu));
     let targets = Tensor::randint(50, [29], (Kind::Int64, Device::Cpu));
-    for (alpha, beta, temperature, with_teacher) in [(0.3, 0.7, 2.0, true), (0.0, 1.0, 1.0, true), (1.0, 0.0, 1.0, false)] {
+    for (alpha, beta, temperature, with_teacher) in [(0.3, 0.7, 2.0, true), (0.5, 0.5, 1.0, true), (0.0, 1.0, 1.0, true), (1.0, 0.0, 1.0, false)] {
         let run = |fused: bool| {
             let leaf = hidden.detach().set_requires_grad(true);
             for (_, mut p) in student.vs.variables() {
