@@ -7,13 +7,17 @@ ratios into docs/BENCHMARKS.md.
 
 Each side runs in its own process; peak memory is that process's max RSS (CPU) or, on a
 GPU, the device memory in use sampled with nvidia-smi. Step time excludes start-up: it is
-the mean over steps after the warm-up ones.
+the median over steps after the warm-up ones. The two sides run in turn `--repeats` times
+(3 on CPU, where a shared machine's speed drifts by a third from minute to minute) and the
+table gives medians and the range of back-to-back ratios.
 """
 import argparse
 import csv
 import json
 import os
 import platform
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,7 +38,7 @@ CPU_SHAPES = {
                     num_key_value_heads=2, vocab_size=8192),
     "student": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=2,
                     num_key_value_heads=1, vocab_size=8192),
-    "batch": 8, "seq": 128, "steps": 30, "warmup": 5, "gen_batch": 8, "gen_new": 64, "prompt_len": 16,
+    "batch": 8, "seq": 128, "steps": 30, "warmup": 5, "gen_batch": 8, "gen_new": 64, "prompt_len": 16, "repeats": 3,
 }
 # Llama-3.2-3B teacher and Llama-3.2-1B student shapes, random weights.
 GPU_SHAPES = {
@@ -42,7 +46,7 @@ GPU_SHAPES = {
                     num_key_value_heads=8, vocab_size=128256, head_dim=128),
     "student": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                     num_key_value_heads=8, vocab_size=128256, head_dim=64),
-    "batch": 4, "seq": 1024, "steps": 8, "warmup": 3, "gen_batch": 32, "gen_new": 128, "prompt_len": 32,
+    "batch": "largest", "batch_start": 4, "seq": 1024, "steps": 8, "warmup": 3, "gen_batch": 32, "gen_new": 128, "prompt_len": 32, "repeats": 1,
 }
 
 
@@ -104,6 +108,19 @@ def cmd_out_path():
     return _OUT
 
 
+def alternate(ours, theirs, repeats):
+    """Runs the two sides in turn `repeats` times. Returns the median tokens/s of each, the
+    smallest and largest ratio of a pair run back to back, and each side's largest peak
+    memory (RSS, and GPU memory when sampled)."""
+    pairs = [(ours(), theirs()) for _ in range(repeats)]
+    med = lambda xs: statistics.median(xs)
+    ratios = [o[0] / t[0] for o, t in pairs]
+    peak = lambda xs: None if xs[0] is None else max(xs)
+    return (med([o[0] for o, _ in pairs]), med([t[0] for _, t in pairs]), min(ratios), max(ratios),
+            max(o[1] for o, _ in pairs), max(t[1] for _, t in pairs),
+            peak([o[2] for o, _ in pairs]), peak([t[2] for _, t in pairs]))
+
+
 def fixed_length_data(path, vocab, n, seq):
     g = torch.Generator().manual_seed(0)
     with open(path, "w") as f:
@@ -113,60 +130,122 @@ def fixed_length_data(path, vocab, n, seq):
     return path
 
 
+def flops_per_token(shape, seq, training):
+    """Model FLOPs per token as in the PaLM paper's MFU: 2 per weight in a matmul (the output
+    head included, the embedding lookup not) forward, 3x that with backward, plus attention
+    scores and values (4 * layers * heads * head_dim * seq forward; not halved for the mask)."""
+    d, f, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    hd = shape.get("head_dim", d // shape["num_attention_heads"])
+    q, kv = shape["num_attention_heads"] * hd, shape["num_key_value_heads"] * hd
+    weights = layers * (d * q + 2 * d * kv + q * d + 3 * d * f) + d * shape["vocab_size"]
+    forward = 2 * weights + 4 * layers * q * seq
+    return 3 * forward if training else forward
+
+
+# Dense bf16 tensor-core peak (FLOP/s) by device name, from the vendors' data sheets.
+PEAK_BF16 = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12)]
+
+
+def peak_flops(name):
+    return next((p for key, p in PEAK_BF16 if key in name), None)
+
+
+def largest_batch(try_batch, start, limit=64):
+    """Doubles the batch from `start` while `try_batch(b)` succeeds; returns the last success."""
+    best, b = None, start
+    while b <= limit:
+        try:
+            try_batch(b)
+        except RuntimeError:
+            break
+        best, b = b, b * 2
+    if best is None:
+        raise RuntimeError(f"not even batch {start} fits")
+    return best
+
+
 def bench(shapes, device, bf16, workdir):
     w = Path(workdir)
     dtype = torch.bfloat16 if bf16 else torch.float32
     teacher = make_model(shapes["teacher"], w / "teacher", dtype)
     student = make_model(shapes["student"], w / "student", torch.float32)
-    b, seq, steps, warm = shapes["batch"], shapes["seq"], shapes["steps"], shapes["warmup"]
+    seq, steps, warm = shapes["seq"], shapes["steps"], shapes["warmup"]
+    b = shapes["batch"]
+    if b == "largest":
+        # The largest power-of-two batch at which both sides run a step: the same batch for
+        # both, so tokens/s and memory compare like with like.
+        def try_batch(n):
+            d = fixed_length_data(w / "probe.jsonl", shapes["teacher"]["vocab_size"], n * 2, seq)
+            shutil.rmtree(w / "probe", ignore_errors=True)
+            run_measured([sys.executable, ROOT / "scripts" / "bench_reference.py", "distill", "--teacher", teacher,
+                          "--student", student, "--batch", n, "--seq", seq, "--steps", 2, "--warmup", 0,
+                          "--device", device] + (["--bf16"] if bf16 else []))
+            run_measured([BIN / "kd-distill", "--teacher", teacher, "--student", student, "--data", d, "--out",
+                          w / "probe", "--steps", 2, "--batch-size", n, "--seq-len", seq, "--warmup", 0,
+                          "--device", device, "--dtype", "bf16" if bf16 else "f32"])
+        b = largest_batch(try_batch, shapes["batch_start"])
+        shapes["batch"] = b
     vocab = shapes["teacher"]["vocab_size"]
     data = fixed_length_data(w / "data.jsonl", vocab, b * steps, seq)
     py = sys.executable
     ref = [py, ROOT / "scripts" / "bench_reference.py"]
     gpu = device.startswith("cuda")
     flag_bf16 = ["--bf16"] if bf16 else []
-    rows = []
+    dt = "bf16" if bf16 else "f32"
+    reps = shapes["repeats"]
 
     # Distillation step: teacher forward, student forward + backward, AdamW step.
-    out = w / "distill"
-    _, rss, gmem = run_measured([BIN / "kd-distill", "--teacher", teacher, "--student", student, "--data", data,
-                                 "--out", out, "--steps", steps, "--batch-size", b, "--seq-len", seq, "--warmup", 0,
-                                 "--device", device, "--dtype", "bf16" if bf16 else "f32", "--lr", 1e-4], gpu)
-    secs = [float(r["seconds"]) for r in csv.DictReader(open(out / "metrics.csv"))]
-    ours_step = (secs[-1] - secs[warm - 1]) / (len(secs) - warm)
-    o, ref_rss, ref_gmem = run_measured(ref + ["distill", "--teacher", teacher, "--student", student, "--batch", b,
-                                               "--seq", seq, "--steps", steps, "--warmup", warm, "--device", device] + flag_bf16, gpu)
-    theirs = json.loads(o.strip().splitlines()[-1])
-    rows.append(("distillation step", ours_step, theirs["step_seconds"], b * seq / ours_step,
-                 theirs["tokens_per_second"], rss, ref_rss, gmem, ref_gmem))
+    def ours_distill():
+        out = w / "distill"
+        shutil.rmtree(out, ignore_errors=True)
+        _, rss, gmem = run_measured([BIN / "kd-distill", "--teacher", teacher, "--student", student, "--data", data,
+                                     "--out", out, "--steps", steps, "--batch-size", b, "--seq-len", seq, "--warmup", 0,
+                                     "--device", device, "--dtype", dt, "--lr", 1e-4], gpu)
+        secs = [float(r["seconds"]) for r in csv.DictReader(open(out / "metrics.csv"))]
+        step = statistics.median([t1 - t0 for t0, t1 in zip(secs[warm - 1:], secs[warm:])])
+        return b * seq / step, rss, gmem
+
+    def ref_distill():
+        o, rss, gmem = run_measured(ref + ["distill", "--teacher", teacher, "--student", student, "--batch", b,
+                                           "--seq", seq, "--steps", steps, "--warmup", warm, "--device", device]
+                                    + flag_bf16, gpu)
+        return json.loads(o.strip().splitlines()[-1])["tokens_per_second"], rss, gmem
 
     # Teacher generation (greedy, fixed length).
     prompts = w / "prompts.jsonl"
     with open(prompts, "w") as f:
         for i in range(shapes["gen_batch"]):
             f.write(json.dumps({"id": f"p{i}", "prompt": "In the beginning God created the heaven " * 3}) + "\n")
-    gen_out = w / "gen.jsonl"
-    o, rss, gmem = run_measured([BIN / "kd-generate", "--teacher", teacher, "--prompts", prompts, "--out", gen_out,
-                                 "--max-new-tokens", shapes["gen_new"], "--batch-size", shapes["gen_batch"],
-                                 "--ignore-eos", "--device", device, "--dtype", "bf16" if bf16 else "f32"], gpu)
-    ours_tps = float(o.split("tokens/s")[0].split("(")[-1])
-    o, ref_rss, ref_gmem = run_measured(ref + ["generate", "--teacher", teacher, "--batch", shapes["gen_batch"],
-                                               "--prompt-len", shapes["prompt_len"], "--new", shapes["gen_new"],
-                                               "--device", device] + flag_bf16, gpu)
-    theirs = json.loads(o.strip().splitlines()[-1])
-    rows.append((f"generation (batch {shapes['gen_batch']})", None, None, ours_tps, theirs["tokens_per_second"], rss,
-                 ref_rss, gmem, ref_gmem))
+
+    def ours_generate():
+        o, rss, gmem = run_measured([BIN / "kd-generate", "--teacher", teacher, "--prompts", prompts, "--out",
+                                     w / "gen.jsonl", "--max-new-tokens", shapes["gen_new"], "--batch-size",
+                                     shapes["gen_batch"], "--ignore-eos", "--device", device, "--dtype", dt], gpu)
+        return float(o.split("tokens/s")[0].split("(")[-1]), rss, gmem
+
+    def ref_generate():
+        o, rss, gmem = run_measured(ref + ["generate", "--teacher", teacher, "--batch", shapes["gen_batch"],
+                                           "--prompt-len", shapes["prompt_len"], "--new", shapes["gen_new"],
+                                           "--device", device] + flag_bf16, gpu)
+        return json.loads(o.strip().splitlines()[-1])["tokens_per_second"], rss, gmem
 
     # Evaluation (perplexity over fixed-length sequences).
-    metrics = w / "eval.json"
-    _, rss, gmem = run_measured([BIN / "kd-eval", "--model", teacher, "--data", data, "--out", metrics, "--batch-size", b,
-                                 "--device", device, "--dtype", "bf16" if bf16 else "f32"], gpu)
-    m = json.loads(metrics.read_text())
-    o, ref_rss, ref_gmem = run_measured(ref + ["eval", "--teacher", teacher, "--batch", b, "--seq", seq,
-                                               "--batches", steps, "--device", device] + flag_bf16, gpu)
-    theirs = json.loads(o.strip().splitlines()[-1])
-    rows.append(("evaluation (perplexity)", None, None, m["perplexity_tokens_per_second"], theirs["tokens_per_second"],
-                 rss, ref_rss, gmem, ref_gmem))
+    def ours_eval():
+        metrics = w / "eval.json"
+        _, rss, gmem = run_measured([BIN / "kd-eval", "--model", teacher, "--data", data, "--out", metrics,
+                                     "--batch-size", b, "--device", device, "--dtype", dt], gpu)
+        return json.loads(metrics.read_text())["perplexity_tokens_per_second"], rss, gmem
+
+    def ref_eval():
+        o, rss, gmem = run_measured(ref + ["eval", "--teacher", teacher, "--batch", b, "--seq", seq, "--batches", steps,
+                                           "--device", device] + flag_bf16, gpu)
+        return json.loads(o.strip().splitlines()[-1])["tokens_per_second"], rss, gmem
+
+    rows = []
+    for name, ours, theirs in [("distillation step", ours_distill, ref_distill),
+                               (f"generation (batch {shapes['gen_batch']})", ours_generate, ref_generate),
+                               ("evaluation (perplexity)", ours_eval, ref_eval)]:
+        rows.append((name, *alternate(ours, theirs, reps)))
     return rows
 
 
@@ -200,9 +279,12 @@ def main():
     p.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--no-vocab", action="store_true")
+    p.add_argument("--repeats", type=int, help="runs of each side per workload (default: 3 on CPU, 1 on GPU)")
     a = p.parse_args()
     device = "cuda" if a.gpu else "cpu"
-    shapes = GPU_SHAPES if a.gpu else CPU_SHAPES
+    shapes = dict(GPU_SHAPES if a.gpu else CPU_SHAPES)
+    if a.repeats:
+        shapes["repeats"] = a.repeats
     cpu = platform.processor() or platform.machine()
     with tempfile.TemporaryDirectory() as work:
         rows = bench(shapes, device, a.gpu, work)
@@ -220,13 +302,27 @@ def main():
         f"Student: hidden {s['hidden_size']}, {s['num_hidden_layers']} layers. Batch {shapes['batch']}, "
         f"sequence {shapes['seq']}, {'bf16 autocast' if a.gpu else 'fp32'}.",
         "",
-        "| workload | Distillery tokens/s | PyTorch tokens/s | speed ratio | Distillery peak memory | PyTorch peak memory | memory ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"Each side ran {shapes['repeats']} time(s), alternating; tokens/s is the median over runs (a run's "
+        "step time is the median over its steps after warm-up), the range is the lowest and highest ratio of one "
+        "pair of back-to-back runs, and peak memory is the largest seen.",
+        "",
+        "| workload | Distillery tokens/s | PyTorch tokens/s | speed ratio | range | Distillery peak memory | PyTorch peak memory | memory ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, _, _, ours, theirs, rss, ref_rss, g, rg in rows:
+    for name, ours, theirs, lo, hi, rss, ref_rss, g, rg in rows:
         mem, rmem = (g, rg) if a.gpu else (rss, ref_rss)
-        lines.append(f"| {name} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f}x | {mib(mem)} | {mib(rmem)} | "
-                     f"{mem / rmem:.2f}x |")
+        lines.append(f"| {name} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f}x | {lo:.2f}–{hi:.2f}x | {mib(mem)} | "
+                     f"{mib(rmem)} | {mem / rmem:.2f}x |")
+    if a.gpu:
+        fpt = flops_per_token(s, shapes["seq"], True) + flops_per_token(t, shapes["seq"], False)
+        peak = peak_flops(where)
+        _, ours, theirs, *_ = rows[0]
+        if peak:
+            lines += ["", f"Model FLOPs utilisation of the distillation step (student forward and backward plus teacher "
+                      f"forward, {fpt / 1e9:.1f} GFLOP per token, against {peak / 1e12:.0f} TFLOP/s dense bf16): "
+                      f"Distillery {fpt * ours / peak:.1%}, PyTorch {fpt * theirs / peak:.1%}."]
+        else:
+            lines += ["", f"MFU not computed: no bf16 peak known for {where} (PEAK_BF16 in scripts/bench.py)."]
     if vocab:
         lines += ["", "## Loss memory against vocabulary size", "",
                   "One distillation step, batch 8, sequence 512, hidden 64 (so the vocabulary dominates). Distillery "
@@ -240,7 +336,8 @@ def main():
         lines += ["", "## GPU case", "",
                   "`python scripts/bench.py --gpu --out docs/BENCHMARKS-gpu.md` runs the same comparison with a "
                   "Llama-3.2-3B-shaped teacher and a Llama-3.2-1B-shaped student (random weights, bf16 autocast, "
-                  "sequence 1024, vocabulary 128256) and generation at batch 32, sampling GPU memory with nvidia-smi. "
+                  "sequence 1024, vocabulary 128256) at the largest power-of-two batch both sides fit, generation at "
+                  "batch 32, GPU memory sampled with nvidia-smi, and the distillation step's model FLOPs utilisation. "
                   "No session so far has had a GPU, so it has not been run: no GPU figure is claimed."]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -8,6 +8,7 @@ and peak memory are measured alone. Prints one JSON line.
 """
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -64,11 +65,8 @@ def distill(a):
         opt.zero_grad(set_to_none=True)
         sync(a.device)
         times.append(time.perf_counter() - t0)
-    warm = times[a.warmup:]
-    if a.print_steps:
-        import statistics as st
-        print("ref mean %.0f median %.0f min %.0f" % (a.batch*a.seq/st.mean(warm), a.batch*a.seq/st.median(warm), a.batch*a.seq/min(warm)))
-    step_s = sum(warm) / len(warm)
+    # Median over the steps after warm-up: robust to a neighbour's burst on a shared machine.
+    step_s = statistics.median(times[a.warmup:])
     return {"step_seconds": step_s, "tokens_per_second": a.batch * a.seq / step_s, **peak_memory(a.device)}
 
 
@@ -122,7 +120,6 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--print-steps", action="store_true")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
