@@ -7,10 +7,10 @@ use clap::Parser;
 use distillery::cli;
 use distillery::io::write_json_atomic;
 use distillery::records::{full_text, ids_field, read_jsonl_numbered, text_parts, write_jsonl, Record};
-use distillery::scoring::{near_duplicates, score, Scored};
+use distillery::scoring::{score, Scored};
+use distillery::selection::{histogram, score_value, select, Bound, Dedup, Fraction, Rules, SCORE_NAMES};
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
-use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -66,60 +66,20 @@ struct Args {
     dtype: String,
 }
 
-const SCORES: &[&str] = &["teacher_logprob", "teacher_confidence", "teacher_entropy", "kl_teacher_student", "ce_gap", "tokens"];
-
-fn parse_bound(s: &str) -> Result<(String, f64)> {
-    let (k, v) = s.split_once('=').with_context(|| format!("`{s}`: expected SCORE=VALUE"))?;
-    ensure!(SCORES.contains(&k), "unknown score `{k}` (scores: {})", SCORES.join(", "));
-    Ok((k.to_string(), v.parse().with_context(|| format!("`{s}`: value is not a number"))?))
-}
-
-struct Selection {
-    score: String,
-    top: bool,
-    fraction: f64,
-}
-
-fn parse_select(s: &str) -> Result<Selection> {
-    let parts: Vec<&str> = s.split(':').collect();
-    ensure!(parts.len() == 3, "--select `{s}`: expected SCORE:top|bottom:FRACTION");
-    ensure!(SCORES.contains(&parts[0]), "unknown score `{}` (scores: {})", parts[0], SCORES.join(", "));
-    let top = match parts[1] {
-        "top" => true,
-        "bottom" => false,
-        o => bail!("--select `{s}`: `{o}` must be top or bottom"),
-    };
-    let fraction: f64 = parts[2].parse().with_context(|| format!("--select `{s}`: bad fraction"))?;
-    ensure!((0.0..=1.0).contains(&fraction), "--select `{s}`: fraction must be in [0, 1]");
-    Ok(Selection { score: parts[0].into(), top, fraction })
-}
-
 fn main() {
     cli::run("kd-filter", || run(Args::parse()));
 }
 
-fn histogram(values: &[f64]) -> Value {
-    if values.is_empty() {
-        return json!(null);
-    }
-    let (lo, hi) = values.iter().fold((f64::MAX, f64::MIN), |(a, b), &v| (a.min(v), b.max(v)));
-    let mut counts = [0usize; 10];
-    for &v in values {
-        let k = if hi > lo { (((v - lo) / (hi - lo)) * 10.0) as usize } else { 0 };
-        counts[k.min(9)] += 1;
-    }
-    json!({"min": lo, "max": hi, "bins": 10, "counts": counts})
-}
-
 fn run(args: Args) -> Result<()> {
-    let mins: Vec<(String, f64)> = args.min.iter().map(|s| parse_bound(s)).collect::<Result<_>>()?;
-    let maxs: Vec<(String, f64)> = args.max.iter().map(|s| parse_bound(s)).collect::<Result<_>>()?;
-    let selects: Vec<Selection> = args.select.iter().map(|s| parse_select(s)).collect::<Result<_>>()?;
-    ensure!(matches!(args.dedup.as_str(), "none" | "exact" | "near"), "--dedup must be none, exact or near");
-    let needs_student = |k: &str| k == "kl_teacher_student" || k == "ce_gap";
-    if args.student.is_none()
-        && (mins.iter().chain(&maxs).any(|(k, _)| needs_student(k)) || selects.iter().any(|s| needs_student(&s.score)))
-    {
+    let bounds = args.min.iter().map(|s| Bound::parse(s, true)).chain(args.max.iter().map(|s| Bound::parse(s, false)));
+    let rules = Rules {
+        min_tokens: args.min_tokens,
+        max_tokens: args.max_tokens,
+        dedup: Dedup::parse(&args.dedup, args.near_threshold)?,
+        bounds: bounds.collect::<Result<_>>()?,
+        fractions: args.select.iter().map(|s| Fraction::parse(s)).collect::<Result<_>>()?,
+    };
+    if args.student.is_none() && rules.needs_student() {
         bail!("kl_teacher_student and ce_gap need --student");
     }
     let numbered = read_jsonl_numbered(&args.data)?;
@@ -161,85 +121,15 @@ fn run(args: Args) -> Result<()> {
         .collect::<Result<_>>()?;
     let texts: Vec<String> = numbered.iter().map(|(_, r)| full_text(r)).collect::<Result<_>>()?;
     let n = numbered.len();
-    let mut removed: BTreeMap<String, usize> = BTreeMap::new();
-    let mut alive: Vec<bool> = vec![true; n];
-    let mut drop = |alive: &mut Vec<bool>, i: usize, why: &str| {
-        if alive[i] {
-            alive[i] = false;
-            *removed.entry(why.to_string()).or_default() += 1;
-        }
-    };
-    for i in 0..n {
-        let len = seqs[i].ids.len();
-        if args.min_tokens.is_some_and(|m| len < m) || args.max_tokens.is_some_and(|m| len > m) {
-            drop(&mut alive, i, "length");
-        }
-    }
-    if args.dedup != "none" {
-        let mut seen = HashSet::new();
-        for i in 0..n {
-            let norm = texts[i].split_whitespace().collect::<Vec<_>>().join(" ");
-            if alive[i] && !seen.insert(norm) {
-                drop(&mut alive, i, "exact_duplicate");
-            }
-        }
-    }
-    if args.dedup == "near" {
-        let idx: Vec<usize> = (0..n).filter(|&i| alive[i]).collect();
-        let subset: Vec<String> = idx.iter().map(|&i| texts[i].clone()).collect();
-        for j in near_duplicates(&subset, args.near_threshold) {
-            drop(&mut alive, idx[j], "near_duplicate");
-        }
-    }
     let all_scores = score(&teacher, student.as_ref(), &seqs, args.batch_size, args.worst_tokens);
-    let value = |i: usize, k: &str| -> f64 {
-        let s = &all_scores[i];
-        match k {
-            "teacher_logprob" => s.teacher_logprob,
-            "teacher_confidence" => s.teacher_confidence,
-            "teacher_entropy" => s.teacher_entropy,
-            "kl_teacher_student" => s.kl_teacher_student.unwrap_or(f64::NAN),
-            "ce_gap" => s.ce_gap.unwrap_or(f64::NAN),
-            _ => s.tokens as f64,
-        }
-    };
-    for i in 0..n {
-        for (k, v) in &mins {
-            if alive[i] && !(value(i, k) >= *v) {
-                drop(&mut alive, i, &format!("min {k}={v}"));
-            }
-        }
-        for (k, v) in &maxs {
-            if alive[i] && !(value(i, k) <= *v) {
-                drop(&mut alive, i, &format!("max {k}={v}"));
-            }
-        }
-    }
-    let mut selected_by = BTreeMap::new();
-    if !selects.is_empty() {
-        let pool: Vec<usize> = (0..n).filter(|&i| alive[i]).collect();
-        let mut keep = HashSet::new();
-        for s in &selects {
-            let mut order = pool.clone();
-            order.sort_by(|&a, &b| {
-                let c = value(a, &s.score).total_cmp(&value(b, &s.score));
-                (if s.top { c.reverse() } else { c }).then(a.cmp(&b))
-            });
-            let take = (s.fraction * pool.len() as f64).round() as usize;
-            keep.extend(order.iter().take(take).copied());
-            selected_by.insert(format!("{}:{}:{}", s.score, if s.top { "top" } else { "bottom" }, s.fraction), take);
-        }
-        for i in pool {
-            if !keep.contains(&i) {
-                drop(&mut alive, i, "not selected");
-            }
-        }
-    }
+    let value = |i: usize, k: &str| score_value(&all_scores[i], k);
+    let lengths: Vec<usize> = seqs.iter().map(|s| s.ids.len()).collect();
+    let outcome = select(&rules, &lengths, &texts, value);
     let mut scored: Vec<Record> = Vec::with_capacity(n);
     for (i, (_, rec)) in numbered.iter().enumerate() {
         let mut rec = rec.clone();
         let mut scores = rec.get("scores").and_then(Value::as_object).cloned().unwrap_or_else(Map::new);
-        for k in SCORES {
+        for k in SCORE_NAMES {
             let v = value(i, k);
             if !v.is_nan() {
                 scores.insert(k.to_string(), json!(v));
@@ -256,9 +146,9 @@ fn run(args: Args) -> Result<()> {
         }
         scored.push(rec);
     }
-    let kept: Vec<Record> = scored.iter().zip(&alive).filter(|(_, a)| **a).map(|(r, _)| r.clone()).collect();
+    let kept: Vec<Record> = scored.iter().zip(&outcome.kept).filter(|(_, a)| **a).map(|(r, _)| r.clone()).collect();
     let mut hists = Map::new();
-    for k in SCORES {
+    for k in SCORE_NAMES {
         let vals: Vec<f64> = (0..n).map(|i| value(i, k)).filter(|v| !v.is_nan()).collect();
         if !vals.is_empty() {
             hists.insert(k.to_string(), histogram(&vals));
@@ -267,8 +157,8 @@ fn run(args: Args) -> Result<()> {
     let summary = json!({
         "input": n,
         "kept": kept.len(),
-        "removed": removed,
-        "selected_by": selected_by,
+        "removed": outcome.removed,
+        "selected_by": outcome.selected_by,
         "histograms": hists,
         "teacher": args.teacher,
         "student": args.student,
