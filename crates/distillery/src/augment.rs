@@ -1,6 +1,17 @@
-//! Word-level augmentation operations. Each is a pure function of the text, a ratio and a
-//! seeded stream, so outputs are reproducible and testable exactly.
+//! Augmentation (kd-augment): new records from existing ones, each tagged
+//! `source: augment:<op>` with its `parent`. Word operations (delete, swap, mask) are pure
+//! functions of the text, a ratio and a seeded stream, so outputs are reproducible and
+//! testable exactly; teacher operations (infill, paraphrase, backtranslate, resample)
+//! generate with the teacher, seeded per record, operation and copy.
+use crate::generate::{generate, Sampling};
+use crate::model::CausalLm;
+use crate::records::{id_of, str_field, Record};
 use crate::rng::SplitMix64;
+use crate::runtime::Progress;
+use crate::tokenizer::Tok;
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+use std::path::Path;
 
 fn words(text: &str) -> Vec<&str> {
     text.split_whitespace().collect()
@@ -69,4 +80,303 @@ pub fn split_for_infill(text: &str, ratio: f64, rng: &mut SplitMix64) -> (String
 /// Fills a template's `{text}` placeholder.
 pub fn fill_template(template: &str, text: &str) -> String {
     template.replace("{text}", text)
+}
+
+pub const WORD_OPS: &[&str] = &["delete", "swap", "mask"];
+pub const TEACHER_OPS: &[&str] = &["infill", "paraphrase", "backtranslate", "resample"];
+
+/// Prompt templates of paraphrase and back-translation, each containing `{text}`.
+#[derive(Clone, Debug)]
+pub struct Templates {
+    pub paraphrase: String,
+    pub to_pivot: String,
+    pub from_pivot: String,
+}
+
+impl Templates {
+    /// Reads a JSON object with `paraphrase`, `to_pivot` and `from_pivot`.
+    pub fn load(path: &Path) -> Result<Templates> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let t: Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+        let get = |k: &str| -> Result<String> {
+            match t.get(k).and_then(Value::as_str) {
+                Some(s) if s.contains("{text}") => Ok(s.to_string()),
+                _ => bail!("{}: `{k}` must be a string containing {{text}}", path.display()),
+            }
+        };
+        Ok(Templates { paraphrase: get("paraphrase")?, to_pivot: get("to_pivot")?, from_pivot: get("from_pivot")? })
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct AugmentOptions {
+    pub ops: Vec<String>,
+    /// New records per input record and operation (resample: per temperature).
+    pub per_record: usize,
+    /// Fraction of the words an operation touches.
+    pub ratio: f64,
+    /// Fraction of input records that get augmented (chosen by the seed).
+    pub fraction: f64,
+    pub mask_token: String,
+    /// Needed by paraphrase and backtranslate.
+    pub templates: Option<Templates>,
+    /// Sampling temperature of infill, paraphrase and backtranslate (0 = greedy).
+    pub temperature: f64,
+    /// Temperatures for resample.
+    pub temperatures: Vec<f64>,
+    pub max_new_tokens: usize,
+    pub seed: u64,
+    pub batch_size: usize,
+    /// Recorded in resampled records' `teacher` field.
+    pub teacher_name: Option<String>,
+}
+
+impl AugmentOptions {
+    pub fn validate(&self) -> Result<()> {
+        for op in &self.ops {
+            ensure!(
+                WORD_OPS.contains(&op.as_str()) || TEACHER_OPS.contains(&op.as_str()),
+                "unknown op `{op}` (ops: {}, {})",
+                WORD_OPS.join(", "),
+                TEACHER_OPS.join(", ")
+            );
+        }
+        ensure!(self.ratio > 0.0 && self.ratio <= 1.0, "--ratio must be in (0, 1]");
+        ensure!((0.0..=1.0).contains(&self.fraction), "--fraction must be in [0, 1]");
+        ensure!(!self.temperatures.is_empty(), "--temperatures must name at least one temperature");
+        Ok(())
+    }
+
+    pub fn needs_teacher(&self) -> bool {
+        self.ops.iter().any(|o| TEACHER_OPS.contains(&o.as_str()))
+    }
+
+    pub fn needs_templates(&self) -> bool {
+        self.ops.iter().any(|o| o == "paraphrase" || o == "backtranslate")
+    }
+}
+
+/// The teacher of teacher operations.
+pub struct AugmentTeacher<'a> {
+    pub model: &'a CausalLm,
+    pub tok: &'a Tok,
+    pub eos: Vec<i64>,
+}
+
+/// One generation: prompt, rng key (the row's seeded stream), temperature.
+type Job = (String, u64, f64);
+
+impl AugmentTeacher<'_> {
+    /// Completions for the jobs, batched; rows of one batch share a temperature.
+    fn complete(&self, jobs: &[Job], o: &AugmentOptions) -> Result<Vec<String>> {
+        let mut out = vec![String::new(); jobs.len()];
+        let mut progress = Progress::new("augment", jobs.len() as u64);
+        let mut order: Vec<usize> = (0..jobs.len()).collect();
+        order.sort_by(|&a, &b| jobs[a].2.total_cmp(&jobs[b].2));
+        for same_t in order.chunk_by(|&a, &b| jobs[a].2 == jobs[b].2) {
+            for batch in same_t.chunks(o.batch_size.max(1)) {
+                let prompts: Vec<Vec<i64>> = batch.iter().map(|&j| self.tok.encode(&jobs[j].0, true)).collect::<Result<_>>()?;
+                let s = Sampling {
+                    max_new_tokens: o.max_new_tokens,
+                    temperature: jobs[batch[0]].2,
+                    top_k: None,
+                    top_p: None,
+                    eos: self.eos.clone(),
+                    pad: 0,
+                };
+                let mut rngs: Vec<SplitMix64> = batch.iter().map(|&j| SplitMix64::for_key(o.seed, jobs[j].1)).collect();
+                for (&j, ids) in batch.iter().zip(generate(self.model, &prompts, &s, &mut rngs)?) {
+                    out[j] = self.tok.decode(&ids, true)?;
+                }
+                progress.inc(batch.len() as u64, "");
+            }
+        }
+        progress.finish();
+        Ok(out)
+    }
+}
+
+/// The field an operation rewrites: `text`, else `completion`, else `prompt`.
+fn target_field(rec: &Record) -> Option<&'static str> {
+    ["text", "completion", "prompt"].into_iter().find(|k| matches!(rec.get(*k), Some(Value::String(_))))
+}
+
+/// A derived record: the parent's fields minus those that described the old text.
+fn derive(parent: &Record, op: &str, k: usize, field: &str, text: String) -> Record {
+    let mut r = parent.clone();
+    for stale in ["prompt_ids", "completion_ids", "teacher_logits", "scores", "hard_tokens"] {
+        r.remove(stale);
+    }
+    r.insert("id".into(), json!(format!("{}#{op}{k}", id_of(parent))));
+    r.insert("parent".into(), json!(id_of(parent)));
+    r.insert("source".into(), json!(format!("augment:{op}")));
+    r.insert(field.into(), json!(text));
+    r
+}
+
+/// The first line of a generation, trimmed (templates ask for one line).
+fn first_line(s: &str) -> String {
+    s.trim_start().lines().next().unwrap_or("").trim().to_string()
+}
+
+/// The seeded stream of copy `k` of operation `op_idx` on record `rec_idx`.
+fn key(rec_idx: usize, op_idx: usize, k: usize) -> u64 {
+    ((rec_idx as u64) << 24) ^ ((op_idx as u64) << 16) ^ k as u64
+}
+
+/// What a teacher job becomes once generated.
+enum Pending {
+    /// Infill: keep the first `words` generated words between prefix and suffix.
+    Infill { prefix: String, words: usize, suffix: String },
+    /// Paraphrase / back-translation: the first line of the output.
+    Line,
+    /// Resample: the whole completion, at this temperature.
+    Completion { temperature: f64 },
+}
+
+/// New records for `records` (with their line numbers in `source`, for errors), ordered by
+/// record, then operation, then copy. Teacher operations need `teacher`.
+pub fn augment(records: &[(usize, Record)], source: &Path, o: &AugmentOptions, teacher: Option<&AugmentTeacher>) -> Result<Vec<Record>> {
+    o.validate()?;
+    if o.needs_teacher() && teacher.is_none() {
+        bail!("ops {} need --teacher", TEACHER_OPS.join(", "));
+    }
+    let templates = match (&o.templates, o.needs_templates()) {
+        (Some(t), _) => Some(t),
+        (None, true) => bail!("paraphrase and backtranslate need prompt templates"),
+        (None, false) => None,
+    };
+    let mut pick = SplitMix64::for_key(o.seed, u64::MAX);
+    let chosen: Vec<bool> = records.iter().map(|_| pick.next_f64() < o.fraction).collect();
+    let mut made: Vec<((usize, usize, usize), Record)> = vec![];
+    for (op_idx, op) in o.ops.iter().enumerate() {
+        let mut jobs: Vec<Job> = vec![];
+        let mut pending: Vec<(usize, usize, &str, Pending)> = vec![]; // record, copy, field, what
+        for (ri, (line, rec)) in records.iter().enumerate() {
+            if !chosen[ri] {
+                continue;
+            }
+            let Some(field) = target_field(rec) else {
+                bail!("{}:{line}: record `{}` has no text, completion or prompt to augment", source.display(), id_of(rec));
+            };
+            let text = str_field(rec, field)?.unwrap_or_default().to_string();
+            let copies = if op == "resample" { o.per_record * o.temperatures.len() } else { o.per_record };
+            for k in 0..copies {
+                let mut rng = SplitMix64::for_key(o.seed, key(ri, op_idx, k));
+                let at = (ri, op_idx, k);
+                match op.as_str() {
+                    "delete" => made.push((at, derive(rec, op, k, field, delete_words(&text, o.ratio, &mut rng)))),
+                    "swap" => made.push((at, derive(rec, op, k, field, swap_words(&text, o.ratio, &mut rng)))),
+                    "mask" => made.push((at, derive(rec, op, k, field, mask_span(&text, o.ratio, &o.mask_token, &mut rng)))),
+                    "infill" => {
+                        let (prefix, span, suffix) = split_for_infill(&text, o.ratio, &mut rng);
+                        let words = span.split_whitespace().count();
+                        jobs.push((prefix.clone(), key(ri, op_idx, k), o.temperature));
+                        pending.push((ri, k, field, Pending::Infill { prefix, words, suffix }));
+                    }
+                    "paraphrase" | "backtranslate" => {
+                        let t = templates.expect("checked above");
+                        let template = if op == "paraphrase" { &t.paraphrase } else { &t.to_pivot };
+                        jobs.push((fill_template(template, &text), key(ri, op_idx, k), o.temperature));
+                        pending.push((ri, k, field, Pending::Line));
+                    }
+                    "resample" => {
+                        // Only prompt records can be resampled; text records are left alone.
+                        let Some(prompt) = str_field(rec, "prompt")? else { continue };
+                        let temperature = o.temperatures[k % o.temperatures.len()];
+                        jobs.push((prompt.to_string(), key(ri, op_idx, k), temperature));
+                        pending.push((ri, k, "completion", Pending::Completion { temperature }));
+                    }
+                    _ => unreachable!("ops are validated"),
+                }
+            }
+        }
+        if jobs.is_empty() {
+            continue;
+        }
+        let g = teacher.expect("checked above");
+        let mut outs = g.complete(&jobs, o)?;
+        if op == "backtranslate" {
+            let from_pivot = &templates.expect("checked above").from_pivot;
+            let back: Vec<Job> =
+                outs.iter().zip(&jobs).map(|(out, j)| (fill_template(from_pivot, &first_line(out)), j.1 ^ 0xb7, j.2)).collect();
+            outs = g.complete(&back, o)?;
+        }
+        for ((ri, k, field, what), out) in pending.into_iter().zip(outs) {
+            let rec = &records[ri].1;
+            let new = match &what {
+                Pending::Infill { prefix, words, suffix } => {
+                    let fill: Vec<&str> = out.split_whitespace().take(*words).collect();
+                    [prefix.as_str(), &fill.join(" "), suffix.as_str()].iter().filter(|s| !s.is_empty()).copied().collect::<Vec<_>>().join(" ")
+                }
+                Pending::Line => first_line(&out),
+                Pending::Completion { .. } => out,
+            };
+            let mut r = derive(rec, op, k, field, new);
+            if let Pending::Completion { temperature } = what {
+                r.insert("teacher".into(), json!({"model": o.teacher_name, "temperature": temperature, "seed": o.seed}));
+            }
+            made.push(((ri, op_idx, k), r));
+        }
+    }
+    made.sort_by_key(|m| m.0);
+    Ok(made.into_iter().map(|m| m.1).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(ops: &[&str]) -> AugmentOptions {
+        AugmentOptions {
+            ops: ops.iter().map(|s| s.to_string()).collect(),
+            per_record: 2,
+            ratio: 0.3,
+            fraction: 1.0,
+            mask_token: "<mask>".into(),
+            templates: None,
+            temperature: 0.0,
+            temperatures: vec![1.0],
+            max_new_tokens: 8,
+            seed: 7,
+            batch_size: 4,
+            teacher_name: None,
+        }
+    }
+
+    fn record(id: &str, field: &str, text: &str) -> Record {
+        let mut r = Record::new();
+        r.insert("id".into(), json!(id));
+        r.insert(field.into(), json!(text));
+        r.insert("scores".into(), json!({"teacher_confidence": 0.5}));
+        r
+    }
+
+    #[test]
+    fn word_ops_derive_tagged_records_in_record_op_copy_order() {
+        let recs = vec![(1, record("a", "text", "one two three four five six")), (2, record("b", "completion", "seven eight nine ten"))];
+        let made = augment(&recs, Path::new("in.jsonl"), &options(&["swap", "mask"]), None).unwrap();
+        let ids: Vec<&str> = made.iter().map(id_of).collect();
+        assert_eq!(ids, ["a#swap0", "a#swap1", "a#mask0", "a#mask1", "b#swap0", "b#swap1", "b#mask0", "b#mask1"]);
+        for m in &made {
+            assert!(m.get("scores").is_none(), "scores described the old text");
+            assert_eq!(m["source"], json!(format!("augment:{}", if id_of(m).contains("swap") { "swap" } else { "mask" })));
+        }
+        assert_eq!(made[4]["parent"], json!("b"));
+        assert!(made[2]["text"].as_str().unwrap().contains("<mask>"));
+        assert!(made[6]["completion"].as_str().unwrap().contains("<mask>"));
+        // Reproducible: the same seed gives the same records.
+        assert_eq!(made, augment(&recs, Path::new("in.jsonl"), &options(&["swap", "mask"]), None).unwrap());
+    }
+
+    #[test]
+    fn refusals_name_the_problem() {
+        let recs = vec![(3, record("a", "title", "no text field"))];
+        let err = augment(&recs, Path::new("in.jsonl"), &options(&["delete"]), None).unwrap_err().to_string();
+        assert!(err.contains("in.jsonl:3") && err.contains("no text, completion or prompt"), "{err}");
+        let err = augment(&recs, Path::new("in.jsonl"), &options(&["infill"]), None).unwrap_err().to_string();
+        assert!(err.contains("need --teacher"), "{err}");
+        let err = options(&["shuffle"]).validate().unwrap_err().to_string();
+        assert!(err.contains("unknown op `shuffle`"), "{err}");
+    }
 }
