@@ -313,6 +313,10 @@ def main():
         mem, rmem = (g, rg) if a.gpu else (rss, ref_rss)
         lines.append(f"| {name} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f}x | {lo:.2f}–{hi:.2f}x | {mib(mem)} | "
                      f"{mib(rmem)} | {mem / rmem:.2f}x |")
+    _, ours_tps, ref_tps, *_ = rows[0]
+    tokens = shapes["batch"] * shapes["seq"]
+    lines += ["", f"Distillation step time ({tokens} tokens): Distillery {1000 * tokens / ours_tps:.0f} ms, "
+              f"PyTorch {1000 * tokens / ref_tps:.0f} ms."]
     if a.gpu:
         fpt = flops_per_token(s, shapes["seq"], True) + flops_per_token(t, shapes["seq"], False)
         peak = peak_flops(where)
