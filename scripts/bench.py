@@ -87,8 +87,8 @@ def run_measured(cmd, gpu=False):
         sampler.thread.start()
     pid = os.fork()
     if pid == 0:
-        fd = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(fd, 2)
+        err = os.open(cmd_out_path() + ".err", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(err, 2)
         out = os.open(cmd_out_path(), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(out, 1)
         os.execv(str(cmd[0]), [str(c) for c in cmd])
@@ -97,7 +97,8 @@ def run_measured(cmd, gpu=False):
         sampler.stop = True
         sampler.thread.join()
     if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{cmd[0]} failed with {status}: {' '.join(map(str, cmd))}")
+        tail = Path(cmd_out_path() + ".err").read_text(errors="replace").strip().splitlines()[-5:]
+        raise RuntimeError(f"{cmd[0]} failed with {status}: {' '.join(map(str, cmd))}\n" + "\n".join(tail))
     return Path(cmd_out_path()).read_text(), usage.ru_maxrss * 1024, (sampler.peak if sampler else None)
 
 
@@ -156,11 +157,12 @@ def largest_batch(try_batch, start, limit=64):
     while b <= limit:
         try:
             try_batch(b)
-        except RuntimeError:
+        except RuntimeError as e:
+            print(f"batch {b} does not run: {e}", file=sys.stderr)
+            if best is None:
+                raise RuntimeError(f"not even batch {start} runs") from e
             break
         best, b = b, b * 2
-    if best is None:
-        raise RuntimeError(f"not even batch {start} fits")
     return best
 
 
@@ -311,8 +313,9 @@ def main():
     ]
     for name, ours, theirs, lo, hi, rss, ref_rss, g, rg in rows:
         mem, rmem = (g, rg) if a.gpu else (rss, ref_rss)
+        mem_ratio = "–" if not (mem and rmem) else f"{mem / rmem:.2f}x"
         lines.append(f"| {name} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f}x | {lo:.2f}–{hi:.2f}x | {mib(mem)} | "
-                     f"{mib(rmem)} | {mem / rmem:.2f}x |")
+                     f"{mib(rmem)} | {mem_ratio} |")
     _, ours_tps, ref_tps, *_ = rows[0]
     tokens = shapes["batch"] * shapes["seq"]
     lines += ["", f"Distillation step time ({tokens} tokens): Distillery {1000 * tokens / ours_tps:.0f} ms, "
