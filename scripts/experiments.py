@@ -85,6 +85,8 @@ def main():
             "kd-t1": ("KD logits only (alpha=0, beta=1, T=1)", ["--alpha", 0, "--beta", 1, "--temperature", 1]),
             "hid-mse1": ("KD + hidden MSE, gamma_h=1", kd + ["--hidden-weight", 1]),
             "hid-mse0.001": ("KD + hidden MSE, gamma_h=0.001", kd + ["--hidden-weight", 0.001]),
+            "hid-nmse": ("KD + hidden normalised MSE, gamma_h=1", kd + ["--hidden-weight", 1, "--hidden-metric",
+                                                                      "normalized-mse"]),
             "hid-cos": ("KD + hidden cosine, gamma_h=1", kd + ["--hidden-weight", 1, "--hidden-metric", "cosine"]),
             "attn": ("KD + attention KL, gamma_a=1", kd + ["--attn-weight", 1]),
             "prog-mse": ("progressive, hidden MSE gamma_h=1 (2 x 50 steps), then KD + hidden", kd + [

@@ -79,6 +79,7 @@ ht = torch.cos(0.2 * a + 0.5)
 valid = torch.tensor([[1, 1, 1], [1, 1, 0]]).double()
 print("hidden mse sum", (((hs - ht) ** 2).mean(-1) * valid).sum().item())
 print("hidden cosine sum", ((1 - torch.nn.functional.cosine_similarity(hs, ht, dim=-1)) * valid).sum().item())
+print("hidden normalized mse sum", ((((hs - ht) ** 2).mean(-1) / ((ht ** 2).mean(-1) + 1e-6)) * valid).sum().item())
 
 # Attention maps: teacher 4 heads, student 2 heads, [b=2, q=3, k=3], causal rows.
 def attn(heads, scale):

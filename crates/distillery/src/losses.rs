@@ -141,6 +141,10 @@ pub enum HiddenMetric {
     Mse,
     /// 1 - cosine similarity.
     Cosine,
+    /// Mean squared error over the teacher's mean square, per token: scale-free, so one
+    /// weight suits residual streams of any magnitude (raw MSE between pre-norm hidden
+    /// states can be thousands).
+    NormalizedMse,
 }
 
 /// Sum over valid tokens of the per-token hidden-state distance.
@@ -154,6 +158,10 @@ pub fn hidden_loss_sum(student: &Tensor, teacher: &Tensor, valid: &Tensor, metri
     let per_token = match metric {
         HiddenMetric::Mse => (&s - &t).square().mean_dim(-1, false, Kind::Float),
         HiddenMetric::Cosine => Tensor::cosine_similarity(&s, &t, -1, 1e-8).neg().g_add_scalar(1.0),
+        HiddenMetric::NormalizedMse => {
+            let scale = t.square().mean_dim(-1, false, Kind::Float).detach() + 1e-6;
+            (&s - &t).square().mean_dim(-1, false, Kind::Float) / scale
+        }
     };
     (per_token * valid.to_kind(Kind::Float)).sum(Kind::Float)
 }

@@ -85,6 +85,9 @@ fn hidden_losses_match_pytorch_and_skip_padding() {
     let (hs, ht, valid) = hidden_inputs();
     close(sum(&hidden_loss_sum(&hs, &ht, &valid, HiddenMetric::Mse)), 1.938828582685598, "hidden MSE");
     close(sum(&hidden_loss_sum(&hs, &ht, &valid, HiddenMetric::Cosine)), 2.1904379291041187, "hidden cosine");
+    close(sum(&hidden_loss_sum(&hs, &ht, &valid, HiddenMetric::NormalizedMse)), 8.81647833818925, "hidden normalized MSE");
+    // Scale-free: scaling both sides leaves it unchanged.
+    close(sum(&hidden_loss_sum(&(&hs * 40.0), &(&ht * 40.0), &valid, HiddenMetric::NormalizedMse)), 8.81647833818925, "normalized MSE scale");
     // Changing a padded position changes nothing.
     let mut hs2 = hs.copy();
     let _ = hs2.get(1).get(2).fill_(100.0);

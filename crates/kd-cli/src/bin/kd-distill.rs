@@ -43,7 +43,8 @@ struct Args {
     /// gamma_h: weight of hidden-state matching.
     #[arg(long, default_value_t = 0.0)]
     hidden_weight: f64,
-    /// mse or cosine.
+    /// mse, normalized-mse (MSE over the teacher's mean square per token: scale-free) or
+    /// cosine (1 - cosine similarity).
     #[arg(long, default_value = "mse")]
     hidden_metric: String,
     /// gamma_a: weight of attention-map matching.
@@ -87,8 +88,9 @@ fn run(a: Args) -> Result<()> {
         hidden_weight: a.hidden_weight,
         hidden_metric: match a.hidden_metric.as_str() {
             "mse" => HiddenMetric::Mse,
+            "normalized-mse" => HiddenMetric::NormalizedMse,
             "cosine" => HiddenMetric::Cosine,
-            other => anyhow::bail!("--hidden-metric must be mse or cosine, got `{other}`"),
+            other => anyhow::bail!("--hidden-metric must be mse, normalized-mse or cosine, got `{other}`"),
         },
         attn_weight: a.attn_weight,
         layer_map: a.layer_map,
