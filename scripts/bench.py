@@ -29,7 +29,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / "target" / "release"
+# KD_BIN: binaries copied elsewhere, e.g. .gpu/bin on the GPU machine (../shared/GPU.md).
+BIN = Path(os.environ["KD_BIN"]) if os.environ.get("KD_BIN") else ROOT / "target" / "release"
 sys.path.insert(0, str(ROOT / "tests"))
 import tiny  # noqa: E402
 

@@ -1,0 +1,124 @@
+"""Every GPU check in one call, for a session that is lent a GPU (../shared/GPU.md):
+
+    KD_BIN=.gpu/bin python3 scripts/gpu_check.py --out $OUT        # on the GPU machine
+    python scripts/gpu_check.py --device cpu --no-bench --out /tmp/x  # dry run here
+
+1. Perplexity parity on the device: kd-eval against transformers, both on the device, fp32,
+   tiny random checkpoints of every architecture (tolerance 1e-4 relative, as on CPU), and
+   the bf16 figures side by side (reported, not asserted).
+2. A bf16-autocast kd-distill run on the device (tiny teacher and student, hidden and
+   attention matching on): the losses must stay finite.
+3. `scripts/bench.py --gpu` (Llama-3.2 1B/3B shapes), written to OUT/BENCHMARKS-gpu.md.
+
+Writes OUT/gpu-check.md; exits 1 if a check fails.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+import tiny  # noqa: E402
+
+BIN = Path(os.environ["KD_BIN"]) if os.environ.get("KD_BIN") else ROOT / "target" / "release"
+TEXTS = [
+    "Knowledge distillation trains a small student to imitate a large teacher.",
+    "The teacher's soft targets carry more information per example than hard labels.",
+    "In the beginning God created the heaven and the earth.",
+    "A pruned student starts closer to the teacher than a random one.",
+]
+
+
+def run(*cmd):
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))}\n{p.stderr[-2000:]}")
+    return p.stdout
+
+
+@torch.no_grad()
+def reference_perplexity(model_dir, device, dtype):
+    """CONTRACT.md's perplexity (every token after the first, special tokens added)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    nll, count = 0.0, 0
+    for text in TEXTS:
+        ids = tok(text, add_special_tokens=True, return_tensors="pt").input_ids.to(device)
+        logp = model(ids).logits[0, :-1].double().log_softmax(-1)
+        nll -= logp.gather(1, ids[0, 1:, None]).sum().item()
+        count += ids.shape[1] - 1
+    return math.exp(nll / count)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--no-bench", action="store_true")
+    a = p.parse_args()
+    out = Path(a.out)
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    data = work / "texts.jsonl"
+    data.write_text("".join(json.dumps({"id": f"t{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    where = torch.cuda.get_device_name(0) if a.device.startswith("cuda") else "CPU (dry run)"
+    lines = [f"# GPU checks on {where}", "", f"torch {torch.__version__}; `scripts/gpu_check.py`.", "",
+             "## Perplexity: kd-eval against transformers on the same device", "",
+             "| architecture | dtype | Distillery | transformers | relative difference | within 1e-4 |",
+             "|---|---|---:|---:|---:|---|"]
+    failed = []
+    dtypes = [("f32", torch.float32)] + ([("bf16", torch.bfloat16)] if a.device.startswith("cuda") else [])
+    for arch in tiny.ARCHS:
+        model = tiny.make_model(arch, work / arch)
+        for name, dtype in dtypes:
+            metrics = work / f"{arch}-{name}.json"
+            run(BIN / "kd-eval", "--model", model, "--data", data, "--out", metrics, "--batch-size", 2,
+                "--device", a.device, "--dtype", name)
+            ours = json.loads(metrics.read_text())["perplexity"]
+            theirs = reference_perplexity(model, a.device, dtype)
+            rel = abs(ours - theirs) / theirs
+            ok = rel < 1e-4 if name == "f32" else None
+            if ok is False:
+                failed.append(f"{arch} {name} perplexity differs by {rel:.2e}")
+            lines.append(f"| {arch} | {name} | {ours:.6f} | {theirs:.6f} | {rel:.2e} | "
+                         f"{'yes' if ok else ('no' if ok is False else 'not asserted')} |")
+
+    # Distillation with every loss term on, in bf16 autocast where the device allows it.
+    teacher, student = work / "llama", work / "student"
+    run(BIN / "kd-init", "--teacher", teacher, "--out", student, "--layers", 1, "--init", "copy-layers",
+        "--device", a.device)
+    records = work / "train.jsonl"
+    records.write_text("".join(json.dumps({"id": f"r{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS * 4)))
+    dtype = "bf16" if a.device.startswith("cuda") else "f32"
+    run(BIN / "kd-distill", "--teacher", teacher, "--student", student, "--data", records, "--out", work / "distilled",
+        "--steps", 10, "--batch-size", 4, "--hidden-weight", 0.5, "--attn-weight", 0.2, "--device", a.device,
+        "--dtype", dtype)
+    rows = list(csv.DictReader(open(work / "distilled" / "metrics.csv")))
+    finite = all(math.isfinite(float(r["loss"])) for r in rows)
+    if not finite:
+        failed.append("kd-distill loss not finite")
+    lines += ["", f"## kd-distill, {dtype}, {len(rows)} steps with CE, KD, hidden and attention terms", "",
+              f"First loss {float(rows[0]['loss']):.4f}, last {float(rows[-1]['loss']):.4f}; all finite: "
+              f"{'yes' if finite else 'NO'}."]
+
+    if not a.no_bench:
+        bench_out = out / "BENCHMARKS-gpu.md"
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--gpu", "--repeats", "1",
+                        "--out", str(bench_out)], check=True, env={**os.environ, "KD_BIN": str(BIN)})
+        lines += ["", f"Benchmarks: {bench_out.name}."]
+    lines += ["", "Failed: " + "; ".join(failed) if failed else "All checks passed."]
+    (out / "gpu-check.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
