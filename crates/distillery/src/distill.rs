@@ -9,7 +9,7 @@
 use crate::checkpoint::{load_model, save_pretrained, write_safetensors, ModelFiles};
 use crate::data::{build_examples, Example, Sampler, TrainBatch};
 use crate::eval::{evaluate, EvalMetrics};
-use crate::io::{atomic_dir, write_atomic, write_json_atomic};
+use crate::io::{write_atomic, write_json_atomic, write_via_temp};
 use crate::losses::{
     attention_loss_sum, chunked_logit_losses, hidden_loss_sum, Divergence, HiddenMetric, LogitLossWeights,
     SparseTeacher, TeacherRows,
@@ -306,7 +306,9 @@ impl Trainer {
         if !diffs.is_empty() {
             eprintln!("kd-distill: warning: the resumed run's settings differ from the saved run's: {}", diffs.join("; "));
         }
-        let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(dir.join("state.safetensors"))?.into_iter().collect();
+        // Older states have no `tensors` entry and a fixed file name.
+        let file = state["tensors"].as_str().unwrap_or("state.safetensors");
+        let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(dir.join(file))?.into_iter().collect();
         tch::no_grad(|| -> Result<()> {
             for (name, p) in self.opt.params() {
                 let src = tensors.get(&format!("param.{name}")).with_context(|| format!("training state lacks `param.{name}`"))?;
@@ -324,12 +326,19 @@ impl Trainer {
     fn save_state(&self, step: i64) -> Result<()> {
         let mut tensors: Vec<(String, Tensor)> = self.opt.params().map(|(n, p)| (format!("param.{n}"), p.detach())).collect();
         tensors.extend(self.opt.state_tensors());
-        let state = json!({"step": step, "config": self.cfg});
-        atomic_dir(&self.cfg.out.join(STATE_DIR), |tmp| {
-            write_safetensors(&tensors, &tmp.join("state.safetensors"))?;
-            // state.json last: its presence marks a complete checkpoint.
-            write_json_atomic(&tmp.join("state.json"), &state)
-        })?;
+        // One rename commits a checkpoint: the tensors go to a file named by the step, then
+        // state.json, which names that file, replaces the old one. A kill at any moment
+        // leaves a state.json whose tensors are complete and of its own step.
+        let dir = self.cfg.out.join(STATE_DIR);
+        let file = format!("state-{step:08}.safetensors");
+        write_via_temp(&dir.join(&file), |tmp| write_safetensors(&tensors, tmp))?;
+        write_json_atomic(&dir.join("state.json"), &json!({"step": step, "tensors": file, "config": self.cfg}))?;
+        for entry in std::fs::read_dir(&dir)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if name != file && name.starts_with("state") && name.ends_with(".safetensors") {
+                let _ = std::fs::remove_file(dir.join(name));
+            }
+        }
         save_pretrained(&self.student, &self.cfg.out, Some(&self.student_files), &[("distill_config.json", &serde_json::to_value(&self.cfg)?)])
     }
 
