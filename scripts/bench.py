@@ -152,6 +152,25 @@ def peak_flops(name):
     return next((p for key, p in PEAK_BF16 if key in name), None)
 
 
+def kd_distill_cmd(teacher, student, data, out, batch, seq, steps, device, *extra):
+    return [BIN / "kd-distill", "--teacher", teacher, "--student", student, "--data", data, "--out", out,
+            "--steps", steps, "--batch-size", batch, "--seq-len", seq, "--device", device, *extra]
+
+
+def reference_cmd(mode, *args):
+    return [sys.executable, ROOT / "scripts" / "bench_reference.py", mode, *args]
+
+
+def reference_distill_cmd(teacher, student, batch, seq, steps, warmup, device, bf16):
+    return reference_cmd("distill", "--teacher", teacher, "--student", student, "--batch", batch, "--seq", seq,
+                         "--steps", steps, "--warmup", warmup, "--device", device, *(["--bf16"] if bf16 else []))
+
+
+def reference_tokens_per_second(output):
+    """The reference prints one JSON line last."""
+    return json.loads(output.strip().splitlines()[-1])["tokens_per_second"]
+
+
 def largest_batch(try_batch, start, limit=64):
     """Doubles the batch from `start` while `try_batch(b)` succeeds; returns the last success."""
     best, b = None, start
@@ -180,18 +199,13 @@ def bench(shapes, device, bf16, workdir):
         def try_batch(n):
             d = fixed_length_data(w / "probe.jsonl", shapes["teacher"]["vocab_size"], n * 2, seq)
             shutil.rmtree(w / "probe", ignore_errors=True)
-            run_measured([sys.executable, ROOT / "scripts" / "bench_reference.py", "distill", "--teacher", teacher,
-                          "--student", student, "--batch", n, "--seq", seq, "--steps", 2, "--warmup", 0,
-                          "--device", device] + (["--bf16"] if bf16 else []))
-            run_measured([BIN / "kd-distill", "--teacher", teacher, "--student", student, "--data", d, "--out",
-                          w / "probe", "--steps", 2, "--batch-size", n, "--seq-len", seq, "--warmup", 0,
-                          "--device", device, "--dtype", "bf16" if bf16 else "f32"])
+            run_measured(reference_distill_cmd(teacher, student, n, seq, 2, 0, device, bf16))
+            run_measured(kd_distill_cmd(teacher, student, d, w / "probe", n, seq, 2, device, "--warmup", 0,
+                                        "--dtype", "bf16" if bf16 else "f32"))
         b = largest_batch(try_batch, shapes["batch_start"])
         shapes["batch"] = b
     vocab = shapes["teacher"]["vocab_size"]
     data = fixed_length_data(w / "data.jsonl", vocab, b * steps, seq)
-    py = sys.executable
-    ref = [py, ROOT / "scripts" / "bench_reference.py"]
     gpu = device.startswith("cuda")
     flag_bf16 = ["--bf16"] if bf16 else []
     dt = "bf16" if bf16 else "f32"
@@ -201,18 +215,15 @@ def bench(shapes, device, bf16, workdir):
     def ours_distill():
         out = w / "distill"
         shutil.rmtree(out, ignore_errors=True)
-        _, rss, gmem = run_measured([BIN / "kd-distill", "--teacher", teacher, "--student", student, "--data", data,
-                                     "--out", out, "--steps", steps, "--batch-size", b, "--seq-len", seq, "--warmup", 0,
-                                     "--device", device, "--dtype", dt, "--lr", 1e-4], gpu)
+        _, rss, gmem = run_measured(kd_distill_cmd(teacher, student, data, out, b, seq, steps, device, "--warmup", 0,
+                                                   "--dtype", dt, "--lr", 1e-4), gpu)
         secs = [float(r["seconds"]) for r in csv.DictReader(open(out / "metrics.csv"))]
         step = statistics.median([t1 - t0 for t0, t1 in zip(secs[warm - 1:], secs[warm:])])
         return b * seq / step, rss, gmem
 
     def ref_distill():
-        o, rss, gmem = run_measured(ref + ["distill", "--teacher", teacher, "--student", student, "--batch", b,
-                                           "--seq", seq, "--steps", steps, "--warmup", warm, "--device", device]
-                                    + flag_bf16, gpu)
-        return json.loads(o.strip().splitlines()[-1])["tokens_per_second"], rss, gmem
+        o, rss, gmem = run_measured(reference_distill_cmd(teacher, student, b, seq, steps, warm, device, bf16), gpu)
+        return reference_tokens_per_second(o), rss, gmem
 
     # Teacher generation (greedy, fixed length).
     prompts = w / "prompts.jsonl"
@@ -227,10 +238,10 @@ def bench(shapes, device, bf16, workdir):
         return float(o.split("tokens/s")[0].split("(")[-1]), rss, gmem
 
     def ref_generate():
-        o, rss, gmem = run_measured(ref + ["generate", "--teacher", teacher, "--batch", shapes["gen_batch"],
-                                           "--prompt-len", shapes["prompt_len"], "--new", shapes["gen_new"],
-                                           "--device", device] + flag_bf16, gpu)
-        return json.loads(o.strip().splitlines()[-1])["tokens_per_second"], rss, gmem
+        o, rss, gmem = run_measured(reference_cmd("generate", "--teacher", teacher, "--batch", shapes["gen_batch"],
+                                                  "--prompt-len", shapes["prompt_len"], "--new", shapes["gen_new"],
+                                                  "--device", device, *flag_bf16), gpu)
+        return reference_tokens_per_second(o), rss, gmem
 
     # Evaluation (perplexity over fixed-length sequences).
     def ours_eval():
@@ -240,9 +251,9 @@ def bench(shapes, device, bf16, workdir):
         return json.loads(metrics.read_text())["perplexity_tokens_per_second"], rss, gmem
 
     def ref_eval():
-        o, rss, gmem = run_measured(ref + ["eval", "--teacher", teacher, "--batch", b, "--seq", seq, "--batches", steps,
-                                           "--device", device] + flag_bf16, gpu)
-        return json.loads(o.strip().splitlines()[-1])["tokens_per_second"], rss, gmem
+        o, rss, gmem = run_measured(reference_cmd("eval", "--teacher", teacher, "--batch", b, "--seq", seq,
+                                                  "--batches", steps, "--device", device, *flag_bf16), gpu)
+        return reference_tokens_per_second(o), rss, gmem
 
     rows = []
     for name, ours, theirs in [("distillation step", ours_distill, ref_distill),
@@ -263,11 +274,8 @@ def vocab_memory(workdir, device):
         t = make_model(shape, w / "teacher", torch.float32)
         s = make_model(shape, w / "student", torch.float32)
         data = fixed_length_data(w / "data.jsonl", vocab, 8, 512)
-        _, rss, _ = run_measured([BIN / "kd-distill", "--teacher", t, "--student", s, "--data", data, "--out",
-                                  w / "out", "--steps", 2, "--batch-size", 8, "--seq-len", 512, "--device", device])
-        o, ref_rss, _ = run_measured([sys.executable, ROOT / "scripts" / "bench_reference.py", "distill", "--teacher", t,
-                                      "--student", s, "--batch", 8, "--seq", 512, "--steps", 2, "--warmup", 0,
-                                      "--device", device])
+        _, rss, _ = run_measured(kd_distill_cmd(t, s, data, w / "out", 8, 512, 2, device))
+        _, ref_rss, _ = run_measured(reference_distill_cmd(t, s, 8, 512, 2, 0, device, False))
         weights = 2 * 2 * vocab * 64 * 4  # embeddings + heads of both models, fp32 (tied: counted once each)
         out.append((vocab, rss, ref_rss, weights))
     return out

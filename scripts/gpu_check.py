@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+import reference  # noqa: E402
 import tiny  # noqa: E402
 
 BIN = Path(os.environ["KD_BIN"]) if os.environ.get("KD_BIN") else ROOT / "target" / "release"
@@ -42,20 +42,6 @@ def run(*cmd):
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))}\n{p.stderr[-2000:]}")
     return p.stdout
-
-
-@torch.no_grad()
-def reference_perplexity(model_dir, device, dtype):
-    """CONTRACT.md's perplexity (every token after the first, special tokens added)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    nll, count = 0.0, 0
-    for text in TEXTS:
-        ids = tok(text, add_special_tokens=True, return_tensors="pt").input_ids.to(device)
-        logp = model(ids).logits[0, :-1].double().log_softmax(-1)
-        nll -= logp.gather(1, ids[0, 1:, None]).sum().item()
-        count += ids.shape[1] - 1
-    return math.exp(nll / count)
 
 
 def main():
@@ -83,7 +69,7 @@ def main():
             run(BIN / "kd-eval", "--model", model, "--data", data, "--out", metrics, "--batch-size", 2,
                 "--device", a.device, "--dtype", name)
             ours = json.loads(metrics.read_text())["perplexity"]
-            theirs = reference_perplexity(model, a.device, dtype)
+            theirs = reference.perplexity(model, TEXTS, a.device, dtype)
             rel = abs(ours - theirs) / theirs
             ok = rel < 1e-4 if name == "f32" else None
             if ok is False:

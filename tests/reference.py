@@ -12,12 +12,13 @@ def load(model_dir, dtype=torch.float32):
 
 
 @torch.no_grad()
-def perplexity(model_dir, texts):
+def perplexity(model_dir, texts, device="cpu", dtype=torch.float32):
     """CONTRACT.md's perplexity: every token after the first, tokens with special tokens."""
-    model, tok = load(model_dir)
+    model, tok = load(model_dir, dtype)
+    model.to(device)
     nll, count = 0.0, 0
     for text in texts:
-        ids = tok(text, add_special_tokens=True, return_tensors="pt").input_ids
+        ids = tok(text, add_special_tokens=True, return_tensors="pt").input_ids.to(device)
         logp = model(ids).logits[0, :-1].double().log_softmax(-1)
         nll -= logp.gather(1, ids[0, 1:, None]).sum().item()
         count += ids.shape[1] - 1

@@ -2,10 +2,10 @@
 //! flags.
 use crate::checkpoint::{load_model, ModelFiles};
 use crate::model::CausalLm;
-use crate::records::{full_text, ids_field, read_jsonl_numbered, Record};
+use crate::records::{full_text, ids_field, read_jsonl_numbered, text_parts, Record};
 use crate::runtime::{parse_device, parse_dtype};
 use crate::tokenizer::Tok;
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use rayon::prelude::*;
 use std::path::Path;
 use tch::{Device, Kind};
@@ -65,4 +65,22 @@ pub fn dir_bytes(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|entries| entries.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
         .unwrap_or(0)
+}
+
+/// A record's prompt and completion as token ids: stored `prompt_ids` + `completion_ids` as
+/// they are; else `prompt` (with special tokens) and `completion` (without); else `text`
+/// split after its first token, so that every later token is a prediction target.
+pub fn prompt_completion_ids(rec: &Record, tok: &Tok) -> Result<(Vec<i64>, Vec<i64>)> {
+    if let (Some(p), Some(c)) = (ids_field(rec, "prompt_ids")?, ids_field(rec, "completion_ids")?) {
+        return Ok((p, c));
+    }
+    match text_parts(rec)? {
+        (text, None) => {
+            let mut ids = tok.encode(&text, true)?;
+            ensure!(!ids.is_empty(), "text has no tokens");
+            let rest = ids.split_off(1);
+            Ok((ids, rest))
+        }
+        (prompt, Some(completion)) => Ok((tok.encode(&prompt, true)?, tok.encode(&completion, false)?)),
+    }
 }

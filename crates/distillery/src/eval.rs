@@ -130,9 +130,7 @@ pub fn evaluate(
             let ht = teacher.map(hidden_at);
             let n = targets.size()[0];
             let chunk = crate::losses::chunk_rows(0, model.config.vocab_size, model.device());
-            let mut start = 0;
-            while start < n {
-                let len = chunk.min(n - start);
+            for (start, len) in crate::losses::row_chunks(n, chunk) {
                 let tgt = targets.narrow(0, start, len);
                 let ls = model.logits(&hs.narrow(0, start, len)).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
                 nll -= ls.gather(1, &tgt.unsqueeze(1), false).sum(Kind::Double).double_value(&[]);
@@ -142,7 +140,6 @@ pub fn evaluate(
                     kl += (lt.exp() * (&lt - &ls)).sum(Kind::Double).double_value(&[]);
                     agree += lt.argmax(-1, false).eq_tensor(&ls.argmax(-1, false)).sum(Kind::Double).double_value(&[]);
                 }
-                start += len;
             }
             count += n;
             if let Some(p) = progress.as_mut() {

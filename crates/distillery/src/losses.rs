@@ -214,6 +214,11 @@ pub fn chunk_rows(requested: i64, vocab: i64, device: Device) -> i64 {
     (budget / vocab.max(1)).max(16)
 }
 
+/// `(start, len)` of consecutive chunks of at most `chunk` rows covering `0..n`.
+pub fn row_chunks(n: i64, chunk: i64) -> impl Iterator<Item = (i64, i64)> {
+    (0..n).step_by(chunk.max(1) as usize).map(move |start| (start, chunk.max(1).min(n - start)))
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct LogitLossWeights {
     pub alpha: f64,
@@ -257,13 +262,10 @@ pub fn chunked_logit_losses(
     if !fused {
         return chunked_logit_losses_autograd(student, hidden, targets, teacher, w, normalizer, backward);
     }
-    let n = hidden.size()[0];
     let chunk = chunk_rows(w.chunk, student.config.vocab_size, hidden.device());
     let head = student.lm_head_weight();
     let mut sums = LogitLossSums::default();
-    let mut start = 0;
-    while start < n {
-        let len = chunk.min(n - start);
+    for (start, len) in row_chunks(hidden.size()[0], chunk) {
         let h = hidden.narrow(0, start, len);
         let tgt = targets.narrow(0, start, len).unsqueeze(1);
         let (grad_h, grad_head, ce, kd) = tch::no_grad(|| {
@@ -285,7 +287,7 @@ pub fn chunked_logit_losses(
                     }
                     let mut lt = zt.log_softmax(-1, Kind::Float);
                     drop(zt);
-                    let pt = lt.exp();
+                    let mut pt = lt.exp();
                     let ls_t = if t == 1.0 {
                         ls.shallow_clone()
                     } else {
@@ -298,7 +300,6 @@ pub fn chunked_logit_losses(
                     drop(lt);
                     // d(beta * T^2 * KL(p_t || softmax(z/T)))/dz = beta * T * (softmax(z/T) - p_t)
                     let c = w.beta * t / normalizer;
-                    let mut pt = pt;
                     let _ = pt.g_mul_scalar_(c);
                     if t == 1.0 {
                         drop(ls_t);
@@ -333,7 +334,6 @@ pub fn chunked_logit_losses(
         if !matches!(teacher, TeacherRows::None) {
             sums.kd += kd;
         }
-        start += len;
     }
     sums
 }
@@ -348,12 +348,9 @@ pub fn chunked_logit_losses_autograd(
     normalizer: f64,
     backward: bool,
 ) -> LogitLossSums {
-    let n = hidden.size()[0];
     let chunk = chunk_rows(w.chunk, student.config.vocab_size, hidden.device());
     let mut sums = LogitLossSums::default();
-    let mut start = 0;
-    while start < n {
-        let len = chunk.min(n - start);
+    for (start, len) in row_chunks(hidden.size()[0], chunk) {
         let logits = student.logits(&hidden.narrow(0, start, len)).to_kind(Kind::Float);
         let tgt = targets.narrow(0, start, len);
         let ce = logits.cross_entropy_loss::<Tensor>(&tgt, None, tch::Reduction::Sum, -100, 0.0);
@@ -376,7 +373,6 @@ pub fn chunked_logit_losses_autograd(
         if backward {
             loss.backward();
         }
-        start += len;
     }
     sums
 }

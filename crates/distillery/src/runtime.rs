@@ -103,8 +103,8 @@ impl Progress {
 /// blocks above a moving mmap threshold get fresh mappings and freed heap tops go back to
 /// the OS, so each training step faults in and zeroes its large activations again: about a
 /// fifth of a CPU distillation step in `perf`. A fixed threshold at glibc's ceiling (32 MiB)
-/// and no trimming keep freed blocks for reuse; peak memory is unchanged, but the process
-/// keeps its high-water mark until it exits (fine for a pipeline stage).
+/// and no trimming keep freed blocks for reuse; the process keeps its high-water mark until
+/// it exits (fine for a pipeline stage, which is why only `cli::run` calls this).
 pub fn tune_cpu_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before tensors exist.

@@ -40,10 +40,11 @@ pub fn score(teacher: &CausalLm, student: Option<&CausalLm>, seqs: &[Scored], ba
     let ids: Vec<Vec<i64>> = seqs.iter().map(|s| s.ids.clone()).collect();
     let mut out = vec![RecordScores::default(); seqs.len()];
     let mut progress = crate::runtime::Progress::new("score", seqs.len() as u64);
+    let batch = batch.max(1);
     tch::no_grad(|| {
-        for start in (0..seqs.len()).step_by(batch.max(1)) {
-            progress.inc((batch.max(1)).min(seqs.len() - start) as u64, "");
+        for start in (0..seqs.len()).step_by(batch) {
             let rows: Vec<usize> = (start..(start + batch).min(seqs.len())).collect();
+            progress.inc(rows.len() as u64, "");
             let b = pad_batch(&ids, &rows, 0, teacher.device());
             let ht = teacher.forward_hidden(&b.input_ids, Some(&b.attention_mask), Capture::default(), None).hidden;
             let hs = student.map(|s| s.forward_hidden(&b.input_ids, Some(&b.attention_mask), Capture::default(), None).hidden);

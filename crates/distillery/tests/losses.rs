@@ -89,7 +89,7 @@ fn hidden_losses_match_pytorch_and_skip_padding() {
     // Scale-free: scaling both sides leaves it unchanged.
     close(sum(&hidden_loss_sum(&(&hs * 40.0), &(&ht * 40.0), &valid, HiddenMetric::NormalizedMse)), 8.81647833818925, "normalized MSE scale");
     // Changing a padded position changes nothing.
-    let mut hs2 = hs.copy();
+    let hs2 = hs.copy();
     let _ = hs2.get(1).get(2).fill_(100.0);
     close(sum(&hidden_loss_sum(&hs2, &ht, &valid, HiddenMetric::Mse)), 1.938828582685598, "padding masked");
 }

@@ -6,7 +6,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use distillery::cli;
 use distillery::io::write_json_atomic;
-use distillery::records::{full_text, ids_field, read_jsonl_numbered, text_parts, write_jsonl, Record};
+use distillery::records::{full_text, read_jsonl_numbered, write_jsonl, Record};
 use distillery::scoring::{score, Scored};
 use distillery::selection::{histogram, score_value, select, Bound, Dedup, Fraction, Rules, SCORE_NAMES};
 use rayon::prelude::*;
@@ -96,25 +96,9 @@ fn run(args: Args) -> Result<()> {
     let seqs: Vec<Scored> = numbered
         .par_iter()
         .map(|(line, rec)| {
-            let at = || format!("{}:{line}", args.data.display());
-            let (mut ids, from) = match (ids_field(rec, "prompt_ids").with_context(at)?, ids_field(rec, "completion_ids").with_context(at)?) {
-                (Some(p), Some(c)) => {
-                    let f = p.len();
-                    (p.into_iter().chain(c).collect::<Vec<_>>(), f)
-                }
-                _ => {
-                    let (a, b) = text_parts(rec).with_context(at)?;
-                    let mut ids = tok.encode(&a, true)?;
-                    match b {
-                        Some(c) => {
-                            let f = ids.len();
-                            ids.extend(tok.encode(&c, false)?);
-                            (ids, f)
-                        }
-                        None => (ids, 1),
-                    }
-                }
-            };
+            let (prompt, completion) = cli::prompt_completion_ids(rec, &tok).with_context(|| format!("{}:{line}", args.data.display()))?;
+            let from = prompt.len();
+            let mut ids = [prompt, completion].concat();
             ids.truncate(args.max_length);
             Ok(Scored { ids, from })
         })

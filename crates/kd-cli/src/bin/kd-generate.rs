@@ -3,16 +3,15 @@
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use distillery::cli;
+use distillery::eval::for_each_hidden;
 use distillery::generate::{generate_until, Sampling};
+use distillery::model::CausalLm;
 use distillery::records::{id_of, prompt_of, read_jsonl_numbered, write_jsonl, Record};
 use distillery::rng::SplitMix64;
 use distillery::runtime::Progress;
-use distillery::tokenizer::{apply_chat_template, chat_template, SpecialTokens, Tok};
-use distillery::records::{ids_field, text_parts};
-use serde_json::{json, Value};
-use distillery::eval::for_each_hidden;
-use distillery::model::CausalLm;
 use distillery::teacher_logits::{bytes_per_row, sidecar_path, LogitsWriter};
+use distillery::tokenizer::{apply_chat_template, chat_template, SpecialTokens, Tok};
+use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
@@ -225,17 +224,7 @@ fn score_records(args: &Args, numbered: &[(usize, Record)], model: &CausalLm, to
     let mut completions = vec![];
     for (line, rec) in numbered {
         let at = || format!("{}:{line}", args.prompts.display());
-        let (p, c) = match (ids_field(rec, "prompt_ids").with_context(at)?, ids_field(rec, "completion_ids").with_context(at)?) {
-            (Some(p), Some(c)) => (p, c),
-            _ => match text_parts(rec).with_context(at)? {
-                (text, None) => {
-                    let ids = tok.encode(&text, true).with_context(at)?;
-                    ensure!(!ids.is_empty(), "{}: text has no tokens", at());
-                    (ids[..1].to_vec(), ids[1..].to_vec())
-                }
-                (prompt, Some(completion)) => (tok.encode(&prompt, true)?, tok.encode(&completion, false)?),
-            },
-        };
+        let (p, c) = cli::prompt_completion_ids(rec, tok).with_context(at)?;
         ensure!(!p.is_empty(), "{}: prompt has no tokens", at());
         prompts.push(p);
         completions.push(c);
