@@ -1,30 +1,21 @@
 //! Distillery: knowledge distillation of decoder-only language models.
 //!
-//! One library for every pipeline stage: model configs and the forward pass ([`model`]),
-//! checkpoint I/O ([`checkpoint`]), tokenizers, JSONL records, evaluation and generation.
-//! The `kd-*` binaries are thin front ends over it.
-pub mod augment;
-pub mod checkpoint;
-pub mod cli;
-pub mod config;
+//! The library is layered; each layer uses only those above it in this list:
+//! * [`base`]: atomic files, seeded random streams, device and precision, progress;
+//! * [`model`]: architectures, configs, the forward pass, checkpoints, tokenizers, decoding;
+//! * [`data`]: records, the record-to-ids rule, padded batches, examples, stored logits;
+//! * [`teacher`]: the seam every stage reads a teacher through (a local model, stored
+//!   top-k logits, and later a server);
+//! * [`train`]: losses, the optimizer and the training engine;
+//! * [`stages`]: one module per pipeline stage; the `kd-*` binaries are thin front ends.
+//!
+//! docs/ARCHITECTURE.md draws the data flow and says where to add an architecture, a loss
+//! or a stage.
+pub mod base;
 pub mod data;
-pub mod distill;
-pub mod eval;
-pub mod generate;
-pub mod io;
-pub mod losses;
 pub mod model;
-pub mod optim;
-pub mod records;
-pub mod rng;
-pub mod runtime;
-pub mod scoring;
-pub mod selection;
-pub mod student;
-pub mod tasks;
-pub mod teacher_logits;
-pub mod tokenizer;
+pub mod stages;
+pub mod teacher;
+pub mod train;
 
-pub use checkpoint::{load_model, save_pretrained, ModelFiles};
-pub use config::{Arch, ModelConfig};
-pub use model::{CausalLm, InitMode};
+pub use model::{Arch, CausalLm, InitMode, ModelConfig, ModelFiles};

@@ -1,6 +1,7 @@
 //! Incremental decoding with the KV cache, and left-padded batches, give the logits of the
 //! plain full forward pass, for every architecture.
-use distillery::model::{Capture, CausalLm, InitMode};
+use distillery::model::causal_lm::Capture;
+use distillery::model::{CausalLm, InitMode};
 use distillery::ModelConfig;
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
@@ -33,15 +34,15 @@ fn kv_cache_decoding_equals_full_forward() {
     for arch in ARCHS {
         let model = tiny(arch);
         let ids = Tensor::randint(97, [2, 11], (Kind::Int64, Device::Cpu));
-        let full = tch::no_grad(|| model.forward(&ids, None));
+        let full = tch::no_grad(|| model.forward(&ids, None)).unwrap();
         let mut cache = model.new_cache();
         // A 4-token prefill, then one token at a time.
         let mut steps = vec![];
         tch::no_grad(|| {
-            let mut h = model.forward_hidden(&ids.narrow(1, 0, 4), None, Capture::default(), Some(&mut cache)).hidden;
+            let mut h = model.forward_hidden(&ids.narrow(1, 0, 4), None, Capture::default(), Some(&mut cache)).unwrap().hidden;
             steps.push(model.logits(&h));
             for t in 4..11 {
-                h = model.forward_hidden(&ids.narrow(1, t, 1), None, Capture::default(), Some(&mut cache)).hidden;
+                h = model.forward_hidden(&ids.narrow(1, t, 1), None, Capture::default(), Some(&mut cache)).unwrap().hidden;
                 steps.push(model.logits(&h));
             }
         });
@@ -56,7 +57,7 @@ fn left_and_right_padding_match_unpadded_rows() {
     for arch in ARCHS {
         let model = tiny(arch);
         let short = Tensor::from_slice(&[5i64, 9, 12, 40, 3]);
-        let alone = tch::no_grad(|| model.forward(&short.unsqueeze(0), None)).squeeze_dim(0);
+        let alone = tch::no_grad(|| model.forward(&short.unsqueeze(0), None)).unwrap().squeeze_dim(0);
         let pad = Tensor::zeros([3], (Kind::Int64, Device::Cpu));
         let one = Tensor::ones([5], (Kind::Int64, Device::Cpu));
         let zero = Tensor::zeros([3], (Kind::Int64, Device::Cpu));
@@ -65,8 +66,8 @@ fn left_and_right_padding_match_unpadded_rows() {
         let left_mask = Tensor::cat(&[&zero, &one], 0).unsqueeze(0);
         let right = Tensor::cat(&[&short, &pad], 0).unsqueeze(0);
         let right_mask = Tensor::cat(&[&one, &zero], 0).unsqueeze(0);
-        let l = tch::no_grad(|| model.forward(&left, Some(&left_mask))).squeeze_dim(0).narrow(0, 3, 5);
-        let r = tch::no_grad(|| model.forward(&right, Some(&right_mask))).squeeze_dim(0).narrow(0, 0, 5);
+        let l = tch::no_grad(|| model.forward(&left, Some(&left_mask))).unwrap().squeeze_dim(0).narrow(0, 3, 5);
+        let r = tch::no_grad(|| model.forward(&right, Some(&right_mask))).unwrap().squeeze_dim(0).narrow(0, 0, 5);
         assert!(max_diff(&alone, &l) < 1e-4, "{arch}: left padding changes logits");
         assert!(max_diff(&alone, &r) < 1e-4, "{arch}: right padding changes logits");
     }
@@ -78,9 +79,9 @@ fn captured_attentions_are_distributions_and_match_sdpa_output() {
         let model = tiny(arch);
         let ids = Tensor::randint(97, [2, 9], (Kind::Int64, Device::Cpu));
         let (plain, captured) = tch::no_grad(|| {
-            let plain = model.forward_hidden(&ids, None, Capture::default(), None);
+            let plain = model.forward_hidden(&ids, None, Capture::default(), None).unwrap();
             let cap = Capture { hidden_states: true, attentions: true, ..Default::default() };
-            (plain, model.forward_hidden(&ids, None, cap, None))
+            (plain, model.forward_hidden(&ids, None, cap, None).unwrap())
         });
         assert!(max_diff(&plain.hidden, &captured.hidden) < 1e-5, "{arch}: eager and sdpa paths differ");
         assert_eq!(captured.hidden_states.len(), model.num_layers() + 1);

@@ -1,6 +1,6 @@
 //! Loss functions against PyTorch. Golden values come from `scripts/golden_losses.py`
 //! (PyTorch, float64), whose closed-form inputs are rebuilt here.
-use distillery::losses::*;
+use distillery::train::losses::*;
 use distillery::model::{CausalLm, InitMode};
 use distillery::ModelConfig;
 use serde_json::json;

@@ -1,12 +1,11 @@
 //! kd-augment: new records from existing ones, each tagged `source: augment:<op>` with its
 //! `parent`. Word operations (delete, swap, mask) need no model; teacher operations
 //! (infill, paraphrase, backtranslate, resample) generate with `--teacher`.
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure};
 use clap::Parser;
-use distillery::augment::{augment, AugmentOptions, AugmentTeacher, Templates, TEACHER_OPS};
-use distillery::cli;
-use distillery::records::{read_jsonl_numbered, write_jsonl, Record};
-use distillery::tokenizer::SpecialTokens;
+use distillery::data::records::{read_jsonl_numbered, write_jsonl, Record};
+use distillery::stages::augment::{augment, AugmentOp, AugmentOptions, AugmentTeacher, Templates};
+use distillery::teacher::LocalTeacher;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -18,7 +17,7 @@ struct Args {
     out: PathBuf,
     /// Operations: delete, swap, mask, infill, paraphrase, backtranslate, resample.
     #[arg(long, value_delimiter = ',', required = true)]
-    ops: Vec<String>,
+    ops: Vec<AugmentOp>,
     /// Needed by infill, paraphrase, backtranslate and resample.
     #[arg(long)]
     teacher: Option<String>,
@@ -52,56 +51,52 @@ struct Args {
     seed: u64,
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
-    #[arg(long, default_value = "auto")]
-    device: String,
-    #[arg(long, default_value = "auto")]
-    dtype: String,
+    #[command(flatten)]
+    runtime: kd_cli::Runtime,
 }
 
 fn main() {
-    cli::run("kd-augment", || run(Args::parse()));
-}
-
-fn run(args: Args) -> Result<()> {
-    let mut opts = AugmentOptions {
-        ops: args.ops.clone(),
-        per_record: args.per_record,
-        ratio: args.ratio,
-        fraction: args.fraction,
-        mask_token: args.mask_token.clone(),
-        templates: None,
-        temperature: args.temperature,
-        temperatures: args.temperatures.clone(),
-        max_new_tokens: args.max_new_tokens,
-        seed: args.seed,
-        batch_size: args.batch_size,
-        teacher_name: args.teacher.clone(),
-    };
-    // Every check that needs no data or model comes before loading either.
-    opts.validate()?;
-    if opts.needs_teacher() && args.teacher.is_none() {
-        bail!("ops {} need --teacher", TEACHER_OPS.join(", "));
-    }
-    if opts.needs_templates() {
-        opts.templates = Some(Templates::load(&args.templates)?);
-    }
-    let numbered = read_jsonl_numbered(&args.data)?;
-    let loaded = match &args.teacher {
-        Some(t) if opts.needs_teacher() => {
-            let (device, kind) = cli::device_and_kind(&args.device, &args.dtype)?;
-            let (m, files, tok) = cli::load(t, device, kind)?;
-            let eos = SpecialTokens::resolve(&files, &m.config)?.eos;
-            Some((m, tok, eos))
+    kd_cli::run("kd-augment", || {
+        let a = Args::parse();
+        let mut opts = AugmentOptions {
+            ops: a.ops.clone(),
+            per_record: a.per_record,
+            ratio: a.ratio,
+            fraction: a.fraction,
+            mask_token: a.mask_token.clone(),
+            templates: None,
+            temperature: a.temperature,
+            temperatures: a.temperatures.clone(),
+            max_new_tokens: a.max_new_tokens,
+            seed: a.seed,
+            batch_size: a.batch_size,
+            teacher_name: a.teacher.clone(),
+        };
+        // Every check that needs no data or model comes before loading either.
+        opts.validate()?;
+        if opts.needs_teacher() && a.teacher.is_none() {
+            bail!("ops {} need --teacher", AugmentOp::teacher_ops());
         }
-        _ => None,
-    };
-    let teacher = loaded.as_ref().map(|(model, tok, eos)| AugmentTeacher { model, tok, eos: eos.clone() });
-    let made = augment(&numbered, &args.data, &opts, teacher.as_ref())?;
-    let n_new = made.len();
-    let mut out: Vec<Record> = if args.no_originals { vec![] } else { numbered.iter().map(|(_, r)| r.clone()).collect() };
-    out.extend(made);
-    ensure!(!out.is_empty(), "nothing to write: no records were augmented and --no-originals is set");
-    write_jsonl(&args.out, &out)?;
-    println!("{} new records from {} ({}) -> {}", n_new, numbered.len(), args.ops.join(","), args.out.display());
-    Ok(())
+        if opts.needs_templates() {
+            opts.templates = Some(Templates::load(&a.templates)?);
+        }
+        let numbered = read_jsonl_numbered(&a.data)?;
+        let teacher = match &a.teacher {
+            Some(t) if opts.needs_teacher() => {
+                let (device, kind) = a.runtime.resolve()?;
+                let (m, files, tok) = distillery::model::load(t, device, kind)?;
+                Some(LocalTeacher::new(m, files, tok)?)
+            }
+            _ => None,
+        };
+        let gen = teacher.as_ref().map(|t| AugmentTeacher { teacher: t, tok: &t.tok, eos: t.special.eos.clone() });
+        let made = augment(&numbered, &a.data, &opts, gen.as_ref())?;
+        let n_new = made.len();
+        let mut out: Vec<Record> = if a.no_originals { vec![] } else { numbered.iter().map(|(_, r)| r.clone()).collect() };
+        out.extend(made);
+        ensure!(!out.is_empty(), "nothing to write: no records were augmented and --no-originals is set");
+        write_jsonl(&a.out, &out)?;
+        let ops: Vec<&str> = a.ops.iter().map(|o| o.name()).collect();
+        Ok(format!("{} new records from {} ({}) -> {}", n_new, numbered.len(), ops.join(","), a.out.display()))
+    });
 }

@@ -1,14 +1,10 @@
-//! kd-chain: teacher -> TA1 -> ... -> student. Each hop builds the next, smaller model with
-//! kd-init from the previous one and distils it with kd-distill, the previous model as its
-//! teacher (Mirzadeh et al., teacher assistants). An interrupted chain resumes at its hop:
-//! finished hops are skipped and an unfinished distillation continues from its checkpoint.
-use anyhow::{bail, ensure, Context, Result};
+//! kd-chain: teacher -> TA1 -> ... -> student through teacher assistants; each hop is
+//! kd-init + kd-distill with the previous model as teacher, and an interrupted chain
+//! resumes at its hop.
 use clap::Parser;
-use distillery::cli;
-use distillery::io::write_json_atomic;
-use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use distillery::stages::chain::{run, ChainOptions};
+use distillery::stages::init::InitMethod;
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(about = "Distil through a chain of teacher assistants")]
@@ -27,7 +23,7 @@ struct Args {
     steps: i64,
     /// kd-init method per hop: random, copy-layers or prune (prune needs --calib).
     #[arg(long, default_value = "random")]
-    init: String,
+    init: InitMethod,
     #[arg(long)]
     calib: Option<PathBuf>,
     /// Held-out records: each hop's model is evaluated against its own teacher.
@@ -43,85 +39,24 @@ struct Args {
 }
 
 fn main() {
-    cli::run("kd-chain", || run(Args::parse()));
-}
-
-/// `layers=3,hidden=192` -> `["--layers", "3", "--hidden", "192"]`, checking the names.
-fn hop_flags(spec: &str) -> Result<Vec<String>> {
-    const ALLOWED: &[&str] = &["layers", "hidden", "heads", "kv-heads", "intermediate", "keep-layers"];
-    let mut out = vec![];
-    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (k, v) = part.split_once('=').with_context(|| format!("--sizes: `{part}` is not name=value"))?;
-        ensure!(ALLOWED.contains(&k.trim()), "--sizes: unknown shape `{k}` (allowed: {})", ALLOWED.join(", "));
-        out.push(format!("--{}", k.trim()));
-        out.push(v.trim().to_string());
-    }
-    ensure!(!out.is_empty(), "--sizes: empty hop");
-    Ok(out)
-}
-
-fn stage(name: &str) -> Result<PathBuf> {
-    Ok(std::env::current_exe()?.with_file_name(name))
-}
-
-fn run_stage(name: &str, args: &[String]) -> Result<()> {
-    eprintln!("kd-chain: {name} {}", args.join(" "));
-    let status = Command::new(stage(name)?).args(args).status().with_context(|| format!("starting {name}"))?;
-    if !status.success() {
-        bail!("{name} failed ({status})");
-    }
-    Ok(())
-}
-
-fn run(args: Args) -> Result<()> {
-    let hops: Vec<Vec<String>> = args.sizes.split(';').map(hop_flags).collect::<Result<_>>()?;
-    ensure!(args.init != "prune" || args.calib.is_some(), "--init prune needs --calib");
-    let s = |p: &Path| p.display().to_string();
-    let mut teacher = args.teacher.clone();
-    let mut summary = vec![];
-    for (i, flags) in hops.iter().enumerate() {
-        let dir = args.out.join(format!("hop{}", i + 1));
-        let init_dir = dir.join("init");
-        let model_dir = dir.join("model");
-        let done = dir.join("hop.json");
-        if done.is_file() {
-            eprintln!("kd-chain: hop {} already done", i + 1);
-            let v: Value = serde_json::from_str(&std::fs::read_to_string(&done)?)?;
-            summary.push(v);
-            teacher = s(&model_dir);
-            continue;
-        }
-        if !init_dir.join("model.safetensors").is_file() {
-            let mut a = vec!["--teacher".into(), teacher.clone(), "--out".into(), s(&init_dir), "--init".into(), args.init.clone()];
-            a.extend(flags.iter().cloned());
-            if let Some(c) = &args.calib {
-                a.extend(["--calib".into(), s(c)]);
-            }
-            a.extend(["--seed".into(), args.seed.to_string(), "--device".into(), args.device.clone()]);
-            run_stage("kd-init", &a)?;
-        }
-        let mut a = vec![
-            "--teacher".into(), teacher.clone(), "--student".into(), s(&init_dir), "--data".into(), s(&args.data),
-            "--out".into(), s(&model_dir), "--steps".into(), args.steps.to_string(), "--seed".into(), args.seed.to_string(),
-            "--device".into(), args.device.clone(), "--resume".into(),
-        ];
-        if let Some(e) = &args.eval_data {
-            a.extend(["--eval-data".into(), s(e)]);
-        }
-        a.extend(args.distill_args.split_whitespace().map(String::from));
-        run_stage("kd-distill", &a)?;
-        let mut hop = json!({"hop": i + 1, "teacher": teacher, "shape": flags.join(" "), "model": s(&model_dir)});
-        if let Some(e) = &args.eval_data {
-            let metrics = dir.join("metrics.json");
-            run_stage("kd-eval", &["--model".into(), s(&model_dir), "--teacher".into(), teacher.clone(), "--data".into(), s(e),
-                "--out".into(), s(&metrics), "--device".into(), args.device.clone(), "--name".into(), format!("hop{}", i + 1)])?;
-            hop["metrics"] = serde_json::from_str(&std::fs::read_to_string(&metrics)?)?;
-        }
-        write_json_atomic(&done, &hop)?;
-        summary.push(hop);
-        teacher = s(&model_dir);
-    }
-    write_json_atomic(&args.out.join("chain.json"), &json!({"teacher": args.teacher, "hops": summary}))?;
-    println!("chain of {} hop(s) done; student -> {}", hops.len(), teacher);
-    Ok(())
+    kd_cli::run("kd-chain", || {
+        let a = Args::parse();
+        // The other stages are the binaries beside this one.
+        let exe = std::env::current_exe()?;
+        let bin_dir = exe.parent().unwrap_or(std::path::Path::new("."));
+        let o = ChainOptions {
+            teacher: a.teacher,
+            sizes: a.sizes,
+            data: a.data,
+            out: a.out,
+            steps: a.steps,
+            init: a.init,
+            calib: a.calib,
+            eval_data: a.eval_data,
+            distill_args: a.distill_args,
+            seed: a.seed,
+            device: a.device,
+        };
+        run(&o, bin_dir)
+    });
 }

@@ -1,16 +1,10 @@
-//! kd-filter: select a transfer set. Scores every record with the teacher (confidence,
-//! log-probability, entropy) and, with `--student`, the student's distance from the teacher
-//! (KL, cross-entropy gap, worst tokens: hard-example mining); then keeps records by length,
-//! duplicates, thresholds and top/bottom fractions, and writes a summary.
-use anyhow::{bail, ensure, Context, Result};
+//! kd-filter: select a transfer set: teacher scores (and with `--student`, hard-example
+//! mining), then length, duplicate, threshold and fraction rules, and a summary.
+use anyhow::Result;
 use clap::Parser;
-use distillery::cli;
-use distillery::io::write_json_atomic;
-use distillery::records::{full_text, read_jsonl_numbered, write_jsonl, Record};
-use distillery::scoring::{score, Scored};
-use distillery::selection::{histogram, score_value, select, Bound, Dedup, Fraction, Rules, SCORE_NAMES};
-use rayon::prelude::*;
-use serde_json::{json, Map, Value};
+use distillery::stages::filter::selection::{Bound, Dedup, Fraction, Rules};
+use distillery::stages::filter::{check, run, FilterOptions};
+use distillery::teacher::LocalTeacher;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -60,105 +54,43 @@ struct Args {
     max_length: usize,
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
-    #[arg(long, default_value = "auto")]
-    device: String,
-    #[arg(long, default_value = "auto")]
-    dtype: String,
+    #[command(flatten)]
+    runtime: kd_cli::Runtime,
+}
+
+fn options(a: &Args) -> Result<FilterOptions> {
+    let bounds = a.min.iter().map(|s| Bound::parse(s, true)).chain(a.max.iter().map(|s| Bound::parse(s, false)));
+    let rules = Rules {
+        min_tokens: a.min_tokens,
+        max_tokens: a.max_tokens,
+        dedup: Dedup::parse(&a.dedup, a.near_threshold)?,
+        bounds: bounds.collect::<Result<_>>()?,
+        fractions: a.select.iter().map(|s| Fraction::parse(s)).collect::<Result<_>>()?,
+    };
+    Ok(FilterOptions {
+        data: a.data.clone(),
+        out: a.out.clone(),
+        rules,
+        summary: a.summary.clone(),
+        scored_out: a.scored_out.clone(),
+        worst_tokens: a.worst_tokens,
+        max_length: a.max_length,
+        batch_size: a.batch_size,
+        student_name: a.student.clone(),
+    })
 }
 
 fn main() {
-    cli::run("kd-filter", || run(Args::parse()));
-}
-
-fn run(args: Args) -> Result<()> {
-    let bounds = args.min.iter().map(|s| Bound::parse(s, true)).chain(args.max.iter().map(|s| Bound::parse(s, false)));
-    let rules = Rules {
-        min_tokens: args.min_tokens,
-        max_tokens: args.max_tokens,
-        dedup: Dedup::parse(&args.dedup, args.near_threshold)?,
-        bounds: bounds.collect::<Result<_>>()?,
-        fractions: args.select.iter().map(|s| Fraction::parse(s)).collect::<Result<_>>()?,
-    };
-    if args.student.is_none() && rules.needs_student() {
-        bail!("kl_teacher_student and ce_gap need --student");
-    }
-    let numbered = read_jsonl_numbered(&args.data)?;
-    let (device, kind) = cli::device_and_kind(&args.device, &args.dtype)?;
-    let (teacher, _, tok) = cli::load(&args.teacher, device, kind)?;
-    let student = match &args.student {
-        Some(s) => Some(cli::load(s, device, kind)?.0),
-        None => None,
-    };
-    if let Some(s) = &student {
-        ensure!(s.config.vocab_size == teacher.config.vocab_size, "student and teacher vocabularies differ");
-    }
-    // Tokenize in parallel: stored ids where present, else text (prompt masked).
-    let seqs: Vec<Scored> = numbered
-        .par_iter()
-        .map(|(line, rec)| {
-            let (prompt, completion) = cli::prompt_completion_ids(rec, &tok).with_context(|| format!("{}:{line}", args.data.display()))?;
-            let from = prompt.len();
-            let mut ids = [prompt, completion].concat();
-            ids.truncate(args.max_length);
-            Ok(Scored { ids, from })
-        })
-        .collect::<Result<_>>()?;
-    let texts: Vec<String> = numbered.iter().map(|(_, r)| full_text(r)).collect::<Result<_>>()?;
-    let n = numbered.len();
-    let all_scores = score(&teacher, student.as_ref(), &seqs, args.batch_size, args.worst_tokens);
-    let value = |i: usize, k: &str| score_value(&all_scores[i], k);
-    let lengths: Vec<usize> = seqs.iter().map(|s| s.ids.len()).collect();
-    let outcome = select(&rules, &lengths, &texts, value);
-    let mut scored: Vec<Record> = Vec::with_capacity(n);
-    for (i, (_, rec)) in numbered.iter().enumerate() {
-        let mut rec = rec.clone();
-        let mut scores = rec.get("scores").and_then(Value::as_object).cloned().unwrap_or_else(Map::new);
-        for k in SCORE_NAMES {
-            let v = value(i, k);
-            if !v.is_nan() {
-                scores.insert(k.to_string(), json!(v));
-            }
-        }
-        rec.insert("scores".into(), Value::Object(scores));
-        if !all_scores[i].worst.is_empty() {
-            let hard: Vec<Value> = all_scores[i]
-                .worst
-                .iter()
-                .map(|&(pos, kl)| json!({"position": pos, "token": tok.decode(&seqs[i].ids[pos..pos + 1], false).unwrap_or_default(), "kl": kl}))
-                .collect();
-            rec.insert("hard_tokens".into(), Value::Array(hard));
-        }
-        scored.push(rec);
-    }
-    let kept: Vec<Record> = scored.iter().zip(&outcome.kept).filter(|(_, a)| **a).map(|(r, _)| r.clone()).collect();
-    let mut hists = Map::new();
-    for k in SCORE_NAMES {
-        let vals: Vec<f64> = (0..n).map(|i| value(i, k)).filter(|v| !v.is_nan()).collect();
-        if !vals.is_empty() {
-            hists.insert(k.to_string(), histogram(&vals));
-        }
-    }
-    let summary = json!({
-        "input": n,
-        "kept": kept.len(),
-        "removed": outcome.removed,
-        "selected_by": outcome.selected_by,
-        "histograms": hists,
-        "teacher": args.teacher,
-        "student": args.student,
+    kd_cli::run("kd-filter", || {
+        let a = Args::parse();
+        let o = options(&a)?;
+        check(&o, a.student.is_some())?;
+        // Bad input fails before any model loads.
+        let records = distillery::data::records::read_jsonl_numbered(&o.data)?;
+        let (device, kind) = a.runtime.resolve()?;
+        let (model, files, tok) = distillery::model::load(&a.teacher, device, kind)?;
+        let student = a.student.as_deref().map(|s| distillery::model::load(s, device, kind)).transpose()?;
+        let teacher = LocalTeacher::new(model, files, tok)?;
+        run(&o, &records, &teacher, &teacher.tok, student.as_ref().map(|s| &s.0))
     });
-    if let Some(p) = &args.scored_out {
-        write_jsonl(p, &scored)?;
-    }
-    let summary_path = args.summary.clone().unwrap_or_else(|| {
-        let name = args.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        args.out.with_file_name(format!("{name}.summary.json"))
-    });
-    write_json_atomic(&summary_path, &summary)?;
-    if kept.is_empty() {
-        bail!("every record was filtered out ({} in); loosen the rules (summary in {})", n, summary_path.display());
-    }
-    write_jsonl(&args.out, &kept)?;
-    println!("kept {} of {n} records -> {} (removed: {})", kept.len(), args.out.display(), serde_json::to_string(&summary["removed"])?);
-    Ok(())
 }

@@ -1,14 +1,9 @@
 //! kd-finetune: post-distillation fine-tuning on task data with the task loss alone (CE on
 //! completions, no teacher) and a smaller learning rate, through the same engine as
 //! kd-distill (accumulation, clipping, evaluation, checkpoints, exact resume).
-use anyhow::Result;
 use clap::Parser;
-use distillery::cli;
-use distillery::distill::Trainer;
+use distillery::train::trainer::Trainer;
 use std::path::PathBuf;
-
-#[path = "../loop_args.rs"]
-mod loop_args;
 
 #[derive(Parser)]
 #[command(about = "Fine-tune a (distilled) model on task data with the task loss alone")]
@@ -27,21 +22,15 @@ struct Args {
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f64,
     #[command(flatten)]
-    run: loop_args::LoopArgs,
+    run: kd_cli::LoopArgs,
 }
 
 fn main() {
-    cli::run("kd-finetune", || run(Args::parse()));
-}
-
-fn run(a: Args) -> Result<()> {
-    let cfg = a.run.config(a.model, a.data, a.out, a.lr, a.weight_decay);
-    let mut trainer = Trainer::setup(cfg, a.run.resume)?;
-    let s = trainer.train()?;
-    let mut line = format!("{} steps, final task loss {:.4}", s.steps, s.last.ce);
-    if let Some(m) = &s.final_eval {
-        line += &format!("; held-out perplexity {:.3}", m.perplexity);
-    }
-    println!("{line} -> {}", trainer.cfg.out.display());
-    Ok(())
+    kd_cli::run("kd-finetune", || {
+        let a = Args::parse();
+        let cfg = a.run.config(a.model, a.data, a.out, a.lr, a.weight_decay);
+        let mut trainer = Trainer::setup(cfg, a.run.resume)?;
+        let s = trainer.train()?;
+        Ok(kd_cli::training_summary(&s, &trainer.cfg.out, false))
+    });
 }

@@ -1,0 +1,115 @@
+//! JSON Lines records exchanged between stages (see CONTRACT.md). A record is kept as a JSON
+//! object so that fields a stage does not know pass through untouched.
+use crate::base::io::write_via_temp;
+use anyhow::{bail, Context, Result};
+use serde_json::{Map, Value};
+use std::collections::HashSet;
+use std::io::{BufRead, BufWriter, Write};
+use std::path::Path;
+
+pub type Record = Map<String, Value>;
+
+/// Reads every record, with errors naming the file and line: malformed JSON, a line that is
+/// not an object, a missing or duplicate `id`, an empty file.
+pub fn read_jsonl(path: &Path) -> Result<Vec<Record>> {
+    Ok(read_jsonl_numbered(path)?.into_iter().map(|(_, r)| r).collect())
+}
+
+/// As [`read_jsonl`], with each record's 1-based line number for later error messages.
+pub fn read_jsonl_numbered(path: &Path) -> Result<Vec<(usize, Record)>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut records = vec![];
+    let mut ids = HashSet::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let n = i + 1;
+        let line = line.with_context(|| format!("{}:{n}: not valid UTF-8", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: Value = serde_json::from_str(&line)
+            .with_context(|| format!("{}:{n}: malformed JSON", path.display()))?;
+        let Value::Object(rec) = value else {
+            bail!("{}:{n}: expected a JSON object", path.display());
+        };
+        let id = match rec.get("id") {
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => bail!("{}:{n}: field `id` must be a string", path.display()),
+            None => bail!("{}:{n}: missing required field `id`", path.display()),
+        };
+        if !ids.insert(id.clone()) {
+            bail!("{}:{n}: duplicate id `{id}`", path.display());
+        }
+        records.push((n, rec));
+    }
+    if records.is_empty() {
+        bail!("{}: no records (empty file)", path.display());
+    }
+    Ok(records)
+}
+
+/// Writes records atomically, one compact JSON object per line.
+pub fn write_jsonl(path: &Path, records: &[Record]) -> Result<()> {
+    write_via_temp(path, |tmp| {
+        let mut w = BufWriter::new(std::fs::File::create(tmp)?);
+        for r in records {
+            serde_json::to_writer(&mut w, r)?;
+            w.write_all(b"\n")?;
+        }
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        Ok(())
+    })
+}
+
+pub fn id_of(rec: &Record) -> &str {
+    rec.get("id").and_then(Value::as_str).unwrap_or("?")
+}
+
+pub fn str_field<'a>(rec: &'a Record, key: &str) -> Result<Option<&'a str>> {
+    match rec.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => bail!("record `{}`: field `{key}` must be a string", id_of(rec)),
+    }
+}
+
+/// The prompt of a record that must have one.
+pub fn prompt_of(rec: &Record, path: &Path, line: usize) -> Result<String> {
+    str_field(rec, "prompt")?
+        .or(str_field(rec, "text")?)
+        .map(String::from)
+        .with_context(|| format!("{}:{line}: record `{}` has no `prompt` (or `text`)", path.display(), id_of(rec)))
+}
+
+/// A record's text split as (context, continuation): `text` is all continuation-free
+/// context; `prompt` + `completion` is kept apart so callers can mask the prompt.
+pub fn text_parts(rec: &Record) -> Result<(String, Option<String>)> {
+    if let Some(t) = str_field(rec, "text")? {
+        return Ok((t.to_string(), None));
+    }
+    match (str_field(rec, "prompt")?, str_field(rec, "completion")?) {
+        (Some(p), c) => Ok((p.to_string(), c.map(String::from))),
+        (None, _) => bail!("record `{}` has neither `text` nor `prompt`", id_of(rec)),
+    }
+}
+
+/// The whole text of a record: `text`, or `prompt` + `completion`.
+pub fn full_text(rec: &Record) -> Result<String> {
+    let (a, b) = text_parts(rec)?;
+    Ok(match b {
+        Some(b) => a + &b,
+        None => a,
+    })
+}
+
+/// Integer id list field (`prompt_ids`, `completion_ids`), when present.
+pub fn ids_field(rec: &Record, key: &str) -> Result<Option<Vec<i64>>> {
+    match rec.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| v.as_i64().with_context(|| format!("record `{}`: `{key}` must hold integers", id_of(rec))))
+            .collect::<Result<Vec<_>>>()
+            .map(Some),
+        Some(_) => bail!("record `{}`: `{key}` must be an array of integers", id_of(rec)),
+    }
+}

@@ -1,0 +1,625 @@
+//! Decoder-only causal language models: Llama (incl. Llama 3 RoPE scaling), Mistral, Qwen2,
+//! Qwen3 and GPT-2, in one readable implementation.
+//!
+//! Mirrors `transformers`' `modeling_llama.py`, `modeling_mistral.py`, `modeling_qwen2.py`,
+//! `modeling_qwen3.py` and `modeling_gpt2.py`. Parameters live in a [`nn::VarStore`] under the
+//! checkpoint's own names (`model.layers.3.self_attn.q_proj.weight`,
+//! `transformer.h.0.attn.c_attn.weight`), so loading and saving need no renaming table.
+//!
+//! The forward pass returns the final hidden states at every position; [`CausalLm::logits`]
+//! applies the output head. Distillation computes logits in chunks from those hidden states,
+//! so full `[batch, seq, vocab]` tensors need not exist.
+use crate::model::arch::{MlpNames, NormKind, Positions, QkvNames, WeightLayout};
+use crate::model::config::{Activation, ModelConfig};
+use anyhow::{bail, ensure, Result};
+use tch::nn::{self, Init};
+use tch::{Device, Kind, Tensor};
+
+/// `x @ W^T + b` for HF `nn.Linear`, or `x @ W + b` for GPT-2's `Conv1D` (weight `[in, out]`).
+#[derive(Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    conv1d: bool,
+}
+
+impl Linear {
+    fn new(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool, std: f64) -> Linear {
+        Linear {
+            weight: p.var("weight", &[out_dim, in_dim], Init::Randn { mean: 0.0, stdev: std }),
+            bias: bias.then(|| p.var("bias", &[out_dim], Init::Const(0.0))),
+            conv1d: false,
+        }
+    }
+
+    fn conv1d(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool, std: f64) -> Linear {
+        Linear {
+            weight: p.var("weight", &[in_dim, out_dim], Init::Randn { mean: 0.0, stdev: std }),
+            bias: bias.then(|| p.var("bias", &[out_dim], Init::Const(0.0))),
+            conv1d: true,
+        }
+    }
+
+    /// A projection in the architecture's weight layout.
+    fn with_layout(layout: WeightLayout, p: nn::Path, in_dim: i64, out_dim: i64, bias: bool, std: f64) -> Linear {
+        match layout {
+            WeightLayout::Linear => Linear::new(p, in_dim, out_dim, bias, std),
+            WeightLayout::Conv1d => Linear::conv1d(p, in_dim, out_dim, bias, std),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        if self.conv1d {
+            let y = x.matmul(&self.weight);
+            match &self.bias {
+                Some(b) => y + b,
+                None => y,
+            }
+        } else {
+            x.linear(&self.weight, self.bias.as_ref())
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Norm {
+    Rms { weight: Tensor, eps: f64 },
+    Layer { weight: Tensor, bias: Tensor, eps: f64 },
+}
+
+/// RMSNorm computed in fp32 and cast back, as `LlamaRMSNorm` does.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    let kind = x.kind();
+    let x32 = x.to_kind(Kind::Float);
+    let var = x32.square().mean_dim(-1, true, Kind::Float);
+    (x32 * (var + eps).rsqrt()).to_kind(kind) * weight
+}
+
+impl Norm {
+    fn new(p: nn::Path, dim: i64, cfg: &ModelConfig) -> Norm {
+        match cfg.spec().norm {
+            NormKind::Layer => Norm::Layer {
+                weight: p.var("weight", &[dim], Init::Const(1.0)),
+                bias: p.var("bias", &[dim], Init::Const(0.0)),
+                eps: cfg.norm_eps,
+            },
+            NormKind::Rms => Norm::Rms { weight: p.var("weight", &[dim], Init::Const(1.0)), eps: cfg.norm_eps },
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        match self {
+            Norm::Rms { weight, eps } => rms_norm(x, weight, *eps),
+            Norm::Layer { weight, bias, eps } => {
+                let dim = weight.size()[0];
+                x.layer_norm([dim], Some(weight), Some(bias), *eps, true)
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Qkv {
+    Separate { q: Linear, k: Linear, v: Linear },
+    /// GPT-2's fused `c_attn`: one projection to `[q | k | v]`.
+    Fused(Linear),
+}
+
+#[derive(Debug)]
+struct Attention {
+    qkv: Qkv,
+    o: Linear,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    num_heads: i64,
+    num_kv_heads: i64,
+    head_dim: i64,
+    norm_eps: f64,
+}
+
+/// How queries may see keys in one forward call.
+pub enum AttnMask {
+    /// Plain causal attention over the whole sequence, no padding, no cache.
+    Causal,
+    /// Additive mask `[batch, 1, q_len, kv_len]`: 0 where allowed, a large negative value
+    /// elsewhere (finite, so that fully padded rows give uniform weights rather than NaN).
+    Additive(Tensor),
+}
+
+fn rotate_half(x: &Tensor) -> Tensor {
+    let half = x.size().last().copied().unwrap() / 2;
+    let x1 = x.narrow(-1, 0, half);
+    let x2 = x.narrow(-1, half, half);
+    Tensor::cat(&[x2.neg(), x1], -1)
+}
+
+/// Repeats each key/value head `groups` times: `[b, kv, s, d] -> [b, kv*groups, s, d]`.
+fn repeat_kv(x: &Tensor, groups: i64) -> Tensor {
+    if groups == 1 {
+        return x.shallow_clone();
+    }
+    let (b, kv, s, d) = x.size4().unwrap();
+    x.unsqueeze(2).expand([b, kv, groups, s, d], false).reshape([b, kv * groups, s, d])
+}
+
+impl Attention {
+    fn new(p: nn::Path, cfg: &ModelConfig, std: f64) -> Attention {
+        let spec = cfg.spec();
+        let h = cfg.hidden_size;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let lin = |name: &str, i: i64, o: i64, bias: bool| Linear::with_layout(spec.layout, &p / name, i, o, bias, std);
+        let qkv = match spec.qkv {
+            QkvNames::Separate { q, k, v } => Qkv::Separate {
+                q: lin(q, h, nh * hd, cfg.qkv_bias),
+                k: lin(k, h, nkv * hd, cfg.qkv_bias),
+                v: lin(v, h, nkv * hd, cfg.qkv_bias),
+            },
+            QkvNames::Fused(name) => Qkv::Fused(lin(name, h, (nh + 2 * nkv) * hd, cfg.qkv_bias)),
+        };
+        let norm = |name: &str| (&p / name).var("weight", &[hd], Init::Const(1.0));
+        Attention {
+            qkv,
+            o: lin(spec.o_proj, nh * hd, h, cfg.o_bias),
+            q_norm: spec.qk_norm.map(|(q, _)| norm(q)),
+            k_norm: spec.qk_norm.map(|(_, k)| norm(k)),
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            norm_eps: cfg.norm_eps,
+        }
+    }
+
+    /// # Shapes
+    /// `x`: `[b, t, hidden]`; `rope`: `(cos, sin)` each `[b, t, head_dim]`.
+    /// Returns the output `[b, t, hidden]` and, when asked, probabilities `[b, heads, t, kv_len]`.
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: Option<&(Tensor, Tensor)>,
+        mask: &AttnMask,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        want_probs: bool,
+        observer: &mut dyn ForwardObserver, layer: usize,
+    ) -> (Tensor, Option<Tensor>) {
+        let (b, t, _) = x.size3().unwrap();
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let (q, k, v) = match &self.qkv {
+            Qkv::Separate { q, k, v } => (q.forward(x), k.forward(x), v.forward(x)),
+            Qkv::Fused(lin) => {
+                let parts = lin.forward(x).split_with_sizes([nh * hd, nkv * hd, nkv * hd], -1);
+                (parts[0].shallow_clone(), parts[1].shallow_clone(), parts[2].shallow_clone())
+            }
+        };
+        // [b, t, heads, hd]
+        let mut q = q.view([b, t, nh, hd]);
+        let mut k = k.view([b, t, nkv, hd]);
+        let v = v.view([b, t, nkv, hd]).transpose(1, 2);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = rms_norm(&q, qn, self.norm_eps);
+            k = rms_norm(&k, kn, self.norm_eps);
+        }
+        // [b, heads, t, hd]
+        let mut q = q.transpose(1, 2);
+        let mut k = k.transpose(1, 2);
+        if let Some((cos, sin)) = rope {
+            let (cos, sin) = (cos.unsqueeze(1), sin.unsqueeze(1));
+            q = &q * &cos + rotate_half(&q) * &sin;
+            k = &k * &cos + rotate_half(&k) * &sin;
+        }
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2)),
+                    None => (k, v),
+                };
+                *slot = Some((k.shallow_clone(), v.shallow_clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let groups = nh / nkv;
+        let (k, v) = (repeat_kv(&k, groups), repeat_kv(&v, groups));
+        let scale = 1.0 / (hd as f64).sqrt();
+        let (out, probs) = if want_probs {
+            // Eager path, as transformers' `eager_attention_forward`: softmax in fp32.
+            let mut scores = q.matmul(&k.transpose(-2, -1)) * scale;
+            scores = match mask {
+                AttnMask::Causal => {
+                    let s = k.size()[2];
+                    let causal = Tensor::ones([t, s], (Kind::Bool, x.device())).tril(s - t);
+                    scores.masked_fill(&causal.logical_not(), f64::from(f32::MIN))
+                }
+                AttnMask::Additive(m) => scores + m,
+            };
+            let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
+            (probs.matmul(&v), Some(probs))
+        } else {
+            let out = match mask {
+                AttnMask::Causal => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, scale, false),
+                AttnMask::Additive(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, false),
+            };
+            (out, None)
+        };
+        observer.attention_heads(layer, &out);
+        let out = out.transpose(1, 2).reshape([b, t, nh * hd]);
+        (self.o.forward(&out), probs)
+    }
+}
+
+#[derive(Debug)]
+enum Mlp {
+    /// `down(act(gate(x)) * up(x))`
+    Gated { gate: Linear, up: Linear, down: Linear, act: Activation },
+    /// GPT-2: `c_proj(act(c_fc(x)))`
+    Plain { fc: Linear, proj: Linear, act: Activation },
+}
+
+fn activate(x: &Tensor, act: Activation) -> Tensor {
+    match act {
+        Activation::Silu => x.silu(),
+        Activation::GeluTanh => x.gelu("tanh"),
+        Activation::Gelu => x.gelu("none"),
+        Activation::Relu => x.relu(),
+    }
+}
+
+impl Mlp {
+    fn new(p: nn::Path, cfg: &ModelConfig, std: f64) -> Mlp {
+        let spec = cfg.spec();
+        let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
+        let lin = |name: &str, i: i64, o: i64| Linear::with_layout(spec.layout, &p / name, i, o, cfg.mlp_bias, std);
+        match spec.mlp {
+            MlpNames::Plain { fc, proj } => Mlp::Plain { fc: lin(fc, h, f), proj: lin(proj, f, h), act: cfg.activation },
+            MlpNames::Gated { gate, up, down } => {
+                Mlp::Gated { gate: lin(gate, h, f), up: lin(up, h, f), down: lin(down, f, h), act: cfg.activation }
+            }
+        }
+    }
+
+    /// The output; an observer sees the intermediate activations `[b, t, intermediate]`.
+    fn forward(&self, x: &Tensor, observer: &mut dyn ForwardObserver, layer: usize) -> Tensor {
+        let (mid, out_proj) = match self {
+            Mlp::Gated { gate, up, down, act } => (activate(&gate.forward(x), *act) * up.forward(x), down),
+            Mlp::Plain { fc, proj, act } => (activate(&fc.forward(x), *act), proj),
+        };
+        observer.ffn_inner(layer, &mid);
+        out_proj.forward(&mid)
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    norm_attn: Norm,
+    attn: Attention,
+    norm_mlp: Norm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn new(p: nn::Path, cfg: &ModelConfig, std: f64) -> Block {
+        let spec = cfg.spec();
+        let h = cfg.hidden_size;
+        Block {
+            norm_attn: Norm::new(&p / spec.norm_attn, h, cfg),
+            attn: Attention::new(&p / spec.attn, cfg, std),
+            norm_mlp: Norm::new(&p / spec.norm_mlp, h, cfg),
+            mlp: Mlp::new(&p / "mlp", cfg, std),
+        }
+    }
+}
+
+/// Per-layer keys and values of the positions seen so far (`[b, kv_heads, len, hd]` each).
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> KvCache {
+        KvCache { layers: (0..num_layers).map(|_| None).collect() }
+    }
+
+    /// Number of positions cached.
+    pub fn len(&self) -> i64 {
+        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.size()[2])
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps only the batch rows in `index` (used when finished sequences leave the batch).
+    pub fn select_rows(&mut self, index: &Tensor) {
+        for slot in self.layers.iter_mut().flatten() {
+            *slot = (slot.0.index_select(0, index), slot.1.index_select(0, index));
+        }
+    }
+}
+
+/// What a forward pass should return besides the final hidden states.
+#[derive(Clone, Copy, Default)]
+pub struct Capture {
+    pub hidden_states: bool,
+    pub attentions: bool,
+}
+
+/// Sees intermediate activations of a forward pass (pruning statistics, probes) without the
+/// forward pass knowing what they are for. Every method defaults to doing nothing.
+pub trait ForwardObserver {
+    /// Per-head attention output of `layer` before the output projection: `[b, heads, t, head_dim]`.
+    fn attention_heads(&mut self, _layer: usize, _out: &Tensor) {}
+    /// FFN intermediate activations of `layer`: `[b, t, intermediate]`.
+    fn ffn_inner(&mut self, _layer: usize, _mid: &Tensor) {}
+    /// A layer's input and output `[b, t, hidden]` and the outputs of its two norms.
+    fn layer(&mut self, _layer: usize, _input: &Tensor, _normed: [&Tensor; 2], _output: &Tensor) {}
+}
+
+/// The observer of plain forward passes.
+struct NoObserver;
+
+impl ForwardObserver for NoObserver {}
+
+pub struct ForwardOutput {
+    /// Final hidden states after the last norm: `[b, t, hidden]`.
+    pub hidden: Tensor,
+    /// `[embeddings, layer 1 output, ..., layer L output]` (before the final norm), each `[b, t, hidden]`.
+    pub hidden_states: Vec<Tensor>,
+    /// One `[b, heads, t, kv_len]` probability tensor per layer.
+    pub attentions: Vec<Tensor>,
+}
+
+/// Parameter initialisation when a model is built.
+#[derive(Clone, Copy)]
+pub enum InitMode {
+    /// Normal(0, `initializer_range`) weights, zero biases, unit norms (transformers' `_init_weights`).
+    Random,
+    /// Cheap placeholder values, about to be overwritten by loaded weights.
+    ForLoading,
+}
+
+pub struct CausalLm {
+    pub config: ModelConfig,
+    pub vs: nn::VarStore,
+    embed: Tensor,
+    pos_embed: Option<Tensor>,
+    layers: Vec<Block>,
+    final_norm: Norm,
+    /// `None` when tied to the input embeddings.
+    lm_head: Option<Tensor>,
+    inv_freq: Option<Tensor>,
+}
+
+/// RoPE inverse frequencies, with Llama 3 scaling when configured (`_compute_llama3_parameters`).
+fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f64> {
+    let d = cfg.head_dim as f64;
+    let base: Vec<f64> =
+        (0..cfg.head_dim / 2).map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d)).collect();
+    let Some(s) = &cfg.rope_llama3 else { return base };
+    let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+    let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+    base.into_iter()
+        .map(|f| {
+            let wavelen = 2.0 * std::f64::consts::PI / f;
+            if wavelen < high_wavelen {
+                f
+            } else if wavelen > low_wavelen {
+                f / s.factor
+            } else {
+                let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+                    / (s.high_freq_factor - s.low_freq_factor);
+                (1.0 - smooth) * f / s.factor + smooth * f
+            }
+        })
+        .collect()
+}
+
+impl CausalLm {
+    /// Builds the model with parameters named as in the checkpoint, on `device` in `kind`.
+    pub fn new(config: ModelConfig, device: Device, kind: Kind, init: InitMode) -> CausalLm {
+        let mut vs = nn::VarStore::new(device);
+        let std = match init {
+            InitMode::Random => config.raw.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02),
+            InitMode::ForLoading => 0.0,
+        };
+        let cfg = &config;
+        let root = vs.root();
+        let randn = Init::Randn { mean: 0.0, stdev: std };
+        let spec = cfg.spec();
+        let base = &root / spec.body;
+        let embed = (&base / spec.embed).var("weight", &[cfg.vocab_size, cfg.hidden_size], randn);
+        let pos_embed = spec
+            .pos_embed
+            .map(|name| (&base / name).var("weight", &[cfg.max_position_embeddings, cfg.hidden_size], randn));
+        let layers = (0..cfg.num_layers).map(|i| Block::new(&base / spec.layers / i, cfg, std)).collect();
+        let final_norm = Norm::new(&base / spec.final_norm, cfg.hidden_size, cfg);
+        let lm_head = (!cfg.tie_word_embeddings)
+            .then(|| (&root / "lm_head").var("weight", &[cfg.vocab_size, cfg.hidden_size], randn));
+        let inv_freq = (spec.positions == Positions::Rope)
+            .then(|| Tensor::from_slice(&rope_inv_freq(cfg)).to_kind(Kind::Float).to_device(device));
+        if kind != Kind::Float {
+            vs.set_kind(kind);
+        }
+        CausalLm { config, vs, embed, pos_embed, layers, final_norm, lm_head, inv_freq }
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.embed.kind()
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Output-head weight `[vocab, hidden]` (the embeddings when tied).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// Logits for hidden states `[.., hidden] -> [.., vocab]`.
+    pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        hidden.linear::<Tensor>(self.lm_head_weight(), None)
+    }
+
+    pub fn param_count(&self) -> i64 {
+        self.vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
+    }
+
+    /// Refuses sequences longer than a learned position table (rotary models extrapolate).
+    pub fn check_positions(&self, len: i64) -> Result<()> {
+        if self.config.spec().positions == Positions::Learned && len > self.config.max_position_embeddings {
+            bail!(
+                "a sequence has {len} tokens, more than the model's {} positions; shorten it (--max-length, --seq-len, --max-new-tokens)",
+                self.config.max_position_embeddings
+            );
+        }
+        Ok(())
+    }
+
+    /// Full forward pass without cache, returning logits `[b, t, vocab]`.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let out = self.forward_hidden(input_ids, attention_mask, Capture::default(), None)?;
+        Ok(self.logits(&out.hidden))
+    }
+
+    /// Runs the model (no grad) over `seqs` in right-padded batches of `batch` sequences and
+    /// calls `f(i, states)` with sequence `i`'s final hidden states `[len_i, hidden]`.
+    pub fn for_each_hidden(&self, seqs: &[Vec<i64>], batch: usize, mut f: impl FnMut(usize, &Tensor)) -> Result<()> {
+        let refs: Vec<&[i64]> = seqs.iter().map(Vec::as_slice).collect();
+        tch::no_grad(|| {
+            for start in (0..seqs.len()).step_by(batch.max(1)) {
+                let rows: Vec<usize> = (start..(start + batch.max(1)).min(seqs.len())).collect();
+                let b = crate::base::batch::pad_right(&refs, &rows, 0, self.device());
+                let h = self.forward_hidden(&b.input_ids, Some(&b.attention_mask), Capture::default(), None)?.hidden;
+                for (r, &i) in rows.iter().enumerate() {
+                    f(i, &h.get(r as i64).narrow(0, 0, seqs[i].len() as i64));
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// [`CausalLm::forward_hidden`] (no cache) with an observer of intermediate activations.
+    pub fn forward_observed(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, observer: &mut dyn ForwardObserver) -> Result<ForwardOutput> {
+        self.forward_impl(input_ids, attention_mask, Capture::default(), None, observer)
+    }
+
+    /// The transformer body.
+    ///
+    /// # Shapes
+    /// * `input_ids`: `[b, t]` (int64), the new tokens.
+    /// * `attention_mask`: `[b, past + t]`, 1 for real tokens and 0 for padding (left or right);
+    ///   `None` means no padding.
+    ///
+    /// Positions count real tokens only (`cumsum(mask) - 1`), as `generate` computes them, so
+    /// left-padded batches and incremental decoding give the same results as unpadded runs.
+    ///
+    /// Errors, rather than panics, on what user input can cause: a token id outside the
+    /// vocabulary, a sequence longer than a learned position table, a mask of the wrong shape.
+    pub fn forward_hidden(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, capture: Capture, cache: Option<&mut KvCache>) -> Result<ForwardOutput> {
+        self.forward_impl(input_ids, attention_mask, capture, cache, &mut NoObserver)
+    }
+
+    fn forward_impl(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        capture: Capture,
+        mut cache: Option<&mut KvCache>,
+        observer: &mut dyn ForwardObserver,
+    ) -> Result<ForwardOutput> {
+        let device = self.device();
+        let Ok((b, t)) = input_ids.size2() else { bail!("input ids must be [batch, tokens], got {:?}", input_ids.size()) };
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let total = past + t;
+        self.check_positions(total)?;
+        if past == 0 && b * t > 0 {
+            let (lo, hi) = (input_ids.min().int64_value(&[]), input_ids.max().int64_value(&[]));
+            ensure!(lo >= 0 && hi < self.config.vocab_size, "token id {} is outside the vocabulary (0..{})", if lo < 0 { lo } else { hi }, self.config.vocab_size);
+        }
+        let key_mask = match attention_mask {
+            Some(m) => {
+                ensure!(m.size() == [b, total], "attention_mask must be [batch, past + new] = [{b}, {total}], got {:?}", m.size());
+                Some(m.to_device(device).to_kind(Kind::Int64))
+            }
+            None => None,
+        };
+        let positions = match &key_mask {
+            Some(m) => (m.cumsum(-1, Kind::Int64) - 1).clamp_min(0).narrow(1, past, t),
+            None => Tensor::arange_start(past, total, (Kind::Int64, device)).unsqueeze(0).expand([b, t], false),
+        };
+        let padded = key_mask.as_ref().is_some_and(|m| m.min().int64_value(&[]) == 0);
+        let window_bites = self.config.sliding_window.is_some_and(|w| w < total);
+        let mask = if past == 0 && !padded && !window_bites {
+            AttnMask::Causal
+        } else {
+            AttnMask::Additive(self.additive_mask(key_mask.as_ref(), b, t, past))
+        };
+
+        let mut x = Tensor::embedding(&self.embed, input_ids, -1, false, false);
+        if let Some(wpe) = &self.pos_embed {
+            x = x + Tensor::embedding(wpe, &positions, -1, false, false);
+        }
+        let rope = self.inv_freq.as_ref().map(|inv| {
+            // [b, t, hd/2] -> [b, t, hd]
+            let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * inv;
+            let emb = Tensor::cat(&[&freqs, &freqs], -1);
+            (emb.cos().to_kind(x.kind()), emb.sin().to_kind(x.kind()))
+        });
+
+        let mut hidden_states = vec![];
+        let mut attentions = vec![];
+        if capture.hidden_states {
+            hidden_states.push(x.shallow_clone());
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let x_in = x.shallow_clone();
+            let normed = layer.norm_attn.forward(&x);
+            let (a, probs) = layer.attn.forward(&normed, rope.as_ref(), &mask, slot, capture.attentions, observer, i);
+            x = x + a;
+            let normed2 = layer.norm_mlp.forward(&x);
+            x = &x + layer.mlp.forward(&normed2, observer, i);
+            observer.layer(i, &x_in, [&normed, &normed2], &x);
+            if capture.hidden_states {
+                hidden_states.push(x.shallow_clone());
+            }
+            if let Some(p) = probs {
+                attentions.push(p);
+            }
+        }
+        Ok(ForwardOutput { hidden: self.final_norm.forward(&x), hidden_states, attentions })
+    }
+
+    /// `[b, 1, t, past + t]` additive mask: causal by index, padded keys hidden, and the
+    /// sliding window applied where configured.
+    fn additive_mask(&self, key_mask: Option<&Tensor>, b: i64, t: i64, past: i64) -> Tensor {
+        let device = self.device();
+        let total = past + t;
+        let q_idx = Tensor::arange_start(past, total, (Kind::Int64, device)).view([t, 1]);
+        let k_idx = Tensor::arange(total, (Kind::Int64, device)).view([1, total]);
+        let mut allowed = k_idx.le_tensor(&q_idx); // [t, total]
+        if let Some(w) = self.config.sliding_window {
+            allowed = allowed.logical_and(&(&q_idx - &k_idx).lt(w));
+        }
+        let mut allowed = allowed.view([1, 1, t, total]);
+        if let Some(m) = key_mask {
+            allowed = allowed.logical_and(&m.ne(0).view([b, 1, 1, total]));
+        }
+        let kind = self.kind();
+        let min = match kind {
+            Kind::BFloat16 => -3.389_531_389_251_535_5e38,
+            Kind::Half => -65504.0,
+            _ => f64::from(f32::MIN),
+        };
+        let allowed = allowed.expand([b, 1, t, total], false);
+        Tensor::zeros([b, 1, t, total], (kind, device)).masked_fill(&allowed.logical_not(), min)
+    }
+
+    /// Builds a fresh cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+}

@@ -1,0 +1,264 @@
+//! Hugging Face checkpoint directories: finding them (local or hub), loading weights with
+//! strict name and shape checks, and saving in the layout `transformers` reads.
+use crate::model::config::ModelConfig;
+use crate::base::io::{atomic_dir, write_json_atomic};
+use crate::model::causal_lm::{CausalLm, InitMode};
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+/// Tokenizer and generation files copied alongside the weights when a model is saved.
+pub const SIDE_FILES: &[&str] =
+    &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja"];
+
+/// The files of one checkpoint, wherever they came from.
+#[derive(Clone, Debug)]
+pub struct ModelFiles {
+    /// What the user typed (a directory or a hub id), for messages and records.
+    pub name: String,
+    pub config: PathBuf,
+    pub weights: Vec<PathBuf>,
+    /// Optional files present next to the config (tokenizer, generation config, ...).
+    pub side_files: Vec<PathBuf>,
+}
+
+impl ModelFiles {
+    pub fn side_file(&self, name: &str) -> Option<&Path> {
+        self.side_files.iter().find(|p| p.file_name().is_some_and(|f| f == name)).map(|p| p.as_path())
+    }
+}
+
+fn shard_names(index_path: &Path) -> Result<Vec<String>> {
+    let index: Value = serde_json::from_str(&std::fs::read_to_string(index_path)?)
+        .with_context(|| format!("{}: invalid JSON", index_path.display()))?;
+    let map = index
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .with_context(|| format!("{}: no `weight_map`", index_path.display()))?;
+    let mut shards: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+    shards.sort();
+    shards.dedup();
+    Ok(shards)
+}
+
+/// Finds a model given as a local directory or a hub repo id. Hub downloads go through the
+/// usual cache (`HF_HOME`); with `HF_HUB_OFFLINE=1` only the cache is consulted.
+pub fn resolve(spec: &str) -> Result<ModelFiles> {
+    let dir = Path::new(spec);
+    if dir.is_dir() {
+        return resolve_dir(spec, dir);
+    }
+    if dir.exists() {
+        bail!("model `{spec}` is a file; expected a checkpoint directory or a hub id");
+    }
+    if spec.starts_with('.') || spec.starts_with('/') || spec.split('/').count() > 2 {
+        bail!("model directory `{spec}` does not exist");
+    }
+    resolve_hub(spec)
+}
+
+fn resolve_dir(spec: &str, dir: &Path) -> Result<ModelFiles> {
+    let config = dir.join("config.json");
+    if !config.is_file() {
+        bail!("{}: no config.json in this model directory", dir.display());
+    }
+    let weights = if dir.join("model.safetensors").is_file() {
+        vec![dir.join("model.safetensors")]
+    } else if dir.join("model.safetensors.index.json").is_file() {
+        shard_names(&dir.join("model.safetensors.index.json"))?.into_iter().map(|s| dir.join(s)).collect()
+    } else {
+        bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display());
+    };
+    for w in &weights {
+        if !w.is_file() {
+            bail!("{}: weight shard is missing", w.display());
+        }
+    }
+    let side_files = SIDE_FILES.iter().map(|f| dir.join(f)).filter(|p| p.is_file()).collect();
+    Ok(ModelFiles { name: spec.to_string(), config, weights, side_files })
+}
+
+fn resolve_hub(id: &str) -> Result<ModelFiles> {
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let get: Box<dyn Fn(&str) -> Option<PathBuf>> = if offline {
+        let cache = hf_hub::Cache::from_env().model(id.to_string());
+        Box::new(move |f| cache.get(f))
+    } else {
+        let token = std::env::var("HF_TOKEN").ok();
+        let api = hf_hub::api::sync::ApiBuilder::from_env()
+            .with_token(token)
+            .build()
+            .context("setting up the hub client")?;
+        let repo = api.model(id.to_string());
+        Box::new(move |f| repo.get(f).ok())
+    };
+    let where_ = if offline { "in the offline hub cache" } else { "on the hub" };
+    let config = get("config.json")
+        .with_context(|| format!("model `{id}`: not a local directory, and no config.json {where_}"))?;
+    let weights = if let Some(w) = get("model.safetensors") {
+        vec![w]
+    } else if let Some(index) = get("model.safetensors.index.json") {
+        let mut paths = vec![];
+        for shard in shard_names(&index)? {
+            paths.push(get(&shard).with_context(|| format!("model `{id}`: shard {shard} not found {where_}"))?);
+        }
+        paths
+    } else {
+        bail!("model `{id}`: no safetensors weights {where_}");
+    };
+    let side_files = SIDE_FILES.iter().filter_map(|f| get(f)).collect();
+    Ok(ModelFiles { name: id.to_string(), config, weights, side_files })
+}
+
+/// Checkpoint entries that are buffers, not parameters, in some writers' files.
+fn is_ignorable(name: &str, cfg: &ModelConfig) -> bool {
+    cfg.spec().is_buffer(name) || (cfg.tie_word_embeddings && name == "lm_head.weight")
+}
+
+/// Some checkpoints (old GPT-2 ones, bare base models) store the body without its prefix
+/// (`transformer.`, `model.`).
+fn canonical_name(name: &str, cfg: &ModelConfig) -> String {
+    let body = cfg.spec().body;
+    if !name.starts_with(&format!("{body}.")) && !name.starts_with("lm_head.") {
+        format!("{body}.{name}")
+    } else {
+        name.to_string()
+    }
+}
+
+/// Reads every tensor of the checkpoint's shards.
+pub fn read_tensors(files: &ModelFiles, cfg: &ModelConfig) -> Result<HashMap<String, Tensor>> {
+    let mut all = HashMap::new();
+    for path in &files.weights {
+        let tensors = Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))?;
+        for (name, t) in tensors {
+            if is_ignorable(&name, cfg) {
+                continue;
+            }
+            all.insert(canonical_name(&name, cfg), t);
+        }
+    }
+    Ok(all)
+}
+
+/// Copies `tensors` into the model, failing on any missing, unexpected or misshapen tensor.
+pub fn assign_weights(model: &CausalLm, mut tensors: HashMap<String, Tensor>, source: &str) -> Result<()> {
+    let vars = model.vs.variables();
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
+    let mut missing = vec![];
+    for name in &names {
+        if !tensors.contains_key(*name) {
+            missing.push(name.as_str());
+        }
+    }
+    if !missing.is_empty() {
+        bail!("{source}: missing tensor(s): {}", missing.join(", "));
+    }
+    let mut unexpected: Vec<&String> = tensors.keys().filter(|k| !vars.contains_key(*k)).collect();
+    unexpected.sort();
+    if !unexpected.is_empty() {
+        bail!(
+            "{source}: unexpected tensor(s) for a {} model: {}",
+            model.config.arch.model_type(),
+            unexpected.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    tch::no_grad(|| -> Result<()> {
+        for name in names {
+            let src = tensors.remove(name).unwrap();
+            let mut dst = vars[name].shallow_clone();
+            if src.size() != dst.size() {
+                bail!("{source}: tensor `{name}` has shape {:?}, the config implies {:?}", src.size(), dst.size());
+            }
+            dst.copy_(&src.to_kind(dst.kind()).to_device(dst.device()));
+        }
+        Ok(())
+    })
+}
+
+/// Loads a model given as a directory or hub id.
+pub fn load_model(spec: &str, device: Device, kind: Kind) -> Result<(CausalLm, ModelFiles)> {
+    let files = resolve(spec)?;
+    let config = ModelConfig::from_file(&files.config)?;
+    let tensors = read_tensors(&files, &config)?;
+    let model = CausalLm::new(config, device, kind, InitMode::ForLoading);
+    assign_weights(&model, tensors, &files.name)?;
+    Ok((model, files))
+}
+
+pub fn kind_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::BFloat16 => "bfloat16",
+        Kind::Half => "float16",
+        _ => "float32",
+    }
+}
+
+/// Writes `tensors` as one safetensors file with the `{"format": "pt"}` metadata that
+/// `transformers` checks for.
+pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let mut buffers = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t.to_device(Device::Cpu).contiguous();
+        let (dtype, size) = match t.kind() {
+            Kind::Float => (Dtype::F32, 4),
+            Kind::BFloat16 => (Dtype::BF16, 2),
+            Kind::Half => (Dtype::F16, 2),
+            Kind::Int64 => (Dtype::I64, 8),
+            Kind::Int => (Dtype::I32, 4),
+            Kind::Double => (Dtype::F64, 8),
+            k => bail!("cannot save tensor `{name}` of kind {k:?}"),
+        };
+        let numel = t.numel();
+        let mut data = vec![0u8; numel * size];
+        t.copy_data_u8(&mut data, numel);
+        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        buffers.push((name.clone(), dtype, shape, data));
+    }
+    let views: Vec<(String, TensorView)> = buffers
+        .iter()
+        .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
+        .collect::<Result<_, safetensors::SafeTensorError>>()?;
+    let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    safetensors::tensor::serialize_to_file(views, &metadata, path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Saves `model` as a Hugging Face checkpoint directory, atomically: `config.json`,
+/// `model.safetensors`, `generation_config.json` and the tokenizer files from `tokenizer_from`.
+/// `extra_json` adds named JSON files (reports) to the same atomic write. Files already in
+/// `out` that are not replaced (e.g. training state) are kept.
+pub fn save_pretrained(
+    model: &CausalLm,
+    out: &Path,
+    tokenizer_from: Option<&ModelFiles>,
+    extra_json: &[(&str, &Value)],
+) -> Result<()> {
+    let mut config = model.config.to_json();
+    let dtype = kind_name(model.kind());
+    config["torch_dtype"] = json!(dtype);
+    if config.get("dtype").is_some() {
+        config["dtype"] = json!(dtype);
+    }
+    let vars: BTreeMap<String, Tensor> = model.vs.variables().into_iter().collect();
+    let tensors: Vec<(String, Tensor)> = vars.into_iter().collect();
+    atomic_dir(out, |tmp| {
+        write_json_atomic(&tmp.join("config.json"), &config)?;
+        write_safetensors(&tensors, &tmp.join("model.safetensors"))?;
+        for (name, value) in extra_json {
+            write_json_atomic(&tmp.join(name), value)?;
+        }
+        if let Some(files) = tokenizer_from {
+            for f in &files.side_files {
+                std::fs::copy(f, tmp.join(f.file_name().unwrap()))
+                    .with_context(|| format!("copying {}", f.display()))?;
+            }
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,127 @@
+//! Tokenizers from `tokenizer.json` (the `tokenizers` crate), plus the special-token facts
+//! generation needs from `generation_config.json` and `tokenizer_config.json`.
+use crate::model::checkpoint::ModelFiles;
+use crate::model::config::ModelConfig;
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+pub struct Tok {
+    inner: tokenizers::Tokenizer,
+}
+
+impl Tok {
+    pub fn load(files: &ModelFiles) -> Result<Tok> {
+        let path = files
+            .side_file("tokenizer.json")
+            .with_context(|| format!("model `{}` has no tokenizer.json", files.name))?;
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
+        Ok(Tok { inner })
+    }
+
+    /// Token ids as `tokenizer(text, add_special_tokens=...)` gives them.
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<i64>> {
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?;
+        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    }
+
+    pub fn decode(&self, ids: &[i64], skip_special_tokens: bool) -> Result<String> {
+        let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+        self.inner.decode(&ids, skip_special_tokens).map_err(|e| anyhow::anyhow!("decoding: {e}"))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<i64> {
+        self.inner.token_to_id(token).map(i64::from)
+    }
+}
+
+fn ids_of(v: Option<&Value>) -> Vec<i64> {
+    match v {
+        Some(Value::Number(n)) => n.as_i64().into_iter().collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_i64).collect(),
+        _ => vec![],
+    }
+}
+
+/// End-of-sequence and padding ids, as `generate` resolves them: `generation_config.json`
+/// first, then `config.json`.
+pub struct SpecialTokens {
+    pub eos: Vec<i64>,
+    pub pad: Option<i64>,
+}
+
+impl SpecialTokens {
+    pub fn resolve(files: &ModelFiles, cfg: &ModelConfig) -> Result<SpecialTokens> {
+        let gen: Option<Value> = match files.side_file("generation_config.json") {
+            Some(p) => Some(
+                serde_json::from_str(&std::fs::read_to_string(p)?)
+                    .with_context(|| format!("{}: invalid JSON", p.display()))?,
+            ),
+            None => None,
+        };
+        let mut eos = gen.as_ref().map(|g| ids_of(g.get("eos_token_id"))).unwrap_or_default();
+        if eos.is_empty() {
+            eos = cfg.eos_token_ids.clone();
+        }
+        let pad = gen
+            .as_ref()
+            .and_then(|g| g.get("pad_token_id").and_then(Value::as_i64))
+            .or(cfg.pad_token_id)
+            .or(eos.first().copied());
+        Ok(SpecialTokens { eos, pad })
+    }
+}
+
+/// The chat template of a tokenizer (`tokenizer_config.json`'s `chat_template`, or
+/// `chat_template.jinja`), if it has one.
+pub fn chat_template(files: &ModelFiles) -> Result<Option<String>> {
+    if let Some(p) = files.side_file("chat_template.jinja") {
+        return Ok(Some(std::fs::read_to_string(p)?));
+    }
+    let Some(p) = files.side_file("tokenizer_config.json") else { return Ok(None) };
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(p)?).with_context(|| format!("{}: invalid JSON", p.display()))?;
+    Ok(match cfg.get("chat_template") {
+        Some(Value::String(t)) => Some(t.clone()),
+        // A list of named templates: the default one.
+        Some(Value::Array(list)) => list
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .and_then(|t| t.get("template").and_then(Value::as_str))
+            .map(String::from),
+        _ => None,
+    })
+}
+
+/// A special token's text from `tokenizer_config.json` (a string or an AddedToken object).
+fn special_token(files: &ModelFiles, key: &str) -> Option<String> {
+    let p = files.side_file("tokenizer_config.json")?;
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(p).ok()?).ok()?;
+    match cfg.get(key)? {
+        Value::String(s) => Some(s.clone()),
+        v => v.get("content").and_then(Value::as_str).map(String::from),
+    }
+}
+
+/// Renders one user turn through the chat template with the generation prompt appended, as
+/// `apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)`.
+/// The result already holds the template's special tokens: tokenize it without adding more.
+pub fn apply_chat_template(files: &ModelFiles, template: &str, text: &str) -> Result<String> {
+    let mut env = minijinja::Environment::new();
+    minijinja_contrib::add_to_environment(&mut env);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |msg: String| -> Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
+    });
+    env.add_template("chat", template).map_err(|e| anyhow::anyhow!("chat template does not parse: {e}"))?;
+    let ctx = minijinja::context! {
+        messages => vec![minijinja::context! { role => "user", content => text }],
+        add_generation_prompt => true,
+        bos_token => special_token(files, "bos_token").unwrap_or_default(),
+        eos_token => special_token(files, "eos_token").unwrap_or_default(),
+    };
+    env.get_template("chat")?.render(ctx).map_err(|e| anyhow::anyhow!("rendering the chat template: {e}"))
+}

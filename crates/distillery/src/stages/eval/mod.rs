@@ -1,0 +1,192 @@
+//! kd-eval: everything a model is judged on. Perplexity (and with a teacher, KL from and
+//! top-1 agreement with it; definitions in CONTRACT.md), multiple choice and cloze accuracy,
+//! ROUGE-L of generations, side-by-side generations, size, latency, throughput and memory.
+pub mod metrics;
+pub mod tasks;
+
+use crate::base::device::device_name;
+use crate::base::io::{files_bytes, write_atomic, write_json_atomic};
+use crate::data::encode::{read_tokenized, Layout};
+use crate::data::records::{read_jsonl, str_field, Record};
+use crate::model::checkpoint::kind_name;
+use crate::model::tokenizer::SpecialTokens;
+use crate::teacher::{LocalTeacher, Teacher};
+use anyhow::{ensure, Result};
+use metrics::evaluate;
+use serde_json::{json, Map, Value};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{Device, Kind};
+
+/// What to evaluate and where the results go.
+pub struct EvalOptions {
+    pub model: String,
+    pub teacher: Option<String>,
+    pub data: Option<PathBuf>,
+    pub mc: Option<PathBuf>,
+    pub cloze: Option<PathBuf>,
+    pub generate: Option<PathBuf>,
+    pub samples_out: Option<PathBuf>,
+    pub out: PathBuf,
+    pub csv: Option<PathBuf>,
+    pub name: Option<String>,
+    pub max_new_tokens: usize,
+    pub limit: Option<usize>,
+    pub speed: bool,
+    pub speed_batch: usize,
+    pub batch_size: usize,
+    pub max_length: Option<usize>,
+    pub device: Device,
+    pub kind: Kind,
+}
+
+fn limited(path: &Path, limit: Option<usize>) -> Result<Vec<Record>> {
+    let mut r = read_jsonl(path)?;
+    if let Some(n) = limit {
+        r.truncate(n);
+    }
+    Ok(r)
+}
+
+/// Runs every requested evaluation, writes the JSON (and a CSV row); returns a summary line.
+pub fn run(o: &EvalOptions) -> Result<String> {
+    ensure!(o.batch_size > 0, "--batch-size must be positive");
+    ensure!(
+        o.data.is_some() || o.mc.is_some() || o.cloze.is_some() || o.generate.is_some() || o.speed,
+        "nothing to evaluate: give --data, --mc, --cloze, --generate or --speed"
+    );
+    // Read every input before the expensive model loads, so bad input fails fast.
+    let mc = o.mc.as_deref().map(|p| limited(p, o.limit)).transpose()?;
+    let cloze = o.cloze.as_deref().map(|p| limited(p, o.limit)).transpose()?;
+    let gen = o.generate.as_deref().map(|p| limited(p, o.limit)).transpose()?;
+    let (model, files, tok) = crate::model::load(&o.model, o.device, o.kind)?;
+    let teacher = match &o.teacher {
+        Some(t) => {
+            let (m, f, tt) = crate::model::load(t, o.device, o.kind)?;
+            Some(LocalTeacher::new(m, f, tt)?)
+        }
+        None => None,
+    };
+    let start = Instant::now();
+    let mut m = Map::new();
+    let name = o.name.clone().unwrap_or_else(|| o.model.clone());
+    m.insert("name".into(), json!(name));
+    m.insert("model".into(), json!(o.model));
+    m.insert("teacher".into(), json!(o.teacher));
+    m.insert("params".into(), json!(model.param_count()));
+    m.insert("bytes_on_disk".into(), json!(files_bytes(&files.weights)));
+    m.insert("device".into(), json!(device_name(o.device)));
+    m.insert("dtype".into(), json!(kind_name(o.kind)));
+    let mut summary = vec![];
+    // The speed prompt comes from the evaluated data, never from a fixed text.
+    let mut speed_prompt: Option<Vec<i64>> = None;
+
+    if let Some(data) = &o.data {
+        let (_, toks) = read_tokenized(data, &tok, Layout::Whole, o.max_length)?;
+        let seqs: Vec<Vec<i64>> = toks.into_iter().map(|t| t.ids).collect();
+        speed_prompt = seqs.iter().find(|s| s.len() >= 2).map(|s| s[..s.len().min(4)].to_vec());
+        let t0 = Instant::now();
+        let e = evaluate(&model, teacher.as_ref().map(|t| t as &dyn Teacher), &seqs, o.batch_size, true)?;
+        let secs = t0.elapsed().as_secs_f64();
+        m.insert("perplexity_seconds".into(), json!(secs));
+        m.insert("perplexity_tokens_per_second".into(), json!((e.tokens + e.records as i64) as f64 / secs.max(1e-9)));
+        m.insert("data".into(), json!(data.display().to_string()));
+        if let Value::Object(obj) = serde_json::to_value(&e)? {
+            m.extend(obj);
+        }
+        summary.push(format!("perplexity {:.4} over {} tokens ({} records)", e.perplexity, e.tokens, e.records));
+        if let (Some(kl), Some(a)) = (e.teacher_kl, e.top1_agreement) {
+            summary.push(format!("teacher KL {kl:.4}, top-1 agreement {:.2}%", 100.0 * a));
+        }
+    }
+    if let Some(recs) = &mc {
+        let r = tasks::multiple_choice(&model, &tok, recs, o.batch_size)?;
+        m.insert("mc_items".into(), json!(r.items));
+        m.insert("mc_accuracy".into(), json!(r.accuracy));
+        m.insert("mc_accuracy_norm".into(), json!(r.accuracy_norm));
+        summary.push(format!("multiple choice {:.1}% ({} items)", 100.0 * r.accuracy, r.items));
+    }
+    if let Some(recs) = &cloze {
+        let (n, acc) = tasks::cloze(&model, &tok, recs, o.batch_size)?;
+        m.insert("cloze_items".into(), json!(n));
+        m.insert("cloze_accuracy".into(), json!(acc));
+        summary.push(format!("cloze {:.1}% ({n} items)", 100.0 * acc));
+    }
+    let field = |r: &Record, k: &str| -> Result<String> { Ok(str_field(r, k)?.unwrap_or_default().to_string()) };
+    if let Some(recs) = &gen {
+        let prompts: Vec<String> = recs.iter().map(|r| field(r, "prompt")).collect::<Result<_>>()?;
+        let refs: Vec<String> = recs.iter().map(|r| field(r, "completion")).collect::<Result<_>>()?;
+        if speed_prompt.is_none() {
+            speed_prompt = prompts.iter().map(|p| tok.encode(p, true)).find(|p| p.as_ref().is_ok_and(|p| !p.is_empty())).transpose()?;
+        }
+        let eos = SpecialTokens::resolve(&files, &model.config)?.eos;
+        let outs = tasks::complete(&model, &tok, &prompts, o.max_new_tokens, &eos, o.batch_size)?;
+        let rouge = outs.iter().zip(&refs).map(|(a, r)| tasks::rouge_l(a, r)).sum::<f64>() / outs.len().max(1) as f64;
+        m.insert("gen_items".into(), json!(outs.len()));
+        m.insert("rouge_l".into(), json!(rouge));
+        summary.push(format!("ROUGE-L {rouge:.3}"));
+        if let Some(path) = &o.samples_out {
+            let teacher_outs = match &teacher {
+                Some(t) => Some(tasks::complete(&t.model, &t.tok, &prompts, o.max_new_tokens, &t.special.eos, o.batch_size)?),
+                None => None,
+            };
+            let mut md = format!("# Generations: {name}\n\nGreedy, {} new tokens at most.\n\n", o.max_new_tokens);
+            for (i, p) in prompts.iter().enumerate() {
+                md += &format!("## {}\n\n**Prompt:** {}\n\n", i + 1, p.trim());
+                if let Some(t) = &teacher_outs {
+                    md += &format!("**Teacher:** {}\n\n", t[i].trim());
+                }
+                md += &format!("**{name}:** {}\n\n**Reference:** {}\n\n", outs[i].trim(), refs[i].trim());
+            }
+            write_atomic(path, md.as_bytes())?;
+        }
+    }
+    if o.speed {
+        let prompt = match (speed_prompt, mc.as_ref().and_then(|r| r.first()), cloze.as_ref().and_then(|r| r.first())) {
+            (Some(p), _, _) => p,
+            (None, Some(r), _) | (None, None, Some(r)) => tok.encode(&field(r, "prompt")?, true)?,
+            // No data at all: the shortest real prompt, a lone start token.
+            _ => vec![model.config.bos_token_id.unwrap_or(0)],
+        };
+        let s = tasks::measure_speed(&model, &prompt, 32, o.speed_batch)?;
+        if let Value::Object(obj) = serde_json::to_value(&s)? {
+            m.extend(obj);
+        }
+        summary.push(format!(
+            "{:.2} ms/token at batch 1, {:.0} tokens/s at batch {}",
+            s.latency_ms_per_token, s.throughput_tokens_per_s, s.throughput_batch
+        ));
+    }
+    if let Some(rss) = tasks::peak_rss_bytes() {
+        m.insert("peak_rss_bytes".into(), json!(rss));
+    }
+    m.insert("eval_seconds".into(), json!(start.elapsed().as_secs_f64()));
+    let value = Value::Object(m);
+    write_json_atomic(&o.out, &value)?;
+    if let Some(csv) = &o.csv {
+        append_csv_row(csv, &value)?;
+    }
+    Ok(format!("{}: {}", name, summary.join(", ")))
+}
+
+/// The CSV's columns: a fixed order so rows from different runs line up.
+const CSV_COLUMNS: &[&str] = &[
+    "name", "model", "params", "bytes_on_disk", "perplexity", "teacher_kl", "top1_agreement", "mc_accuracy",
+    "mc_accuracy_norm", "cloze_accuracy", "rouge_l", "latency_ms_per_token", "throughput_tokens_per_s", "peak_rss_bytes",
+    "device", "dtype",
+];
+
+fn append_csv_row(path: &Path, m: &Value) -> Result<()> {
+    let existing = std::fs::read(path).unwrap_or_default();
+    let mut w = csv::WriterBuilder::new().from_writer(existing.clone());
+    if existing.is_empty() {
+        w.write_record(CSV_COLUMNS)?;
+    }
+    let cell = |k: &str| match &m[k] {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    };
+    w.write_record(CSV_COLUMNS.iter().map(|k| cell(k)))?;
+    write_atomic(path, &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)
+}

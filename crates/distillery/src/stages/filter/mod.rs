@@ -1,0 +1,108 @@
+//! kd-filter: select a transfer set. Scores every record with the teacher (confidence,
+//! log-probability, entropy) and, with a student, the student's distance from the teacher
+//! (KL, cross-entropy gap, worst tokens: hard-example mining); then keeps records by length,
+//! duplicates, thresholds and top/bottom fractions, and writes a summary.
+pub mod scoring;
+pub mod selection;
+
+use crate::base::io::write_json_atomic;
+use crate::data::encode::{tokenize_all, Layout};
+use crate::data::records::{full_text, write_jsonl, Record};
+use crate::model::causal_lm::CausalLm;
+use crate::model::tokenizer::Tok;
+use crate::teacher::Teacher;
+use anyhow::{bail, ensure, Result};
+use scoring::{score, Scored};
+use selection::{histogram, score_value, select, Rules, SCORE_NAMES};
+use serde_json::{json, Map, Value};
+use std::path::PathBuf;
+
+pub struct FilterOptions {
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub rules: Rules,
+    pub summary: Option<PathBuf>,
+    pub scored_out: Option<PathBuf>,
+    pub worst_tokens: usize,
+    pub max_length: usize,
+    pub batch_size: usize,
+    /// The student's name for the summary (the model itself is passed to [`run`]).
+    pub student_name: Option<String>,
+}
+
+/// Checks that need no model: run before anything is loaded.
+pub fn check(o: &FilterOptions, has_student: bool) -> Result<()> {
+    if !has_student && o.rules.needs_student() {
+        bail!("kl_teacher_student and ce_gap need --student");
+    }
+    Ok(())
+}
+
+/// Scores, selects and writes; returns the summary line.
+pub fn run(o: &FilterOptions, numbered: &[(usize, Record)], teacher: &dyn Teacher, tok: &Tok, student: Option<&CausalLm>) -> Result<String> {
+    check(o, student.is_some())?;
+    if let Some(s) = student {
+        ensure!(s.config.vocab_size == teacher.vocab_size(), "student and teacher vocabularies differ");
+    }
+    let seqs: Vec<Scored> = tokenize_all(numbered, &o.data, tok, Layout::Split, Some(o.max_length))?
+        .into_iter()
+        .map(|t| Scored { from: t.prompt_len, ids: t.ids })
+        .collect();
+    let texts: Vec<String> = numbered.iter().map(|(_, r)| full_text(r)).collect::<Result<_>>()?;
+    let n = numbered.len();
+    let all_scores = score(teacher, student, &seqs, o.batch_size, o.worst_tokens)?;
+    let value = |i: usize, k: &str| score_value(&all_scores[i], k);
+    let lengths: Vec<usize> = seqs.iter().map(|s| s.ids.len()).collect();
+    let outcome = select(&o.rules, &lengths, &texts, value);
+    let mut scored: Vec<Record> = Vec::with_capacity(n);
+    for (i, (_, rec)) in numbered.iter().enumerate() {
+        let mut rec = rec.clone();
+        let mut scores = rec.get("scores").and_then(Value::as_object).cloned().unwrap_or_else(Map::new);
+        for k in SCORE_NAMES {
+            let v = value(i, k);
+            if !v.is_nan() {
+                scores.insert(k.to_string(), json!(v));
+            }
+        }
+        rec.insert("scores".into(), Value::Object(scores));
+        if !all_scores[i].worst.is_empty() {
+            let hard: Vec<Value> = all_scores[i]
+                .worst
+                .iter()
+                .map(|&(pos, kl)| json!({"position": pos, "token": tok.decode(&seqs[i].ids[pos..pos + 1], false).unwrap_or_default(), "kl": kl}))
+                .collect();
+            rec.insert("hard_tokens".into(), Value::Array(hard));
+        }
+        scored.push(rec);
+    }
+    let kept: Vec<Record> = scored.iter().zip(&outcome.kept).filter(|(_, a)| **a).map(|(r, _)| r.clone()).collect();
+    let mut hists = Map::new();
+    for k in SCORE_NAMES {
+        let vals: Vec<f64> = (0..n).map(|i| value(i, k)).filter(|v| !v.is_nan()).collect();
+        if !vals.is_empty() {
+            hists.insert(k.to_string(), histogram(&vals));
+        }
+    }
+    let summary = json!({
+        "input": n,
+        "kept": kept.len(),
+        "removed": outcome.removed,
+        "selected_by": outcome.selected_by,
+        "histograms": hists,
+        "teacher": teacher.name(),
+        "student": o.student_name,
+    });
+    if let Some(p) = &o.scored_out {
+        write_jsonl(p, &scored)?;
+    }
+    let summary_path = o.summary.clone().unwrap_or_else(|| {
+        let name = o.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        o.out.with_file_name(format!("{name}.summary.json"))
+    });
+    write_json_atomic(&summary_path, &summary)?;
+    if kept.is_empty() {
+        bail!("every record was filtered out ({} in); loosen the rules (summary in {})", n, summary_path.display());
+    }
+    write_jsonl(&o.out, &kept)?;
+    Ok(format!("kept {} of {n} records -> {} (removed: {})", kept.len(), o.out.display(), serde_json::to_string(&summary["removed"])?))
+}

@@ -1,0 +1,293 @@
+//! The teacher seam: what the stages ask of a teacher, whatever it is.
+//!
+//! Generation (kd-generate, kd-augment), scoring (kd-filter), stored logits (kd-generate
+//! `--store-logits`), evaluation (kd-eval's teacher KL and agreement) and offline
+//! distillation talk to a [`Teacher`]. [`LocalTeacher`] is a model in this process;
+//! [`StoredTeacher`] serves the top-k log-probabilities a run stored earlier. A teacher behind
+//! an inference server is one more implementation, not a fork of every stage.
+use crate::base::batch::{chunk_rows, pad_right, row_chunks};
+use crate::data::teacher_logits::LogitsReader;
+use crate::model::decode::{generate_until, Sampling};
+use crate::model::tokenizer::{SpecialTokens, Tok};
+use crate::model::{CausalLm, ModelFiles};
+use crate::base::rng::SplitMix64;
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::Value;
+use std::cell::RefCell;
+use tch::{Kind, Tensor};
+
+/// One sequence to be scored: `ids[from..]` are the targets, each predicted from its prefix.
+/// `record` is the caller's record index (a stored teacher finds its rows by it).
+#[derive(Clone, Copy, Debug)]
+pub struct Query<'a> {
+    pub record: usize,
+    pub ids: &'a [i64],
+    pub from: usize,
+}
+
+impl Query<'_> {
+    pub fn targets(&self) -> i64 {
+        self.ids.len().saturating_sub(self.from.max(1)) as i64
+    }
+}
+
+/// Stored top-k log-probabilities for a set of rows, with the mass outside them.
+pub struct SparseTeacher {
+    /// `[n, k]` int64 token ids.
+    pub indices: Tensor,
+    /// `[n, k]` fp32 log-probabilities (temperature 1).
+    pub logprobs: Tensor,
+    /// `[n]` fp32 log of the probability mass outside the top-k.
+    pub tail_logmass: Tensor,
+}
+
+impl SparseTeacher {
+    pub fn narrow(&self, start: i64, len: i64) -> SparseTeacher {
+        SparseTeacher {
+            indices: self.indices.narrow(0, start, len),
+            logprobs: self.logprobs.narrow(0, start, len),
+            tail_logmass: self.tail_logmass.narrow(0, start, len),
+        }
+    }
+
+    fn rows(&self) -> i64 {
+        self.indices.size()[0]
+    }
+}
+
+/// A teacher's next-token distributions (temperature 1) at consecutive target positions.
+pub enum Predictions {
+    /// Full log-probabilities `[n, vocab]` fp32.
+    Dense(Tensor),
+    /// Top-k only. Statistics then treat the mass outside the top-k as one bucket: the
+    /// entropy and KL are those of the bucketed distributions (lower bounds of the full
+    /// ones), and a target outside the top-k gets the tail's log-mass (an upper bound).
+    TopK(SparseTeacher),
+}
+
+impl Predictions {
+    pub fn rows(&self) -> i64 {
+        match self {
+            Predictions::Dense(lp) => lp.size()[0],
+            Predictions::TopK(s) => s.rows(),
+        }
+    }
+
+    /// `[n]` log-probability of each target `[n]`.
+    pub fn target_logprobs(&self, targets: &Tensor) -> Tensor {
+        let t = targets.unsqueeze(1);
+        match self {
+            Predictions::Dense(lp) => lp.gather(1, &t, false).squeeze_dim(1),
+            Predictions::TopK(s) => {
+                let hit = s.indices.eq_tensor(&t); // [n, k]
+                let found = hit.any_dim(1, false);
+                let lp = s.logprobs.masked_fill(&hit.logical_not(), f64::NEG_INFINITY).amax([1i64].as_slice(), false);
+                lp.where_self(&found, &s.tail_logmass)
+            }
+        }
+    }
+
+    /// `[n]` probability of the most likely token.
+    pub fn confidence(&self) -> Tensor {
+        match self {
+            Predictions::Dense(lp) => lp.exp().max_dim(-1, false).0,
+            Predictions::TopK(s) => s.logprobs.narrow(1, 0, 1).squeeze_dim(1).exp(),
+        }
+    }
+
+    /// `[n]` most likely token.
+    pub fn argmax(&self) -> Tensor {
+        match self {
+            Predictions::Dense(lp) => lp.argmax(-1, false),
+            Predictions::TopK(s) => s.indices.narrow(1, 0, 1).squeeze_dim(1),
+        }
+    }
+
+    /// `[n]` entropy in nats.
+    pub fn entropy(&self) -> Tensor {
+        let h = |lp: &Tensor| (lp.exp() * lp).sum_dim_intlist(-1, false, Kind::Float).neg();
+        match self {
+            Predictions::Dense(lp) => h(lp),
+            Predictions::TopK(s) => h(&s.bucketed()),
+        }
+    }
+
+    /// `[n]` KL(teacher || model) for the model's log-probabilities `[n, vocab]`.
+    pub fn kl_to(&self, model_lp: &Tensor) -> Tensor {
+        match self {
+            Predictions::Dense(lp) => (lp.exp() * (lp - model_lp)).sum_dim_intlist(-1, false, Kind::Float),
+            Predictions::TopK(s) => {
+                let lt = s.bucketed();
+                let top = model_lp.gather(1, &s.indices, false);
+                let tail = top.logsumexp(-1, true).exp().neg().g_add_scalar(1.0).clamp_min(1e-30).log();
+                let lm = Tensor::cat(&[top, tail], 1);
+                (lt.exp() * (&lt - lm)).sum_dim_intlist(-1, false, Kind::Float)
+            }
+        }
+    }
+}
+
+impl SparseTeacher {
+    /// `[n, k + 1]`: the top-k log-probabilities and the tail bucket.
+    pub fn bucketed(&self) -> Tensor {
+        Tensor::cat(&[self.logprobs.shallow_clone(), self.tail_logmass.unsqueeze(1)], 1)
+    }
+}
+
+/// What every stage may ask of a teacher.
+pub trait Teacher {
+    /// The name runs and records cite (a directory, a hub id, a file).
+    fn name(&self) -> &str;
+    fn vocab_size(&self) -> i64;
+
+    /// Completions of token prompts, up to and including the first EOS; `rngs[i]` is row i's
+    /// sampling stream, and `stop(completion so far)` ends a row early (stop strings).
+    fn generate(
+        &self,
+        prompts: &[Vec<i64>],
+        sampling: &Sampling,
+        rngs: &mut [SplitMix64],
+        stop: &dyn Fn(&[i64]) -> bool,
+    ) -> Result<Vec<Vec<i64>>>;
+
+    /// Teacher-forced predictions of every query's targets, handed to `sink(query index,
+    /// first target row, predictions)` in order, a bounded chunk of rows at a time.
+    /// `batch` sequences share a forward pass where the teacher runs one.
+    fn predict(&self, queries: &[Query], batch: usize, sink: &mut dyn FnMut(usize, i64, Predictions) -> Result<()>) -> Result<()>;
+
+    /// The model itself when it lives in this process (hidden states and attention maps for
+    /// intermediate matching need it).
+    fn local(&self) -> Option<&CausalLm> {
+        None
+    }
+}
+
+/// A model loaded in this process.
+pub struct LocalTeacher {
+    pub model: CausalLm,
+    pub files: ModelFiles,
+    pub tok: Tok,
+    pub special: SpecialTokens,
+    /// Logit rows per chunk (0: automatic, see [`chunk_rows`]).
+    pub chunk: i64,
+}
+
+impl LocalTeacher {
+    pub fn new(model: CausalLm, files: ModelFiles, tok: Tok) -> Result<LocalTeacher> {
+        let special = SpecialTokens::resolve(&files, &model.config)?;
+        Ok(LocalTeacher { model, files, tok, special, chunk: 0 })
+    }
+}
+
+impl Teacher for LocalTeacher {
+    fn name(&self) -> &str {
+        &self.files.name
+    }
+
+    fn vocab_size(&self) -> i64 {
+        self.model.config.vocab_size
+    }
+
+    fn generate(
+        &self,
+        prompts: &[Vec<i64>],
+        sampling: &Sampling,
+        rngs: &mut [SplitMix64],
+        stop: &dyn Fn(&[i64]) -> bool,
+    ) -> Result<Vec<Vec<i64>>> {
+        generate_until(&self.model, prompts, sampling, rngs, stop)
+    }
+
+    fn predict(&self, queries: &[Query], batch: usize, sink: &mut dyn FnMut(usize, i64, Predictions) -> Result<()>) -> Result<()> {
+        let model = &self.model;
+        let chunk = chunk_rows(self.chunk, model.config.vocab_size, model.device());
+        let seqs: Vec<&[i64]> = queries.iter().map(|q| q.ids).collect();
+        tch::no_grad(|| {
+            for start in (0..queries.len()).step_by(batch.max(1)) {
+                let rows: Vec<usize> = (start..(start + batch.max(1)).min(queries.len())).collect();
+                let b = pad_right(&seqs, &rows, 0, model.device());
+                let h = model.forward_hidden(&b.input_ids, Some(&b.attention_mask), Default::default(), None)?.hidden;
+                for (r, &i) in rows.iter().enumerate() {
+                    let q = &queries[i];
+                    let n = q.targets();
+                    let from = q.from.max(1) as i64;
+                    let hi = h.get(r as i64);
+                    for (off, len) in row_chunks(n, chunk) {
+                        let logits = model.logits(&hi.narrow(0, from - 1 + off, len));
+                        sink(i, off, Predictions::Dense(logits.to_kind(Kind::Float).log_softmax(-1, Kind::Float)))?;
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn local(&self) -> Option<&CausalLm> {
+        Some(&self.model)
+    }
+}
+
+/// The top-k a run stored earlier (kd-generate `--store-logits`): one pointer per record,
+/// whose rows predict the record's completion tokens.
+pub struct StoredTeacher {
+    name: String,
+    vocab_size: i64,
+    reader: RefCell<LogitsReader>,
+    /// Per record index: the `teacher_logits` pointer and the prompt length its rows start after.
+    pointers: Vec<Option<(Value, usize)>>,
+}
+
+impl StoredTeacher {
+    pub fn new(name: String, vocab_size: i64, reader: LogitsReader, pointers: Vec<Option<(Value, usize)>>) -> StoredTeacher {
+        StoredTeacher { name, vocab_size, reader: RefCell::new(reader), pointers }
+    }
+
+    /// The stored rows of one record, all of them.
+    pub fn record_rows(&self, record: usize) -> Result<(SparseTeacher, usize)> {
+        let (pointer, from) = self
+            .pointers
+            .get(record)
+            .and_then(Option::as_ref)
+            .with_context(|| format!("record {record} has no stored teacher logits (`teacher_logits`)"))?;
+        let (indices, logprobs, tail_logmass) = self.reader.borrow_mut().rows(pointer)?;
+        Ok((SparseTeacher { indices, logprobs, tail_logmass }, *from))
+    }
+}
+
+impl Teacher for StoredTeacher {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn vocab_size(&self) -> i64 {
+        self.vocab_size
+    }
+
+    fn generate(&self, _: &[Vec<i64>], _: &Sampling, _: &mut [SplitMix64], _: &dyn Fn(&[i64]) -> bool) -> Result<Vec<Vec<i64>>> {
+        bail!("stored teacher logits ({}) cannot generate; give a teacher model", self.name)
+    }
+
+    fn predict(&self, queries: &[Query], _batch: usize, sink: &mut dyn FnMut(usize, i64, Predictions) -> Result<()>) -> Result<()> {
+        for (i, q) in queries.iter().enumerate() {
+            let (rows, from) = self.record_rows(q.record)?;
+            // Rows exist for the completion only: a query may start there or later.
+            ensure!(
+                q.from.max(1) >= from,
+                "record {}: stored teacher logits start at token {from}, but targets from token {} were asked for",
+                q.record,
+                q.from.max(1)
+            );
+            let skip = (q.from.max(1) - from) as i64;
+            let n = q.targets();
+            ensure!(
+                rows.rows() >= skip + n,
+                "record {}: {} stored teacher rows, {} needed (was the sidecar written for these records?)",
+                q.record,
+                rows.rows(),
+                skip + n
+            );
+            sink(i, 0, Predictions::TopK(rows.narrow(skip, n)))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,362 @@
+//! Distillation losses as pure functions over fp32 tensors.
+//!
+//! * [`divergence`]: per-token divergences between teacher and student distributions
+//!   (forward KL, reverse KL, generalised JSD, skew KL, total variation), on any shared
+//!   support: the full vocabulary, or the top-k + tail buckets of offline teacher logits.
+//! * [`hidden_loss_sum`], [`attention_loss_sum`]: intermediate matching, summed over tokens.
+//! * [`chunked_logit_losses`]: CE and KD over token chunks with an immediate backward per
+//!   chunk, so `[tokens, vocab]` fp32 tensors of both models never exist at once.
+//!
+//! Every function returns sums over tokens; the caller divides by the token count of the
+//! optimizer step, so means are token-weighted across micro-batches.
+use crate::base::batch::{chunk_rows, row_chunks};
+use crate::model::CausalLm;
+pub use crate::teacher::SparseTeacher;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Divergence {
+    /// KL(teacher || student): mode-covering (Hinton et al.).
+    ForwardKl,
+    /// KL(student || teacher): mode-seeking (MiniLLM).
+    ReverseKl,
+    /// beta * KL(t || m) + (1 - beta) * KL(s || m), m = beta * t + (1 - beta) * s (GKD).
+    Jsd { beta: f64 },
+    /// KL(t || lambda * t + (1 - lambda) * s) (DistiLLM).
+    SkewKl { lambda: f64 },
+    /// Total variation: 0.5 * sum |t - s|.
+    Tvd,
+}
+
+impl Divergence {
+    pub fn parse(name: &str, jsd_beta: f64, skew_lambda: f64) -> Result<Divergence> {
+        Ok(match name {
+            "forward-kl" | "kl" => Divergence::ForwardKl,
+            "reverse-kl" => Divergence::ReverseKl,
+            "jsd" => {
+                if !(jsd_beta > 0.0 && jsd_beta < 1.0) {
+                    bail!("--jsd-beta must be in (0, 1), got {jsd_beta}");
+                }
+                Divergence::Jsd { beta: jsd_beta }
+            }
+            "skew-kl" => {
+                if !(skew_lambda > 0.0 && skew_lambda < 1.0) {
+                    bail!("--skew-lambda must be in (0, 1), got {skew_lambda}");
+                }
+                Divergence::SkewKl { lambda: skew_lambda }
+            }
+            "tvd" => Divergence::Tvd,
+            other => bail!("--divergence must be forward-kl, reverse-kl, jsd, skew-kl or tvd, got `{other}`"),
+        })
+    }
+}
+
+/// `sum_v p (log p - log q)` per row. Inputs are finite log-probabilities (log_softmax of
+/// finite logits, or the sparse buckets whose tail is floored at log 1e-30), so no clamping
+/// is needed on this hot path.
+fn kl_rows(lp: &Tensor, lq: &Tensor) -> Tensor {
+    (lp.exp() * (lp - lq)).sum_dim_intlist(-1, false, Kind::Float)
+}
+
+/// log(w_a * exp(la) + w_b * exp(lb)), elementwise and stable.
+fn log_mix(la: &Tensor, wa: f64, lb: &Tensor, wb: f64) -> Tensor {
+    Tensor::stack(&[la + wa.ln(), lb + wb.ln()], 0).logsumexp(0, false)
+}
+
+/// Per-row divergence between teacher and student log-probabilities `[n, support] -> [n]`.
+pub fn divergence(lp_teacher: &Tensor, lp_student: &Tensor, d: Divergence) -> Tensor {
+    match d {
+        Divergence::ForwardKl => kl_rows(lp_teacher, lp_student),
+        Divergence::ReverseKl => kl_rows(lp_student, lp_teacher),
+        Divergence::Jsd { beta } => {
+            let lm = log_mix(lp_teacher, beta, lp_student, 1.0 - beta);
+            kl_rows(lp_teacher, &lm) * beta + kl_rows(lp_student, &lm) * (1.0 - beta)
+        }
+        Divergence::SkewKl { lambda } => {
+            let lm = log_mix(lp_teacher, lambda, lp_student, 1.0 - lambda);
+            kl_rows(lp_teacher, &lm)
+        }
+        Divergence::Tvd => (lp_teacher.exp() - lp_student.exp()).abs().sum_dim_intlist(-1, false, Kind::Float) * 0.5,
+    }
+}
+
+/// Temperature-softened KD over full logits `[n, vocab]`, scaled by T^2 so gradient
+/// magnitudes do not shrink as T grows (Hinton et al.). Returns `[n]`.
+pub fn kd_dense(student_logits: &Tensor, teacher_logits: &Tensor, temperature: f64, d: Divergence) -> Tensor {
+    let ls = (student_logits.to_kind(Kind::Float) / temperature).log_softmax(-1, Kind::Float);
+    let lt = (teacher_logits.to_kind(Kind::Float) / temperature).log_softmax(-1, Kind::Float);
+    divergence(&lt, &ls, d) * (temperature * temperature)
+}
+
+/// KD against stored top-k teacher log-probabilities: both distributions are bucketed into
+/// the teacher's k tokens plus one tail bucket. At T != 1 the teacher is re-tempered by
+/// spreading its tail mass evenly over the other tokens. Returns `[n]`, scaled by T^2.
+pub fn kd_sparse(student_logits: &Tensor, teacher: &SparseTeacher, temperature: f64, d: Divergence) -> Tensor {
+    let vocab = student_logits.size()[1];
+    let k = teacher.indices.size()[1];
+    let ls = (student_logits.to_kind(Kind::Float) / temperature).log_softmax(-1, Kind::Float);
+    let ls_top = ls.gather(1, &teacher.indices, false); // [n, k]
+    // log(1 - sum p_top), computed stably from the top-k log-probabilities.
+    let ls_tail = ls_top.logsumexp(-1, true).exp().neg().g_add_scalar(1.0).clamp_min(1e-30).log();
+    let lt = if temperature == 1.0 {
+        Tensor::cat(&[teacher.logprobs.shallow_clone(), teacher.tail_logmass.unsqueeze(1)], 1)
+    } else {
+        let rest = (vocab - k).max(1) as f64;
+        let top = &teacher.logprobs / temperature;
+        let per_tail_token = (&teacher.tail_logmass - rest.ln()) / temperature; // [n]
+        let tail_bucket = per_tail_token.unsqueeze(1) + rest.ln();
+        let joint = Tensor::cat(&[top, tail_bucket], 1);
+        &joint - joint.logsumexp(-1, true)
+    };
+    let ls_b = Tensor::cat(&[ls_top, ls_tail], 1);
+    divergence(&lt, &ls_b, d) * (temperature * temperature)
+}
+
+/// How hidden states are compared.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HiddenMetric {
+    /// Mean squared error over the hidden dimension.
+    Mse,
+    /// 1 - cosine similarity.
+    Cosine,
+    /// Mean squared error over the teacher's mean square, per token: scale-free, so one
+    /// weight suits residual streams of any magnitude (raw MSE between pre-norm hidden
+    /// states can be thousands).
+    NormalizedMse,
+}
+
+/// Sum over valid tokens of the per-token hidden-state distance.
+///
+/// # Shapes
+/// `student` (already projected to the teacher's width) and `teacher`: `[b, t, h]`;
+/// `valid`: `[b, t]` bool.
+impl HiddenMetric {
+    pub const NAMES: &'static str = "mse, normalized-mse or cosine";
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HiddenMetric::Mse => "mse",
+            HiddenMetric::NormalizedMse => "normalized-mse",
+            HiddenMetric::Cosine => "cosine",
+        }
+    }
+}
+
+impl std::str::FromStr for HiddenMetric {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<HiddenMetric> {
+        [HiddenMetric::Mse, HiddenMetric::NormalizedMse, HiddenMetric::Cosine]
+            .into_iter()
+            .find(|m| m.name() == s)
+            .with_context(|| format!("--hidden-metric must be {}, got `{s}`", HiddenMetric::NAMES))
+    }
+}
+
+pub fn hidden_loss_sum(student: &Tensor, teacher: &Tensor, valid: &Tensor, metric: HiddenMetric) -> Tensor {
+    let s = student.to_kind(Kind::Float);
+    let t = teacher.to_kind(Kind::Float);
+    let per_token = match metric {
+        HiddenMetric::Mse => (&s - &t).square().mean_dim(-1, false, Kind::Float),
+        HiddenMetric::Cosine => Tensor::cosine_similarity(&s, &t, -1, 1e-8).neg().g_add_scalar(1.0),
+        HiddenMetric::NormalizedMse => {
+            let scale = t.square().mean_dim(-1, false, Kind::Float).detach() + 1e-6;
+            (&s - &t).square().mean_dim(-1, false, Kind::Float) / scale
+        }
+    };
+    (per_token * valid.to_kind(Kind::Float)).sum(Kind::Float)
+}
+
+/// Averages teacher heads into one group per student head: `[b, ht, q, k] -> [b, hs, q, k]`.
+/// Head `j` of the student is matched with teacher heads `j*r .. (j+1)*r`, r = ht / hs.
+pub fn group_heads(teacher: &Tensor, student_heads: i64) -> Result<Tensor> {
+    let (b, ht, q, k) = teacher.size4()?;
+    if ht % student_heads != 0 {
+        bail!("cannot match attention maps: the student's {student_heads} heads do not divide the teacher's {ht}");
+    }
+    Ok(teacher.view([b, student_heads, ht / student_heads, q, k]).mean_dim(2, false, Kind::Float))
+}
+
+/// Sum over valid query positions (and averaged over heads) of KL(teacher row || student row)
+/// between attention distributions. `valid`: `[b, q]` bool.
+pub fn attention_loss_sum(student: &Tensor, teacher: &Tensor, valid: &Tensor) -> Result<Tensor> {
+    let hs = student.size()[1];
+    let t = group_heads(&teacher.to_kind(Kind::Float), hs)?;
+    let lt = t.clamp_min(1e-12).log();
+    let ls = student.to_kind(Kind::Float).clamp_min(1e-12).log();
+    let kl = (t * (lt - ls)).sum_dim_intlist(-1, false, Kind::Float); // [b, hs, q]
+    let per_query = kl.mean_dim(1, false, Kind::Float);
+    Ok((per_query * valid.to_kind(Kind::Float)).sum(Kind::Float))
+}
+
+/// Where the teacher's distribution at the selected positions comes from.
+pub enum TeacherRows<'a> {
+    /// Teacher hidden states `[n, h_t]`; logits are computed chunk by chunk.
+    Online { model: &'a CausalLm, hidden: Tensor },
+    /// Stored top-k log-probabilities.
+    Offline(SparseTeacher),
+    /// No teacher (CE-only training).
+    None,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct LogitLossWeights {
+    pub alpha: f64,
+    pub beta: f64,
+    pub temperature: f64,
+    pub divergence: Divergence,
+    /// Token rows per chunk (0: automatic, see [`chunk_rows`]).
+    pub chunk: i64,
+}
+
+/// Sums over the rows of the unweighted CE and KD terms.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LogitLossSums {
+    pub ce: f64,
+    pub kd: f64,
+}
+
+/// CE and KD over selected positions, chunk by chunk.
+///
+/// `hidden` is a leaf `[n, h]` (the student's final hidden states at the positions, detached
+/// with `requires_grad`); `targets` `[n]` the next tokens. When `backward` is set, each
+/// chunk's `(alpha * CE + beta * KD) / normalizer` is back-propagated at once, so the
+/// gradient lands in `hidden.grad()` and the output head; only one chunk of logits is alive
+/// at a time.
+///
+/// Forward KL against a live teacher (or CE alone), the default, takes a fused path: the
+/// gradient with respect to the logits is written down directly (`alpha (softmax(z) - onehot)
+/// + beta T (softmax(z/T) - p_teacher)`, over the normaliser) and pushed through the output
+/// head by hand, instead of recording every elementwise op for autograd. Other divergences
+/// and offline logits use autograd ([`chunked_logit_losses_autograd`]); the two agree (tests).
+pub fn chunked_logit_losses(
+    student: &CausalLm,
+    hidden: &Tensor,
+    targets: &Tensor,
+    teacher: &TeacherRows,
+    w: &LogitLossWeights,
+    normalizer: f64,
+    backward: bool,
+) -> LogitLossSums {
+    let fused = backward && w.divergence == Divergence::ForwardKl && !matches!(teacher, TeacherRows::Offline(_));
+    if !fused {
+        return chunked_logit_losses_autograd(student, hidden, targets, teacher, w, normalizer, backward);
+    }
+    let chunk = chunk_rows(w.chunk, student.config.vocab_size, hidden.device());
+    let head = student.lm_head_weight();
+    let mut sums = LogitLossSums::default();
+    for (start, len) in row_chunks(hidden.size()[0], chunk) {
+        let h = hidden.narrow(0, start, len);
+        let tgt = targets.narrow(0, start, len).unsqueeze(1);
+        let (grad_h, grad_head, ce, kd) = tch::no_grad(|| {
+            // Every [len, vocab] buffer below is rewritten in place once it is no longer
+            // read: on CPU each fresh buffer of this size costs page faults as well as a pass.
+            let hd = h.detach();
+            let mut z = student.logits(&hd).to_kind(Kind::Float); // [len, vocab]
+            let ls = z.log_softmax(-1, Kind::Float);
+            let ce = ls.gather(1, &tgt, false).sum(Kind::Double).neg().double_value(&[]);
+            let scale = w.alpha / normalizer;
+            let mut kd = 0.0;
+            // g = d(alpha * CE)/dz = alpha * (softmax(z) - onehot(target)), over the normaliser
+            let mut g = match teacher {
+                TeacherRows::Online { model, hidden: ht } => {
+                    let t = w.temperature;
+                    let mut zt = model.logits(&ht.narrow(0, start, len)).to_kind(Kind::Float);
+                    if t != 1.0 {
+                        let _ = zt.g_div_scalar_(t);
+                    }
+                    let mut lt = zt.log_softmax(-1, Kind::Float);
+                    drop(zt);
+                    let mut pt = lt.exp();
+                    let ls_t = if t == 1.0 {
+                        ls.shallow_clone()
+                    } else {
+                        let _ = z.g_div_scalar_(t);
+                        z.log_softmax(-1, Kind::Float)
+                    };
+                    drop(z);
+                    let diff = lt.g_sub_(&ls_t);
+                    kd = pt.view([-1]).dot(&diff.view([-1])).double_value(&[]) * t * t;
+                    drop(lt);
+                    // d(beta * T^2 * KL(p_t || softmax(z/T)))/dz = beta * T * (softmax(z/T) - p_t)
+                    let c = w.beta * t / normalizer;
+                    let _ = pt.g_mul_scalar_(c);
+                    if t == 1.0 {
+                        drop(ls_t);
+                        let mut g = ls;
+                        let _ = g.exp_().g_mul_scalar_(scale + c).g_sub_(&pt);
+                        g
+                    } else {
+                        let mut q = ls_t;
+                        let _ = q.exp_().g_mul_scalar_(c).g_sub_(&pt);
+                        drop(pt);
+                        let mut g = ls;
+                        let _ = g.exp_().g_mul_scalar_(scale).g_add_(&q);
+                        g
+                    }
+                }
+                _ => {
+                    let mut g = ls;
+                    let _ = g.exp_().g_mul_scalar_(scale);
+                    g
+                }
+            };
+            let _ = g.scatter_add_(1, &tgt, &Tensor::full([len, 1], -scale, (Kind::Float, g.device())));
+            let hf = hd.to_kind(Kind::Float);
+            let grad_h = g.matmul(&head.to_kind(Kind::Float)); // [len, hidden]
+            let grad_head = g.tr().matmul(&hf); // [vocab, hidden]
+            (grad_h, grad_head, ce, kd)
+        });
+        // Hand the two gradients to autograd: d/dx sum(x * g) = g.
+        let surrogate = (&h * grad_h.to_kind(h.kind())).sum(Kind::Float) + (head * grad_head.to_kind(head.kind())).sum(Kind::Float);
+        surrogate.backward();
+        sums.ce += ce;
+        if !matches!(teacher, TeacherRows::None) {
+            sums.kd += kd;
+        }
+    }
+    sums
+}
+
+/// [`chunked_logit_losses`] through autograd, for every divergence and offline logits.
+pub fn chunked_logit_losses_autograd(
+    student: &CausalLm,
+    hidden: &Tensor,
+    targets: &Tensor,
+    teacher: &TeacherRows,
+    w: &LogitLossWeights,
+    normalizer: f64,
+    backward: bool,
+) -> LogitLossSums {
+    let chunk = chunk_rows(w.chunk, student.config.vocab_size, hidden.device());
+    let mut sums = LogitLossSums::default();
+    for (start, len) in row_chunks(hidden.size()[0], chunk) {
+        let logits = student.logits(&hidden.narrow(0, start, len)).to_kind(Kind::Float);
+        let tgt = targets.narrow(0, start, len);
+        let ce = logits.cross_entropy_loss::<Tensor>(&tgt, None, tch::Reduction::Sum, -100, 0.0);
+        let kd = match teacher {
+            TeacherRows::Online { model, hidden: ht } => {
+                let tl = tch::no_grad(|| model.logits(&ht.narrow(0, start, len)).to_kind(Kind::Float));
+                Some(kd_dense(&logits, &tl, w.temperature, w.divergence).sum(Kind::Float))
+            }
+            TeacherRows::Offline(sparse) => {
+                Some(kd_sparse(&logits, &sparse.narrow(start, len), w.temperature, w.divergence).sum(Kind::Float))
+            }
+            TeacherRows::None => None,
+        };
+        sums.ce += ce.double_value(&[]);
+        let mut loss = &ce * (w.alpha / normalizer);
+        if let Some(kd) = kd {
+            sums.kd += kd.double_value(&[]);
+            loss = loss + kd * (w.beta / normalizer);
+        }
+        if backward {
+            loss.backward();
+        }
+    }
+    sums
+}

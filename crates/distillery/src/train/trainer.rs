@@ -1,0 +1,713 @@
+//! The training engine: distillation (alpha * CE + beta * KD + gamma_h * L_hidden +
+//! gamma_a * L_attn), its progressive layer-by-layer schedule, and plain task fine-tuning
+//! (beta = 0, no teacher) through the same loop.
+//!
+//! A run is `setup` (load, validate, resume), `train` (steps with accumulation, clipping,
+//! evaluation, checkpoints) and `finish` (export the student). The training state (fp32
+//! weights, AdamW moments, projections, step) lives in `<out>/train_state/`, apart from the
+//! exported `model.safetensors`, and restores bit for bit on CPU.
+use crate::data::encode::{read_tokenized, Layout};
+use crate::data::examples::{build_examples, Example, Sampler, TrainBatch};
+use crate::model::checkpoint::{load_model, save_pretrained, write_safetensors, ModelFiles};
+use crate::stages::eval::metrics::{evaluate, EvalMetrics};
+use crate::teacher::{LocalTeacher, SparseTeacher, StoredTeacher, Teacher};
+use crate::base::io::{write_atomic, write_json_atomic, write_via_temp};
+use crate::train::losses::{
+    attention_loss_sum, chunked_logit_losses, hidden_loss_sum, Divergence, HiddenMetric, LogitLossWeights, TeacherRows,
+};
+use crate::model::causal_lm::{Capture, CausalLm};
+use crate::train::optim::{AdamW, Schedule};
+use crate::data::records::read_jsonl_numbered;
+use crate::base::device::{parse_device, parse_dtype};
+use crate::base::progress::Progress;
+use crate::data::teacher_logits::LogitsReader;
+use crate::model::tokenizer::Tok;
+use anyhow::{bail, ensure, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{nn, Device, Kind, Tensor};
+
+/// Every setting of a run; saved as `distill_config.json` beside the output.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DistillConfig {
+    pub teacher: Option<String>,
+    pub student: String,
+    pub data: PathBuf,
+    pub out: PathBuf,
+    pub steps: i64,
+    pub alpha: f64,
+    pub beta: f64,
+    pub temperature: f64,
+    pub divergence: Divergence,
+    pub hidden_weight: f64,
+    pub hidden_metric: HiddenMetric,
+    pub attn_weight: f64,
+    pub layer_map: LayerMap,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub seq_len: usize,
+    pub lr: f64,
+    pub min_lr_ratio: f64,
+    pub warmup: i64,
+    pub weight_decay: f64,
+    pub clip: f64,
+    pub eval_data: Option<PathBuf>,
+    pub eval_every: i64,
+    pub save_every: i64,
+    pub log_every: i64,
+    /// Offline mode: the sidecar of stored teacher top-k log-probabilities.
+    pub teacher_logits: Option<PathBuf>,
+    pub schedule: TrainSchedule,
+    /// Steps per progressive phase (default: half the budget spread over the layers).
+    pub phase_steps: Option<i64>,
+    pub include_prompt_loss: bool,
+    /// Token rows per chunk of the logit losses (0: automatic, 16 MiB per fp32 chunk on CPU, 64 MiB on a GPU).
+    pub chunk: i64,
+    pub seed: u64,
+    pub device: String,
+    pub dtype: String,
+}
+
+impl DistillConfig {
+    /// Cheap checks before anything is loaded.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.steps > 0, "--steps must be positive");
+        ensure!(self.batch_size > 0 && self.grad_accum > 0, "--batch-size and --grad-accum must be positive");
+        ensure!(self.seq_len >= 2, "--seq-len must be at least 2");
+        ensure!(self.temperature > 0.0, "--temperature must be positive");
+        for (name, v) in [("--alpha", self.alpha), ("--beta", self.beta), ("--hidden-weight", self.hidden_weight), ("--attn-weight", self.attn_weight)] {
+            ensure!(v >= 0.0 && v.is_finite(), "{name} must be a non-negative number, got {v}");
+        }
+        ensure!(self.lr > 0.0, "--lr must be positive");
+        ensure!(self.chunk >= 0, "--chunk must be 0 (automatic) or positive");
+        let online = self.teacher.is_some() && self.teacher_logits.is_none();
+        if self.beta > 0.0 && self.teacher.is_none() && self.teacher_logits.is_none() {
+            bail!("--beta > 0 needs a teacher (--teacher) or stored teacher logits (--teacher-logits)");
+        }
+        if (self.hidden_weight > 0.0 || self.attn_weight > 0.0 || self.schedule == TrainSchedule::Progressive) && !online {
+            bail!("hidden/attention matching and the progressive schedule need a live teacher (--teacher without --teacher-logits)");
+        }
+        if self.alpha == 0.0 && self.beta == 0.0 && self.hidden_weight == 0.0 && self.attn_weight == 0.0 {
+            bail!("every loss weight is zero; nothing to train");
+        }
+        Ok(())
+    }
+
+    /// Human-readable differences from another config (for resumed runs).
+    pub fn differences(&self, other: &DistillConfig) -> Vec<String> {
+        let a = serde_json::to_value(self).unwrap();
+        let b = serde_json::to_value(other).unwrap();
+        let mut out = vec![];
+        for (k, v) in a.as_object().unwrap() {
+            let w = &b[k];
+            if v != w {
+                out.push(format!("{k}: {w} -> {v}"));
+            }
+        }
+        out
+    }
+}
+
+/// Which student layer imitates which teacher layer in intermediate matching.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LayerMap {
+    /// kd-init's map when the student has one; else each student layer against the teacher
+    /// layer at the same relative depth.
+    Uniform,
+    /// The last layers only.
+    Last,
+    /// Explicit 0-based `(student, teacher)` pairs.
+    Pairs(Vec<(usize, usize)>),
+}
+
+impl std::str::FromStr for LayerMap {
+    type Err = anyhow::Error;
+
+    fn from_str(spec: &str) -> Result<LayerMap> {
+        Ok(match spec {
+            "uniform" => LayerMap::Uniform,
+            "last" => LayerMap::Last,
+            explicit => LayerMap::Pairs(
+                explicit
+                    .split(',')
+                    .map(|pair| {
+                        let (s, t) = pair.split_once(':').with_context(|| format!("--layer-map: `{pair}` is not S:T (or uniform, last)"))?;
+                        let s: usize = s.trim().parse().with_context(|| format!("--layer-map: bad student layer in `{pair}`"))?;
+                        let t: usize = t.trim().parse().with_context(|| format!("--layer-map: bad teacher layer in `{pair}`"))?;
+                        Ok((s, t))
+                    })
+                    .collect::<Result<_>>()?,
+            ),
+        })
+    }
+}
+
+impl std::fmt::Display for LayerMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LayerMap::Uniform => f.write_str("uniform"),
+            LayerMap::Last => f.write_str("last"),
+            LayerMap::Pairs(p) => f.write_str(&p.iter().map(|(s, t)| format!("{s}:{t}")).collect::<Vec<_>>().join(",")),
+        }
+    }
+}
+
+// Saved as its text form (`uniform`, `last`, `0:1,1:3`), as distill_config.json always had it.
+impl Serialize for LayerMap {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for LayerMap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<LayerMap, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl LayerMap {
+    /// The `(student, teacher)` pairs for models of these depths.
+    pub fn pairs(&self, student_layers: usize, teacher_layers: usize, init_map: Option<Vec<usize>>) -> Result<Vec<(usize, usize)>> {
+        Ok(match self {
+            LayerMap::Uniform => match init_map.filter(|m| m.len() == student_layers && m.iter().all(|&t| t < teacher_layers)) {
+                Some(m) => m.into_iter().enumerate().collect(),
+                None => (0..student_layers).map(|s| (s, ((s + 1) * teacher_layers) / student_layers - 1)).collect(),
+            },
+            LayerMap::Last => vec![(student_layers - 1, teacher_layers - 1)],
+            LayerMap::Pairs(pairs) => {
+                for &(s, t) in pairs {
+                    ensure!(s < student_layers, "--layer-map: student has layers 0..{}", student_layers - 1);
+                    ensure!(t < teacher_layers, "--layer-map: teacher has layers 0..{}", teacher_layers - 1);
+                }
+                pairs.clone()
+            }
+        })
+    }
+}
+
+/// Standard training, or progressive: layer-by-layer hidden matching first, then full
+/// distillation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrainSchedule {
+    Standard,
+    Progressive,
+}
+
+impl std::str::FromStr for TrainSchedule {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<TrainSchedule> {
+        match s {
+            "standard" => Ok(TrainSchedule::Standard),
+            "progressive" => Ok(TrainSchedule::Progressive),
+            other => bail!("--schedule must be standard or progressive, got `{other}`"),
+        }
+    }
+}
+
+/// The layer map kd-init recorded, if the student came from kd-init.
+fn init_layer_map(student_dir: &Path) -> Option<Vec<usize>> {
+    let text = std::fs::read_to_string(student_dir.join("distillery_init.json")).ok()?;
+    let v: Value = serde_json::from_str(&text).ok()?;
+    v.get("layer_map")?.as_array()?.iter().map(|x| x.as_u64().map(|u| u as usize)).collect()
+}
+
+/// One logged step: a row of metrics.csv, written and read back by column name.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StepLog {
+    pub step: i64,
+    pub phase: String,
+    pub lr: f64,
+    pub loss: f64,
+    pub ce: f64,
+    pub kd: f64,
+    pub hidden: f64,
+    pub attn: f64,
+    pub grad_norm: f64,
+    pub tokens: i64,
+    pub seconds: f64,
+    pub eval_perplexity: Option<f64>,
+    pub eval_teacher_kl: Option<f64>,
+}
+
+pub struct Summary {
+    pub steps: i64,
+    pub final_eval: Option<EvalMetrics>,
+    pub last: StepLog,
+    pub tokens_per_second: f64,
+}
+
+struct Projections {
+    vs: nn::VarStore,
+    /// Per matched pair: `[h_teacher, h_student]` weight, or `None` when widths agree.
+    weights: Vec<Option<Tensor>>,
+}
+
+const STATE_DIR: &str = "train_state";
+
+pub struct Trainer {
+    pub cfg: DistillConfig,
+    device: Device,
+    /// Compute precision of forward passes (autocast on CUDA); master weights stay fp32.
+    compute: Kind,
+    student: CausalLm,
+    student_files: ModelFiles,
+    /// The live teacher: online KD, intermediate matching, and the teacher KL of evaluations.
+    teacher: Option<LocalTeacher>,
+    /// Stored top-k logits for offline KD.
+    stored: Option<StoredTeacher>,
+    examples: Vec<Example>,
+    eval_seqs: Vec<Vec<i64>>,
+    pairs: Vec<(usize, usize)>,
+    proj: Projections,
+    opt: AdamW,
+    schedule: Schedule,
+    start_step: i64,
+}
+
+/// Unnormalised loss sums of a step (CE and KD over loss tokens, hidden and attention over
+/// valid tokens).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LossSums {
+    pub ce: f64,
+    pub kd: f64,
+    pub hidden: f64,
+    pub attn: f64,
+}
+
+impl std::ops::AddAssign for LossSums {
+    fn add_assign(&mut self, o: LossSums) {
+        self.ce += o.ce;
+        self.kd += o.kd;
+        self.hidden += o.hidden;
+        self.attn += o.attn;
+    }
+}
+
+/// Evaluation batches hold at least this many sequences: no gradients are kept, so they can
+/// be larger than a training micro-batch.
+const EVAL_BATCH_MIN: usize = 8;
+
+fn autocast<T>(on: bool, f: impl FnOnce() -> T) -> T {
+    if on {
+        tch::autocast(true, f)
+    } else {
+        f()
+    }
+}
+
+impl Trainer {
+    /// Loads models and data, checks they fit together, and restores state with `resume`.
+    pub fn setup(cfg: DistillConfig, resume: bool) -> Result<Trainer> {
+        cfg.validate()?;
+        let device = parse_device(&cfg.device)?;
+        let compute = parse_dtype(&cfg.dtype, device)?;
+        ensure!(device.is_cuda() || compute == Kind::Float, "--dtype {}: reduced precision training runs on CUDA only; use f32 on the CPU", cfg.dtype);
+        tch::manual_seed(cfg.seed as i64);
+        let data_records = read_jsonl_numbered(&cfg.data)?;
+        let state_dir = cfg.out.join(STATE_DIR);
+        let resuming = resume && state_dir.join("state.json").is_file();
+        // The student starts from --student; a resumed run takes its weights from the state.
+        let (student, student_files) = load_model(&cfg.student, device, Kind::Float).with_context(|| format!("loading student `{}`", cfg.student))?;
+        let tok = Tok::load(&student_files)?;
+        let online = cfg.teacher.is_some() && cfg.teacher_logits.is_none();
+        let teacher = match &cfg.teacher {
+            Some(t) => {
+                let (teacher, tfiles) = load_model(t, device, compute).with_context(|| format!("loading teacher `{t}`"))?;
+                let ttok = Tok::load(&tfiles)?;
+                if teacher.config.vocab_size != student.config.vocab_size || ttok.vocab_size() != tok.vocab_size() {
+                    bail!(
+                        "student vocabulary ({} logits, tokenizer {}) does not match the teacher's ({} logits, tokenizer {}); \
+                         distillation needs a shared tokenizer (cross-tokenizer distillation is not supported)",
+                        student.config.vocab_size, tok.vocab_size(), teacher.config.vocab_size, ttok.vocab_size()
+                    );
+                }
+                for (_, mut p) in teacher.vs.variables() {
+                    let _ = p.requires_grad_(false);
+                }
+                Some(LocalTeacher::new(teacher, tfiles, ttok)?)
+            }
+            None => None,
+        };
+        let examples = build_examples(&data_records, &cfg.data, &tok, cfg.seq_len, cfg.include_prompt_loss, cfg.teacher_logits.is_some())?;
+        let eval_seqs = match &cfg.eval_data {
+            Some(p) => {
+                let (_, toks) = read_tokenized(p, &tok, Layout::Whole, Some(cfg.seq_len))?;
+                toks.into_iter().map(|t| t.ids).collect()
+            }
+            None => vec![],
+        };
+        let (ls, lt) = (student.num_layers(), teacher.as_ref().map_or(0, |t| t.model.num_layers()));
+        let pairs = if online && (cfg.hidden_weight > 0.0 || cfg.attn_weight > 0.0 || cfg.schedule == TrainSchedule::Progressive) {
+            cfg.layer_map.pairs(ls, lt, init_layer_map(Path::new(&cfg.student)))?
+        } else {
+            vec![]
+        };
+        if cfg.attn_weight > 0.0 {
+            let (hs, ht) = (student.config.num_heads, teacher.as_ref().unwrap().model.config.num_heads);
+            ensure!(ht % hs == 0, "attention matching averages teacher heads per student head: {hs} student heads do not divide {ht} teacher heads");
+        }
+        // Learned projections where widths differ (FitNets); trained with the student.
+        let proj_vs = nn::VarStore::new(device);
+        let weights = pairs
+            .iter()
+            .enumerate()
+            .map(|(i, _)| {
+                let (hs, ht) = (student.config.hidden_size, teacher.as_ref().unwrap().model.config.hidden_size);
+                (hs != ht && cfg.hidden_weight > 0.0 || hs != ht && cfg.schedule == TrainSchedule::Progressive).then(|| {
+                    let bound = 1.0 / (hs as f64).sqrt();
+                    (proj_vs.root() / "proj" / i).var("weight", &[ht, hs], nn::Init::Uniform { lo: -bound, up: bound })
+                })
+            })
+            .collect();
+        let proj = Projections { vs: proj_vs, weights };
+        let mut params: Vec<(String, Tensor)> = student.vs.variables().into_iter().collect();
+        params.extend(proj.vs.variables());
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        let opt = AdamW::new(params, cfg.weight_decay);
+        let schedule = Schedule { lr: cfg.lr, warmup: cfg.warmup, total: cfg.steps, min_ratio: cfg.min_lr_ratio };
+        let stored = cfg.teacher_logits.as_ref().map(|p| {
+            let pointers = data_records.iter().map(|(_, r)| r.get("teacher_logits").cloned().map(|v| (v, 0))).collect();
+            StoredTeacher::new(p.display().to_string(), student.config.vocab_size, LogitsReader::with_file(p), pointers)
+        });
+        let mut trainer = Trainer {
+            cfg,
+            device,
+            compute,
+            student,
+            student_files,
+            teacher,
+            stored,
+            examples,
+            eval_seqs,
+            pairs,
+            proj,
+            opt,
+            schedule,
+            start_step: 0,
+        };
+        if resuming {
+            trainer.restore(&state_dir)?;
+        } else if state_dir.exists() && !resume {
+            bail!("{} holds the state of an earlier run; add --resume to continue it, or choose another --out", state_dir.display());
+        }
+        Ok(trainer)
+    }
+
+    fn restore(&mut self, dir: &Path) -> Result<()> {
+        let state: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)?;
+        let saved: DistillConfig = serde_json::from_value(state["config"].clone()).context("reading the saved configuration")?;
+        let diffs = self.cfg.differences(&saved);
+        if !diffs.is_empty() {
+            eprintln!("kd-distill: warning: the resumed run's settings differ from the saved run's: {}", diffs.join("; "));
+        }
+        // Older states have no `tensors` entry and a fixed file name.
+        let file = state["tensors"].as_str().unwrap_or("state.safetensors");
+        let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(dir.join(file))?.into_iter().collect();
+        tch::no_grad(|| -> Result<()> {
+            for (name, p) in self.opt.params() {
+                let src = tensors.get(&format!("param.{name}")).with_context(|| format!("training state lacks `param.{name}`"))?;
+                p.shallow_clone().copy_(&src.to_device(p.device()));
+            }
+            Ok(())
+        })?;
+        let step = state["step"].as_i64().context("state.json: no step")?;
+        self.opt.load_state(&tensors, step)?;
+        self.start_step = step;
+        eprintln!("kd-distill: resuming at step {step}");
+        Ok(())
+    }
+
+    fn save_state(&self, step: i64) -> Result<()> {
+        let mut tensors: Vec<(String, Tensor)> = self.opt.params().map(|(n, p)| (format!("param.{n}"), p.detach())).collect();
+        tensors.extend(self.opt.state_tensors());
+        // One rename commits a checkpoint: the tensors go to a file named by the step, then
+        // state.json, which names that file, replaces the old one. A kill at any moment
+        // leaves a state.json whose tensors are complete and of its own step.
+        let dir = self.cfg.out.join(STATE_DIR);
+        let file = format!("state-{step:08}.safetensors");
+        write_via_temp(&dir.join(&file), |tmp| write_safetensors(&tensors, tmp))?;
+        write_json_atomic(&dir.join("state.json"), &json!({"step": step, "tensors": file, "config": self.cfg}))?;
+        for entry in std::fs::read_dir(&dir)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            if name != file && name.starts_with("state") && name.ends_with(".safetensors") {
+                let _ = std::fs::remove_file(dir.join(name));
+            }
+        }
+        save_pretrained(&self.student, &self.cfg.out, Some(&self.student_files), &[("distill_config.json", &serde_json::to_value(&self.cfg)?)])
+    }
+
+    /// The phase of a step: progressive phases train the first `depth` student layers on
+    /// hidden matching alone; `None` is full distillation.
+    fn phase(&self, step: i64) -> Option<usize> {
+        if self.cfg.schedule != TrainSchedule::Progressive {
+            return None;
+        }
+        let depths: Vec<usize> = {
+            let mut d: Vec<usize> = self.pairs.iter().map(|p| p.0 + 1).collect();
+            d.sort();
+            d.dedup();
+            d
+        };
+        let per = self.cfg.phase_steps.unwrap_or((self.cfg.steps / 2 / depths.len().max(1) as i64).max(1));
+        let k = (step / per) as usize;
+        depths.get(k).copied()
+    }
+
+    fn micro_batches(&self, sampler: &mut Sampler, step: i64) -> Vec<TrainBatch> {
+        let per_step = self.cfg.batch_size * self.cfg.grad_accum;
+        (0..self.cfg.grad_accum)
+            .map(|m| {
+                let base = step as usize * per_step + m * self.cfg.batch_size;
+                let which: Vec<usize> = (0..self.cfg.batch_size).map(|j| sampler.at(base + j)).collect();
+                TrainBatch::new(&self.examples, &which, self.device)
+            })
+            .collect()
+    }
+
+    /// The stored teacher rows of a micro-batch's loss targets, in batch order.
+    fn stored_rows(&self, batch: &TrainBatch) -> Result<SparseTeacher> {
+        let stored = self.stored.as_ref().expect("offline mode has stored logits");
+        let (mut idx, mut lp, mut tail) = (vec![], vec![], vec![]);
+        for &e in &batch.examples {
+            let ex = &self.examples[e];
+            let (rows, _) = stored.record_rows(ex.record)?;
+            let need = ex.loss_targets() as i64;
+            ensure!(rows.indices.size()[0] >= need, "stored teacher logits have {} rows, the example needs {need}", rows.indices.size()[0]);
+            idx.push(rows.indices.narrow(0, 0, need));
+            lp.push(rows.logprobs.narrow(0, 0, need));
+            tail.push(rows.tail_logmass.narrow(0, 0, need));
+        }
+        Ok(SparseTeacher {
+            indices: Tensor::cat(&idx, 0).to_device(self.device),
+            logprobs: Tensor::cat(&lp, 0).to_device(self.device),
+            tail_logmass: Tensor::cat(&tail, 0).to_device(self.device),
+        })
+    }
+
+    /// Forward and backward of one micro-batch; returns its unnormalised loss sums.
+    fn micro_step(&mut self, batch: &TrainBatch, depth: Option<usize>, n_loss: f64, n_valid: f64) -> Result<LossSums> {
+        let amp = self.device.is_cuda() && self.compute != Kind::Float;
+        let want_hidden = depth.is_some() || self.cfg.hidden_weight > 0.0;
+        let want_attn = depth.is_none() && self.cfg.attn_weight > 0.0;
+        let cap = Capture { hidden_states: want_hidden, attentions: want_attn, ..Default::default() };
+        // The live teacher runs only when some loss term reads its output.
+        let teacher_needed = want_hidden || want_attn || (depth.is_none() && self.cfg.beta > 0.0);
+        let t_out = match self.teacher.as_ref().filter(|_| self.cfg.teacher_logits.is_none() && teacher_needed) {
+            Some(t) => Some(tch::no_grad(|| autocast(amp, || t.model.forward_hidden(&batch.input_ids, Some(&batch.attention_mask), cap, None)))?),
+            None => None,
+        };
+        let s_out = autocast(amp, || self.student.forward_hidden(&batch.input_ids, Some(&batch.attention_mask), cap, None))?;
+        let valid = batch.attention_mask.ne(0);
+        let mut sums = LossSums::default();
+        let mut surrogate: Option<Tensor> = None;
+        let mut add = |t: Tensor| {
+            surrogate = Some(match surrogate.take() {
+                Some(s) => s + t,
+                None => t,
+            })
+        };
+        if depth.is_none() && (self.cfg.alpha > 0.0 || self.cfg.beta > 0.0) {
+            let hs = batch.at_loss_positions(&s_out.hidden);
+            let leaf = hs.detach().set_requires_grad(true);
+            let rows = if self.cfg.teacher_logits.is_some() && self.cfg.beta > 0.0 {
+                TeacherRows::Offline(self.stored_rows(batch)?)
+            } else if let (Some(t), Some(o)) = (self.teacher.as_ref(), t_out.as_ref()) {
+                if self.cfg.beta > 0.0 { TeacherRows::Online { model: &t.model, hidden: batch.at_loss_positions(&o.hidden) } } else { TeacherRows::None }
+            } else {
+                TeacherRows::None
+            };
+            let w = LogitLossWeights {
+                alpha: self.cfg.alpha,
+                beta: self.cfg.beta,
+                temperature: self.cfg.temperature,
+                divergence: self.cfg.divergence,
+                chunk: self.cfg.chunk,
+            };
+            let student = &self.student;
+            let s = autocast(amp, || chunked_logit_losses(student, &leaf, &batch.targets, &rows, &w, n_loss, true));
+            sums.ce = s.ce;
+            sums.kd = s.kd;
+            let g = leaf.grad();
+            if g.defined() {
+                add((hs * g).sum(Kind::Float));
+            }
+        }
+        if let Some(t_out) = &t_out {
+            let gh = if depth.is_some() { self.cfg.hidden_weight.max(1.0) } else { self.cfg.hidden_weight };
+            if want_hidden && gh > 0.0 {
+                let mut total = Tensor::zeros([], (Kind::Float, self.device));
+                let mut used = 0;
+                for (i, &(s, t)) in self.pairs.iter().enumerate() {
+                    if depth.is_some_and(|d| s >= d) {
+                        continue;
+                    }
+                    let mut hs = s_out.hidden_states[s + 1].to_kind(Kind::Float);
+                    if let Some(w) = &self.proj.weights[i] {
+                        hs = hs.linear::<Tensor>(w, None);
+                    }
+                    total += hidden_loss_sum(&hs, &t_out.hidden_states[t + 1], &valid, self.cfg.hidden_metric);
+                    used += 1;
+                }
+                if used > 0 {
+                    let l = total / used as f64;
+                    sums.hidden = l.double_value(&[]);
+                    add(l * (gh / n_valid));
+                }
+            }
+            if want_attn {
+                let mut total = Tensor::zeros([], (Kind::Float, self.device));
+                for &(s, t) in &self.pairs {
+                    total += attention_loss_sum(&s_out.attentions[s], &t_out.attentions[t], &valid)?;
+                }
+                let l = total / self.pairs.len().max(1) as f64;
+                sums.attn = l.double_value(&[]);
+                add(l * (self.cfg.attn_weight / n_valid));
+            }
+        }
+        if let Some(s) = surrogate {
+            s.backward();
+        }
+        Ok(sums)
+    }
+
+    fn evaluate(&self) -> Result<Option<EvalMetrics>> {
+        if self.eval_seqs.is_empty() {
+            return Ok(None);
+        }
+        let amp = self.device.is_cuda() && self.compute != Kind::Float;
+        let teacher = self.teacher.as_ref().map(|t| t as &dyn Teacher);
+        autocast(amp, || evaluate(&self.student, teacher, &self.eval_seqs, self.cfg.batch_size.max(EVAL_BATCH_MIN), false)).map(Some)
+    }
+
+    /// Runs the remaining steps; writes metrics rows, checkpoints and the final student.
+    pub fn train(&mut self) -> Result<Summary> {
+        let out = self.cfg.out.clone();
+        std::fs::create_dir_all(&out)?;
+        write_json_atomic(&out.join("distill_config.json"), &self.cfg)?;
+        let metrics_path = out.join("metrics.csv");
+        // Rows up to the restored step are kept (rewritten once, atomically); later rows are
+        // appended as they come, without an fsync per step.
+        let kept = read_metric_rows(&metrics_path, self.start_step)?;
+        write_metric_rows(&metrics_path, &kept)?;
+        let mut metrics = MetricsLog::open(&metrics_path, kept.is_empty())?;
+        let mut sampler = Sampler::new(self.examples.len(), self.cfg.seed);
+        let mut progress = Progress::new("distill", (self.cfg.steps - self.start_step) as u64);
+        let start = Instant::now();
+        let mut tokens_done = 0i64;
+        let mut last = StepLog::default();
+        let mut final_eval = None;
+        for step in self.start_step..self.cfg.steps {
+            let depth = self.phase(step);
+            let batches = self.micro_batches(&mut sampler, step);
+            let n_loss: i64 = batches.iter().map(TrainBatch::loss_tokens).sum();
+            let n_valid: i64 = batches.iter().map(TrainBatch::valid_tokens).sum();
+            let mut sums = LossSums::default();
+            for b in &batches {
+                sums += self.micro_step(b, depth, n_loss.max(1) as f64, n_valid.max(1) as f64)?;
+            }
+            let grad_norm = self.opt.clip_grad_norm(self.cfg.clip);
+            let lr = self.schedule.lr_at(step);
+            self.opt.step(lr);
+            self.opt.zero_grad();
+            tokens_done += n_valid;
+            let (ce, kd) = (sums.ce / n_loss.max(1) as f64, sums.kd / n_loss.max(1) as f64);
+            let (hid, att) = (sums.hidden / n_valid.max(1) as f64, sums.attn / n_valid.max(1) as f64);
+            let loss = match depth {
+                Some(_) => self.cfg.hidden_weight.max(1.0) * hid,
+                None => self.cfg.alpha * ce + self.cfg.beta * kd + self.cfg.hidden_weight * hid + self.cfg.attn_weight * att,
+            };
+            ensure!(loss.is_finite(), "loss became {loss} at step {}; lower --lr or check the data", step + 1);
+            let done = step + 1;
+            last = StepLog {
+                step: done,
+                phase: depth.map_or("full".into(), |d| format!("layers<{d}")),
+                lr,
+                loss,
+                ce,
+                kd,
+                hidden: hid,
+                attn: att,
+                grad_norm,
+                tokens: n_valid,
+                seconds: start.elapsed().as_secs_f64(),
+                eval_perplexity: None,
+                eval_teacher_kl: None,
+            };
+            let eval_now = (self.cfg.eval_every > 0 && done % self.cfg.eval_every == 0) || done == self.cfg.steps;
+            if eval_now {
+                if let Some(m) = self.evaluate()? {
+                    last.eval_perplexity = Some(m.perplexity);
+                    last.eval_teacher_kl = m.teacher_kl;
+                    final_eval = Some(m);
+                }
+            }
+            if done % self.cfg.log_every.max(1) == 0 || eval_now {
+                metrics.append(&last)?;
+            }
+            if (self.cfg.save_every > 0 && done % self.cfg.save_every == 0) || done == self.cfg.steps {
+                self.save_state(done)?;
+            }
+            progress.inc(1, &format!("loss {loss:.4}"));
+        }
+        progress.finish();
+        if self.start_step >= self.cfg.steps {
+            // Resumed after the last step: the export may be what was lost.
+            self.save_state(self.cfg.steps)?;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        Ok(Summary { steps: self.cfg.steps, final_eval, last, tokens_per_second: tokens_done as f64 / secs.max(1e-9) })
+    }
+}
+
+fn read_metric_rows(path: &Path, up_to_step: i64) -> Result<Vec<StepLog>> {
+    // A resumed run rewrites the rows logged after its checkpoint, so the CSV stays one row
+    // per step. Rows are read by column name, so reordered columns cannot shift values.
+    let mut rows = vec![];
+    if up_to_step == 0 || !path.exists() {
+        return Ok(rows);
+    }
+    let mut r = csv::Reader::from_path(path)?;
+    for row in r.deserialize::<StepLog>() {
+        let row = row.with_context(|| format!("{}: unreadable metrics row", path.display()))?;
+        if row.step > up_to_step {
+            break;
+        }
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+fn write_metric_rows(path: &Path, rows: &[StepLog]) -> Result<()> {
+    if rows.is_empty() {
+        let _ = std::fs::remove_file(path);
+        return Ok(());
+    }
+    let mut w = csv::Writer::from_writer(vec![]);
+    for r in rows {
+        w.serialize(r)?;
+    }
+    write_atomic(path, &w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?)
+}
+
+/// `metrics.csv`, appended one row per logged step and flushed (a log, not a checkpoint).
+struct MetricsLog {
+    w: csv::Writer<std::fs::File>,
+}
+
+impl MetricsLog {
+    fn open(path: &Path, header: bool) -> Result<MetricsLog> {
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(MetricsLog { w: csv::WriterBuilder::new().has_headers(header).from_writer(f) })
+    }
+
+    fn append(&mut self, row: &StepLog) -> Result<()> {
+        self.w.serialize(row)?;
+        self.w.flush()?;
+        Ok(())
+    }
+}

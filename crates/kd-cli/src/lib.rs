@@ -1,0 +1,146 @@
+//! What every stage binary shares: the entry point (error report and exit status), the
+//! runtime flags (`--device`, `--dtype`), the training-loop flags of kd-distill and
+//! kd-finetune, and model loading. Each binary parses its flags, calls one library
+//! function, and prints its summary.
+use anyhow::Result;
+use distillery::base::device::{parse_device, parse_dtype};
+use distillery::train::losses::{Divergence, HiddenMetric};
+use distillery::train::trainer::{DistillConfig, LayerMap, Summary, TrainSchedule};
+use std::path::PathBuf;
+use tch::{Device, Kind};
+
+/// Runs a stage's body; prints its summary, or `stage: error: ...` with its causes and
+/// exits 1.
+pub fn run(stage: &str, body: impl FnOnce() -> Result<String>) {
+    distillery::base::alloc::tune_cpu_allocator();
+    match body() {
+        Ok(summary) => println!("{summary}"),
+        Err(e) => {
+            eprintln!("{stage}: error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Where and in what precision a stage runs.
+#[derive(clap::Args, Clone, Debug)]
+pub struct Runtime {
+    /// auto (CUDA when present, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Compute precision: auto (bf16 on CUDA, f32 on the CPU), f32, bf16 or f16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+}
+
+impl Runtime {
+    pub fn resolve(&self) -> Result<(Device, Kind)> {
+        let d = parse_device(&self.device)?;
+        Ok((d, parse_dtype(&self.dtype, d)?))
+    }
+}
+
+/// Training-loop flags shared by kd-distill and kd-finetune.
+#[derive(clap::Args)]
+pub struct LoopArgs {
+    #[arg(long, default_value_t = 100)]
+    pub steps: i64,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Final learning rate of the cosine decay, as a fraction of --lr.
+    #[arg(long, default_value_t = 0.1)]
+    pub min_lr_ratio: f64,
+    #[arg(long, default_value_t = 10)]
+    pub warmup: i64,
+    /// Global gradient-norm clip (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// Count prompt tokens in the losses too.
+    #[arg(long)]
+    pub include_prompt_loss: bool,
+    /// Held-out records: perplexity (and teacher KL) every --eval-every steps and at the end.
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    pub eval_every: i64,
+    /// Checkpoint every N steps (and at the end) into <out>/train_state.
+    #[arg(long, default_value_t = 0)]
+    pub save_every: i64,
+    /// A metrics.csv row every N steps.
+    #[arg(long, default_value_t = 1)]
+    pub log_every: i64,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub runtime: Runtime,
+    /// Continue from <out>/train_state.
+    #[arg(long)]
+    pub resume: bool,
+}
+
+impl LoopArgs {
+    /// A task-loss-only configuration (alpha = 1, no teacher).
+    pub fn config(&self, student: String, data: PathBuf, out: PathBuf, lr: f64, weight_decay: f64) -> DistillConfig {
+        DistillConfig {
+            teacher: None,
+            student,
+            data,
+            out,
+            steps: self.steps,
+            alpha: 1.0,
+            beta: 0.0,
+            temperature: 1.0,
+            divergence: Divergence::ForwardKl,
+            hidden_weight: 0.0,
+            hidden_metric: HiddenMetric::Mse,
+            attn_weight: 0.0,
+            layer_map: LayerMap::Uniform,
+            batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
+            seq_len: self.seq_len,
+            lr,
+            min_lr_ratio: self.min_lr_ratio,
+            warmup: self.warmup,
+            weight_decay,
+            clip: self.clip,
+            eval_data: self.eval_data.clone(),
+            eval_every: self.eval_every,
+            save_every: self.save_every,
+            log_every: self.log_every,
+            teacher_logits: None,
+            schedule: TrainSchedule::Standard,
+            phase_steps: None,
+            include_prompt_loss: self.include_prompt_loss,
+            chunk: 0,
+            seed: self.seed,
+            device: self.runtime.device.clone(),
+            dtype: self.runtime.dtype.clone(),
+        }
+    }
+}
+
+/// The last line of a training run.
+pub fn training_summary(s: &Summary, out: &std::path::Path, with_kd: bool) -> String {
+    let mut line = if with_kd {
+        format!(
+            "{} steps, final loss {:.4} (ce {:.4}, kd {:.4}), {:.0} tokens/s",
+            s.steps, s.last.loss, s.last.ce, s.last.kd, s.tokens_per_second
+        )
+    } else {
+        format!("{} steps, final task loss {:.4}", s.steps, s.last.ce)
+    };
+    if let Some(m) = &s.final_eval {
+        line += &format!("; held-out perplexity {:.3}", m.perplexity);
+        if let Some(kl) = m.teacher_kl.filter(|_| with_kd) {
+            line += &format!(", teacher KL {kl:.4}");
+        }
+    }
+    format!("{line} -> {}", out.display())
+}
