@@ -83,13 +83,15 @@ def make_config(arch, vocab):
     return AutoConfig.for_model(arch, **kw)
 
 
-def make_model(arch, out_dir, seed=0, std=0.15, dtype=torch.float32):
+def make_model(arch, out_dir, seed=0, std=0.15, dtype=torch.float32, **overrides):
     from transformers import AutoModelForCausalLM
 
     os.makedirs(out_dir, exist_ok=True)
     fast = build_tokenizer(out_dir)
     torch.manual_seed(seed)
     cfg = make_config(arch, len(fast))
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
     model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():

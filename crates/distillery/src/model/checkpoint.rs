@@ -50,8 +50,11 @@ pub fn resolve(spec: &str) -> Result<ModelFiles> {
     if dir.is_dir() {
         return resolve_dir(spec, dir);
     }
+    if dir.is_file() && dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        return resolve_gguf(spec, dir);
+    }
     if dir.exists() {
-        bail!("model `{spec}` is a file; expected a checkpoint directory or a hub id");
+        bail!("model `{spec}` is a file but not a .gguf; expected a checkpoint directory, a .gguf file or a hub id");
     }
     if spec.starts_with('.') || spec.starts_with('/') || spec.split('/').count() > 2 {
         bail!("model directory `{spec}` does not exist");
@@ -112,6 +115,44 @@ fn resolve_hub(id: &str) -> Result<ModelFiles> {
     Ok(ModelFiles { name: id.to_string(), config, weights, side_files })
 }
 
+/// Where the side files of GGUF models are kept: `$DISTILLERY_CACHE`, else
+/// `$XDG_CACHE_HOME/distillery`, else `~/.cache/distillery`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("DISTILLERY_CACHE") {
+        return PathBuf::from(d);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("distillery")
+}
+
+/// A GGUF file as a checkpoint: its weights are read (and dequantised) from the file itself;
+/// config.json and the tokenizer files, rebuilt from its metadata, are written once to a
+/// cache folder named by the file's path, size and modification time.
+fn resolve_gguf(spec: &str, path: &Path) -> Result<ModelFiles> {
+    use std::hash::{Hash, Hasher};
+    let g = crate::model::gguf::GgufFile::open(path)?;
+    let meta = std::fs::metadata(path)?;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (std::fs::canonicalize(path)?, meta.len(), meta.modified().ok()).hash(&mut h);
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = cache_dir().join("gguf").join(format!("{stem}-{:016x}", h.finish()));
+    if !dir.join("config.json").is_file() {
+        let side = crate::model::gguf_hf::side_files(&g).with_context(|| format!("{}", path.display()))?;
+        atomic_dir(&dir, |tmp| {
+            write_json_atomic(&tmp.join("tokenizer.json"), &side.tokenizer)?;
+            write_json_atomic(&tmp.join("tokenizer_config.json"), &side.tokenizer_config)?;
+            write_json_atomic(&tmp.join("generation_config.json"), &side.generation_config)?;
+            // config.json last: its presence marks a complete folder.
+            write_json_atomic(&tmp.join("config.json"), &side.config)
+        })?;
+    }
+    let side_files = SIDE_FILES.iter().map(|f| dir.join(f)).filter(|p| p.is_file()).collect();
+    Ok(ModelFiles { name: spec.to_string(), config: dir.join("config.json"), weights: vec![path.to_path_buf()], side_files })
+}
+
 /// Checkpoint entries that are buffers, not parameters, in some writers' files.
 fn is_ignorable(name: &str, cfg: &ModelConfig) -> bool {
     cfg.spec().is_buffer(name) || (cfg.tie_word_embeddings && name == "lm_head.weight")
@@ -132,6 +173,11 @@ fn canonical_name(name: &str, cfg: &ModelConfig) -> String {
 pub fn read_tensors(files: &ModelFiles, cfg: &ModelConfig) -> Result<HashMap<String, Tensor>> {
     let mut all = HashMap::new();
     for path in &files.weights {
+        if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            let g = crate::model::gguf::GgufFile::open(path)?;
+            all.extend(crate::model::gguf_hf::hf_tensors(&g, cfg)?);
+            continue;
+        }
         let tensors = Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))?;
         for (name, t) in tensors {
             if is_ignorable(&name, cfg) {

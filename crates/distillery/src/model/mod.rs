@@ -6,6 +6,8 @@ pub mod causal_lm;
 pub mod checkpoint;
 pub mod config;
 pub mod decode;
+pub mod gguf;
+pub mod gguf_hf;
 pub mod tokenizer;
 
 pub use arch::{Arch, ArchSpec};

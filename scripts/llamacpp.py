@@ -1,0 +1,146 @@
+"""llama.cpp from the sources vendored in the `llama-cpp-python` sdist on PyPI: fetched once
+into a cache (never into git), its `convert_hf_to_gguf.py` run as an independent GGUF
+writer, and its C++ tools (`llama-server`, `llama-quantize`) built with cmake and ninja from
+PyPI, the build cached.
+
+    python3 scripts/llamacpp.py fetch          # prints the source folder
+    python3 scripts/llamacpp.py build          # prints the folder holding the binaries
+    python3 scripts/llamacpp.py convert HF_DIR OUT.gguf f32|f16|bf16|q8_0
+    python3 scripts/llamacpp.py answer MODEL.gguf PROMPTS.jsonl N   # greedy chat answers via llama-server
+
+Cache: $DISTILLERY_CACHE (default ~/.cache/distillery)/llama.cpp/<version>.
+"""
+import json
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+import tarfile
+import urllib.request
+from pathlib import Path
+
+VERSION = "0.3.36"  # llama-cpp-python release; pins the vendored llama.cpp
+
+
+def cache_root():
+    base = os.environ.get("DISTILLERY_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "distillery")
+    return Path(base) / "llama.cpp" / VERSION
+
+
+def fetch():
+    """The vendored llama.cpp folder, downloading the sdist on first use."""
+    root = cache_root()
+    src = root / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
+    if (src / "convert_hf_to_gguf.py").is_file():
+        return src
+    root.mkdir(parents=True, exist_ok=True)
+    meta = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/llama-cpp-python/{VERSION}/json"))
+    url = next(u["url"] for u in meta["urls"] if u["packagetype"] == "sdist")
+    if url.startswith("../"):
+        url = "https://pypi.org/" + url.lstrip("./")
+    tmp = root / "sdist.tar.gz.part"
+    with urllib.request.urlopen(url) as r, open(tmp, "wb") as f:
+        shutil.copyfileobj(r, f)
+    with tarfile.open(tmp) as t:
+        t.extractall(root, filter="data")
+    tmp.unlink()
+    return src
+
+
+def build():
+    """Folder with llama-server and llama-quantize, built once (about 5-10 minutes on 2 cores)."""
+    src = fetch()
+    out = src / "build" / "bin"
+    if (out / "llama-server").is_file() and (out / "llama-quantize").is_file():
+        return out
+    venv_bin = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
+    for tool in ("cmake", "ninja"):
+        if shutil.which(tool, path=env["PATH"]) is None:
+            subprocess.run([sys.executable, "-m", "pip", "install", "--only-binary", ":all:", tool], check=True)
+    subprocess.run(["cmake", "-S", str(src), "-B", str(src / "build"), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+                    "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+                    "-DLLAMA_BUILD_EXAMPLES=OFF"], check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(["cmake", "--build", str(src / "build"), "--target", "llama-server", "llama-quantize",
+                    "-j", str(os.cpu_count() or 2)], check=True, env=env, stdout=subprocess.DEVNULL)
+    return out
+
+
+def convert(hf_dir, out, outtype):
+    """llama.cpp's own converter. Tiny test tokenizers are not in its table of known
+    pre-tokenizers (it recognises them by hashing their output), so they are declared
+    GPT-2's, which is what they are (ByteLevel with GPT-2's split)."""
+    src = fetch()
+    sys.path.insert(0, str(src))
+    sys.path.insert(1, str(src / "gguf-py"))
+    import conversion.base as base  # noqa: E402
+
+    known = base.TextModel.get_vocab_base_pre
+
+    def pre(self, tokenizer):
+        try:
+            return known(self, tokenizer)
+        except NotImplementedError:
+            return "gpt-2"
+
+    base.TextModel.get_vocab_base_pre = pre
+    sys.argv = ["convert_hf_to_gguf.py", str(hf_dir), "--outfile", str(out), "--outtype", outtype]
+    runpy.run_path(str(src / "convert_hf_to_gguf.py"), run_name="__main__")
+
+
+def serve(gguf, port, ctx=2048):
+    """A llama-server on 127.0.0.1 for `gguf`, once it answers /health."""
+    import socket
+    import time
+
+    server = subprocess.Popen([str(build() / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                               "-c", str(ctx), "-t", str(os.cpu_count() or 2), "--no-warmup"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                pass
+            if json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)).get("status") == "ok":
+                return server
+        except Exception:
+            time.sleep(0.2)
+    server.kill()
+    raise SystemExit("llama-server did not start")
+
+
+def answer(gguf, prompts, n):
+    """Greedy answers of llama.cpp for the first `n` prompts, through the GGUF's chat template."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = serve(gguf, port)
+    try:
+        for line in list(open(prompts))[: int(n)]:
+            rec = json.loads(line)
+            body = json.dumps({"messages": [{"role": "user", "content": rec["prompt"]}], "temperature": 0,
+                               "max_tokens": 64}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", body,
+                                         {"Content-Type": "application/json"})
+            out = json.load(urllib.request.urlopen(req, timeout=300))
+            print(f"## {rec['prompt']}\n\n{out['choices'][0]['message']['content'].strip()}\n")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    cmd = sys.argv[1]
+    if cmd == "fetch":
+        print(fetch())
+    elif cmd == "build":
+        print(build())
+    elif cmd == "convert":
+        convert(*sys.argv[2:5])
+    elif cmd == "answer":
+        answer(*sys.argv[2:5])
+    else:
+        sys.exit(f"unknown command {cmd}")
