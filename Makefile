@@ -13,7 +13,7 @@ export PATH := $(VENV_ABS)/bin:$(PATH)
 BIN := target/release
 PIPELINE ?= pipelines/default.mk
 
-.PHONY: setup build test test-rust test-python bench demo-teacher clean
+.PHONY: setup build test test-rust test-python test-llamacpp bench demo-teacher clean
 
 setup: build
 
@@ -32,7 +32,14 @@ test-rust:
 	cargo test --release --workspace
 
 test-python:
-	$(PYTHON) -m pytest tests -q
+	$(PYTHON) -m pytest tests -q -m "not llamacpp"
+
+# Tests that run llama.cpp's C++ tools (llama-quantize for the K-quants, llama-server for
+# exported students), built once from the llama-cpp-python sdist into ~/.cache/distillery
+# (about 10 minutes on 2 cores the first time).
+test-llamacpp: build
+	$(PYTHON) scripts/llamacpp.py build
+	$(PYTHON) -m pytest tests -q -m llamacpp
 
 bench: build
 	$(PYTHON) scripts/bench.py --out docs/BENCHMARKS.md

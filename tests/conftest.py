@@ -100,3 +100,7 @@ def trained_llama(tmp_path_factory):
 def held_out(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "held_out.jsonl"
     return write_jsonl(path, [{"id": f"h{i}", "text": t} for i, t in enumerate(HELD_OUT)])
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "llamacpp: needs llama.cpp's C++ tools (make test-llamacpp builds them once)")

@@ -291,3 +291,78 @@ impl Teacher for StoredTeacher {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn dense() -> Tensor {
+        Tensor::from_slice(&[2.0f32, 1.0, 0.5, -1.0, 0.0, 3.0, -2.0, 1.0]).view([2, 4]).log_softmax(-1, Kind::Float)
+    }
+
+    /// Top-k with every token kept is the dense distribution.
+    fn full_topk(lp: &Tensor) -> SparseTeacher {
+        let (logprobs, indices) = lp.topk(4, -1, true, true);
+        SparseTeacher { indices, logprobs, tail_logmass: Tensor::full([2], -1e30, (Kind::Float, Device::Cpu)) }
+    }
+
+    fn close(a: &Tensor, b: &Tensor) -> bool {
+        (a - b).abs().max().double_value(&[]) < 1e-5
+    }
+
+    #[test]
+    fn top_k_with_every_token_agrees_with_dense() {
+        let lp = dense();
+        let (d, s) = (Predictions::Dense(lp.shallow_clone()), Predictions::TopK(full_topk(&lp)));
+        let targets = Tensor::from_slice(&[3i64, 1]);
+        let model = Tensor::from_slice(&[0.1f32, 0.2, 0.3, 0.4, 0.4, 0.3, 0.2, 0.1]).view([2, 4]).log();
+        assert!(close(&d.target_logprobs(&targets), &s.target_logprobs(&targets)));
+        assert!(close(&d.confidence(), &s.confidence()));
+        assert!(close(&d.entropy(), &s.entropy()));
+        assert!(close(&d.kl_to(&model), &s.kl_to(&model)));
+        assert!(d.argmax().equal(&s.argmax()));
+    }
+
+    #[test]
+    fn a_target_outside_the_top_k_gets_the_tail_mass() {
+        let lp = dense();
+        let (top, idx) = lp.topk(2, -1, true, true);
+        let tail = top.logsumexp(-1, false).exp().neg().g_add_scalar(1.0).log();
+        let s = Predictions::TopK(SparseTeacher { indices: idx, logprobs: top, tail_logmass: tail.shallow_clone() });
+        // Row 0's least likely token (id 3) is outside its top-2; row 1's best (id 1) is inside.
+        let got = s.target_logprobs(&Tensor::from_slice(&[3i64, 1]));
+        let got = Vec::<f32>::try_from(got).unwrap();
+        assert!((got[0] - tail.double_value(&[0]) as f32).abs() < 1e-6);
+        assert!((got[1] - lp.double_value(&[1, 1]) as f32).abs() < 1e-6);
+        // Bucketed entropy never exceeds the full one.
+        let (hd, hs) = (Predictions::Dense(lp).entropy(), s.entropy());
+        assert!(Vec::<f32>::try_from(hs - hd).unwrap().iter().all(|x| *x <= 1e-6));
+    }
+
+    #[test]
+    fn stored_teacher_serves_a_record_s_rows_from_its_prompt_on() {
+        let lp = dense();
+        let mut w = crate::data::teacher_logits::LogitsWriter::new(2);
+        let mut p = w.push_logprobs(&lp);
+        let dir = std::env::temp_dir().join(format!("distillery-stored-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("t.logits.safetensors");
+        w.write(&file).unwrap();
+        p["file"] = serde_json::json!("t.logits.safetensors");
+        let reader = LogitsReader::with_file(&file);
+        let t = StoredTeacher::new("stored".into(), 4, reader, vec![None, Some((p, 3))]);
+        let ids = [0i64, 1, 2, 3, 1];
+        let mut rows = vec![];
+        t.predict(&[Query { record: 1, ids: &ids, from: 3 }], 1, &mut |_, _, pred| {
+            rows.push(pred.rows());
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(rows, [2]);
+        let err = t.predict(&[Query { record: 1, ids: &ids, from: 1 }], 1, &mut |_, _, _| Ok(())).unwrap_err().to_string();
+        assert!(err.contains("start at token 3"), "{err}");
+        assert!(t.predict(&[Query { record: 0, ids: &ids, from: 3 }], 1, &mut |_, _, _| Ok(())).is_err());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
