@@ -53,10 +53,32 @@ pub fn resolve(spec: &str) -> Result<ModelFiles> {
     if dir.exists() {
         bail!("model `{spec}` is a file; expected a checkpoint directory or a hub id");
     }
-    if spec.starts_with('.') || spec.starts_with('/') || spec.split('/').count() > 2 {
-        bail!("model directory `{spec}` does not exist");
+    if !looks_like_hub_id(spec) {
+        bail!("model directory `{spec}` does not exist (and `{spec}` is not a hub id, so the hub is not asked)");
     }
     resolve_hub(spec)
+}
+
+/// `name` or `owner/name` with the hub's characters (letters, digits, `-`, `_`, `.`; no
+/// leading or doubled separators, at most 96 characters each). Anything else is a path that
+/// does not exist, never a network request.
+pub fn looks_like_hub_id(spec: &str) -> bool {
+    let parts: Vec<&str> = spec.split('/').collect();
+    parts.len() <= 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.len() <= 96
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && p.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && !p.ends_with('.')
+                && !p.contains("..")
+                && !p.contains("--")
+        })
+}
+
+/// `HF_HUB_OFFLINE` as huggingface_hub reads it (1, true, yes, on).
+pub fn hub_offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
 }
 
 fn resolve_dir(spec: &str, dir: &Path) -> Result<ModelFiles> {
@@ -81,7 +103,7 @@ fn resolve_dir(spec: &str, dir: &Path) -> Result<ModelFiles> {
 }
 
 fn resolve_hub(id: &str) -> Result<ModelFiles> {
-    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let offline = hub_offline();
     let get: Box<dyn Fn(&str) -> Option<PathBuf>> = if offline {
         let cache = hf_hub::Cache::from_env().model(id.to_string());
         Box::new(move |f| cache.get(f))
@@ -334,4 +356,19 @@ pub fn save_pretrained(
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_hub_shaped_names_go_to_the_hub() {
+        for id in ["gpt2", "Qwen/Qwen3-1.7B", "meta-llama/Llama-3.2-1B", "a_b.c/d-e"] {
+            assert!(looks_like_hub_id(id), "{id}");
+        }
+        for path in ["./model", "/abs/model", "runs/a/b", "a//b", "a/", "-x/y", "a/b..c", "x y", "a\\b", "", "a/b.", "a--b/c"] {
+            assert!(!looks_like_hub_id(path), "{path}");
+        }
+    }
 }
