@@ -20,10 +20,15 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-/// A part is committed once it holds this many items ...
+/// A part is committed once it holds this many items (`DISTILLERY_JOURNAL_ITEMS` changes
+/// it: smaller parts lose less to a kill and cost more fsyncs) ...
 const COMMIT_ITEMS: usize = 64;
 /// ... or this long after the previous commit, whichever comes first.
 const COMMIT_EVERY: Duration = Duration::from_secs(30);
+
+fn commit_items() -> usize {
+    std::env::var("DISTILLERY_JOURNAL_ITEMS").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0).unwrap_or(COMMIT_ITEMS)
+}
 
 /// The journal directory of an output file.
 pub fn journal_dir(out: &Path) -> PathBuf {
@@ -148,7 +153,7 @@ impl Journal {
 
     /// Whether the current part is big or old enough to commit (call between batches).
     pub fn due(&self) -> bool {
-        self.pending.len() >= COMMIT_ITEMS || (!self.pending.is_empty() && self.last_commit.elapsed() >= COMMIT_EVERY)
+        self.pending.len() >= commit_items() || (!self.pending.is_empty() && self.last_commit.elapsed() >= COMMIT_EVERY)
     }
 
     /// Commits the pending items as a part; `extra` writes the part's binary file (called

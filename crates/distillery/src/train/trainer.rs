@@ -468,7 +468,8 @@ impl Trainer {
         let state_bytes: u64 = tensors.iter().map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64).sum();
         let export_bytes: u64 = self.student.vs.variables().values().map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64).sum();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}; {intact}", dir.display()))?;
-        ensure_space(&dir, state_bytes + export_bytes + (1 << 20), &format!("the checkpoint of step {step}"))
+        let needed = state_bytes + export_bytes;
+        ensure_space(&dir, needed + needed / 64 + (64 << 10), &format!("the checkpoint of step {step}"))
             .with_context(|| format!("not saving step {step}; {intact}"))?;
         // One rename commits a checkpoint: the tensors go to a file named by the step, then
         // state.json, which names that file, replaces the old one. A kill at any moment
