@@ -68,7 +68,7 @@ def transfer(models, prompts, tmp_path_factory):
 
 def distill_args(models, data, out, *extra, steps=30):
     return ["--teacher", models[0], "--student", models[1], "--data", data, "--out", out, "--steps", steps,
-            "--batch-size", 4, "--lr", 3e-3, "--seed", 1, "--hidden-weight", 0.5, "--device", "cpu", *extra]
+            "--batch-size", 4, "--lr", 3e-3, "--seed", 1, "--device", "cpu", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -165,10 +165,10 @@ def stage_cases(models, prompts, transfer):
         "generate": ("kd-generate", "out.jsonl", ["--teacher", teacher, "--prompts", prompts, "--max-new-tokens", 8,
                                                   "--temperature", 1.0, "--store-logits", 8, "--batch-size", 4]),
         "score": ("kd-generate", "out.jsonl", ["--teacher", teacher, "--prompts", many, "--score", "--store-logits", 8,
-                                               "--batch-size", 2]),
+                                               "--batch-size", 4]),
         "filter": ("kd-filter", "out.jsonl", ["--teacher", teacher, "--student", student, "--data", many,
-                                              "--select", "kl_teacher_student:top:0.5", "--batch-size", 2]),
-        "eval": ("kd-eval", "out.json", ["--model", student, "--teacher", teacher, "--data", many, "--batch-size", 1]),
+                                              "--select", "kl_teacher_student:top:0.5", "--batch-size", 4]),
+        "eval": ("kd-eval", "out.json", ["--model", student, "--teacher", teacher, "--data", many, "--batch-size", 2]),
         "augment": ("kd-augment", "out.jsonl", ["--data", prompts, "--ops", "infill,resample", "--temperatures", 0.7, "--teacher", teacher,
                                                 "--max-new-tokens", 6, "--batch-size", 4, "--seed", 4]),
     }
