@@ -85,7 +85,7 @@ def test_sigterm_at_random_moments_resumes_bit_identical(models, transfer, strai
     straight, seconds = straight_distill
     runs = 20 if SOAK else 2
     rng = random.Random(16)
-    stopped = 0
+    stopped = early = 0
     for i in range(runs):
         out = tmp_path / f"run{i}"
         proc = popen("kd-distill", *distill_args(models, transfer, out))
@@ -94,16 +94,22 @@ def test_sigterm_at_random_moments_resumes_bit_identical(models, transfer, strai
         _, err = proc.communicate()
         if proc.returncode == 0:
             continue  # it had finished: nothing to resume
-        assert proc.returncode == STOPPED, err
         stopped += 1
-        assert "stopped by SIGTERM" in err and "--resume" in err, err
+        if proc.returncode == -signal.SIGTERM:
+            # Signalled while libtorch's libraries were still loading, before main installed
+            # the handlers: nothing had started, so nothing may have been written.
+            early += 1
+            assert not (out / "train_state").exists()
+        else:
+            assert proc.returncode == STOPPED, err
+            assert "stopped by SIGTERM" in err and "--resume" in err, err
         resumed = run_bin("kd-distill", *distill_args(models, transfer, out, "--resume"))
         if "after step" in err:
             step = int(err.split("after step ")[1].split()[0])
             assert f"resuming at step {step}" in resumed.stderr
         assert same_bytes(straight / "model.safetensors", out / "model.safetensors"), f"run {i} differs"
         shutil.rmtree(out)
-    print(f"SIGTERM runs: {runs}, stopped and resumed: {stopped}, all bit-identical")
+    print(f"SIGTERM runs: {runs}, stopped and resumed: {stopped} ({early} before main), all bit-identical")
     assert stopped >= max(1, runs // 2)
 
 
