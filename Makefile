@@ -13,7 +13,7 @@ export PATH := $(VENV_ABS)/bin:$(PATH)
 BIN := target/release
 PIPELINE ?= pipelines/default.mk
 
-.PHONY: setup build test test-rust test-python test-llamacpp bench demo-teacher clean
+.PHONY: setup build test test-rust test-python test-llamacpp soak fuzz bench demo-teacher clean
 
 setup: build
 
@@ -40,6 +40,16 @@ test-python:
 test-llamacpp: build
 	$(PYTHON) scripts/llamacpp.py build
 	$(PYTHON) -m pytest tests -q -m llamacpp
+
+# The long reliability runs: 20 SIGTERM-and-resume runs of kd-distill and three kill -9
+# runs per long stage (the quick variants are part of `make test`).
+soak: build
+	DISTILLERY_SOAK=1 $(PYTHON) -m pytest tests/test_reliability.py -q -s
+
+# The fuzz campaign over every input format (docs/RELIABILITY.md records its counts).
+FUZZ_CASES ?= 20000
+fuzz: build
+	DISTILLERY_FUZZ_CASES=$(FUZZ_CASES) cargo test --release -p distillery --test fuzz -- --nocapture --test-threads 1
 
 bench: build
 	$(PYTHON) scripts/bench.py --out docs/BENCHMARKS.md

@@ -43,6 +43,9 @@ EVAL_CMD     ?= $(BIN)/kd-eval
 REPORT_CMD   ?= $(BIN)/kd-report
 
 COMMON = --device $(DEVICE)
+# The built-in long stages continue an interrupted run from their journal (--resume starts
+# afresh when there is none); a swapped-in program is not given the flag.
+resume_if = $(if $(filter $(BIN)/$(1),$(2)),--resume)
 D = $(RUN)/data
 
 .PHONY: pipeline data init generate filter augment distill baseline chain finetune eval report
@@ -69,12 +72,12 @@ $(RUN)/student-init/model.safetensors: $(D)/.ready
 init: $(RUN)/student-init/model.safetensors
 
 $(RUN)/transfer.jsonl: $(D)/.ready
-	$(GENERATE_CMD) --teacher $(TEACHER) --prompts $(D)/prompts.jsonl --out $@ --max-new-tokens $(GEN_TOKENS) --temperature 1.0 --top-p 0.95 --seed $(SEED) --batch-size 32 $(COMMON)
+	$(GENERATE_CMD) --teacher $(TEACHER) --prompts $(D)/prompts.jsonl --out $@ --max-new-tokens $(GEN_TOKENS) --temperature 1.0 --top-p 0.95 --seed $(SEED) --batch-size 32 $(COMMON) $(call resume_if,kd-generate,$(GENERATE_CMD))
 generate: $(RUN)/transfer.jsonl
 
 # 70% most confident plus 30% hardest for the initial student, near-duplicates removed.
 $(RUN)/filtered.jsonl: $(RUN)/transfer.jsonl $(RUN)/student-init/model.safetensors
-	$(FILTER_CMD) --teacher $(TEACHER) --student $(RUN)/student-init --data $(RUN)/transfer.jsonl --out $@ --dedup near --select teacher_confidence:top:0.7 --select kl_teacher_student:top:0.3 --min-tokens 8 $(COMMON)
+	$(FILTER_CMD) --teacher $(TEACHER) --student $(RUN)/student-init --data $(RUN)/transfer.jsonl --out $@ --dedup near --select teacher_confidence:top:0.7 --select kl_teacher_student:top:0.3 --min-tokens 8 $(COMMON) $(call resume_if,kd-filter,$(FILTER_CMD))
 filter: $(RUN)/filtered.jsonl
 
 $(RUN)/augmented.jsonl: $(RUN)/filtered.jsonl
@@ -104,7 +107,7 @@ $(RUN)/finetuned/model.safetensors: $(RUN)/distilled/model.safetensors
 	$(FINETUNE_CMD) --model $(RUN)/distilled --data $(D)/task.jsonl --out $(RUN)/finetuned --steps $(FT_STEPS) --lr $(FT_LR) --batch-size $(BATCH) --seq-len $(SEQ_LEN) --seed $(SEED) $(COMMON) --resume
 finetune: $(RUN)/finetuned/model.safetensors
 
-EVAL_ARGS = --teacher $(TEACHER) --data $(D)/heldout.jsonl $(EVAL_TASKS) --csv $(RUN)/eval/all.csv $(COMMON)
+EVAL_ARGS = --teacher $(TEACHER) --data $(D)/heldout.jsonl $(EVAL_TASKS) --csv $(RUN)/eval/all.csv $(COMMON) $(call resume_if,kd-eval,$(EVAL_CMD))
 $(RUN)/eval/teacher.json: $(D)/.ready
 	mkdir -p $(RUN)/eval
 	$(EVAL_CMD) --model $(TEACHER) --name teacher --out $@ $(EVAL_ARGS)

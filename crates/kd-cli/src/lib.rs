@@ -4,17 +4,23 @@
 //! function, and prints its summary.
 use anyhow::Result;
 use distillery::base::device::{parse_device, parse_dtype};
+use distillery::base::signals::{self, OnSecond, StopSignal, Stopped, EXIT_STOPPED};
 use distillery::train::losses::{Divergence, HiddenMetric};
 use distillery::train::trainer::{DistillConfig, LayerMap, Summary, TrainSchedule};
 use std::path::PathBuf;
 use tch::{Device, Kind};
 
 /// Runs a stage's body; prints its summary, or `stage: error: ...` with its causes and
-/// exits 1.
+/// exits 1. A run stopped by a signal after saving its state prints where and exits
+/// [`EXIT_STOPPED`] (75).
 pub fn run(stage: &str, body: impl FnOnce() -> Result<String>) {
     distillery::base::alloc::tune_cpu_allocator();
     match body() {
         Ok(summary) => println!("{summary}"),
+        Err(e) if e.downcast_ref::<Stopped>().is_some() => {
+            eprintln!("{stage}: {e}");
+            std::process::exit(EXIT_STOPPED);
+        }
         Err(e) => {
             eprintln!("{stage}: error: {e}");
             for cause in e.chain().skip(1) {
@@ -83,6 +89,30 @@ pub struct LoopArgs {
     /// Continue from <out>/train_state.
     #[arg(long)]
     pub resume: bool,
+    /// Skip up to N optimizer steps whose loss or gradient norm is NaN or infinite (logged);
+    /// with 0 the run stops at the first, keeping the last good state.
+    #[arg(long, default_value_t = 0)]
+    pub skip_nonfinite: usize,
+    /// Checkpoints kept in <out>/train_state (the newest K).
+    #[arg(long, default_value_t = 1)]
+    pub keep_last: usize,
+    #[command(flatten)]
+    pub stop: StopArgs,
+}
+
+/// The signals that stop a long run cleanly.
+#[derive(clap::Args, Clone, Debug)]
+pub struct StopArgs {
+    /// Signals that make the run finish its current optimizer step, save its state and exit
+    /// with status 75 (a second one aborts at once, keeping the last saved state).
+    #[arg(long, value_delimiter = ',', default_value = "TERM,INT,USR1")]
+    pub stop_signals: Vec<StopSignal>,
+}
+
+impl StopArgs {
+    pub fn install(&self, on_second: OnSecond) -> Result<()> {
+        signals::install(&self.stop_signals, on_second)
+    }
 }
 
 impl LoopArgs {
@@ -122,6 +152,8 @@ impl LoopArgs {
             seed: self.seed,
             device: self.runtime.device.clone(),
             dtype: self.runtime.dtype.clone(),
+            skip_nonfinite: self.skip_nonfinite,
+            keep_last: self.keep_last,
         }
     }
 }
@@ -136,6 +168,9 @@ pub fn training_summary(s: &Summary, out: &std::path::Path, with_kd: bool) -> St
     } else {
         format!("{} steps, final task loss {:.4}", s.steps, s.last.ce)
     };
+    if s.skipped > 0 {
+        line += &format!("; {} non-finite step(s) skipped", s.skipped);
+    }
     if let Some(m) = &s.final_eval {
         line += &format!("; held-out perplexity {:.3}", m.perplexity);
         if let Some(kl) = m.teacher_kl.filter(|_| with_kd) {

@@ -81,3 +81,58 @@ pub fn dir_bytes(dir: &Path) -> u64 {
 pub fn files_bytes(files: &[PathBuf]) -> u64 {
     files.iter().filter_map(|w| std::fs::metadata(w).ok()).map(|m| m.len()).sum()
 }
+
+/// FNV-1a, 64 bits: a checksum for journal parts and input fingerprints (torn or swapped
+/// files, not adversaries).
+pub fn fnv64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Identity of an input file for a journal: its size and checksum.
+pub fn file_fingerprint(path: &Path) -> Result<serde_json::Value> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(serde_json::json!({"path": path.display().to_string(), "bytes": bytes.len(), "fnv64": format!("{:016x}", fnv64(&bytes))}))
+}
+
+/// Makes renames inside `dir` durable (a rename is only on disk once its directory is).
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", dir.display()))
+}
+
+/// Bytes free for this user on the file system that holds `path` (or its nearest existing
+/// ancestor).
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut p = path;
+    while !p.exists() {
+        p = p.parent().filter(|q| !q.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    }
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statvfs fills the struct it is given for a valid C string.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return None;
+    }
+    Some(s.f_bavail as u64 * s.f_frsize as u64)
+}
+
+/// Fails before a write of about `needed` bytes into `dir` that cannot fit.
+pub fn ensure_space(dir: &Path, needed: u64, what: &str) -> Result<()> {
+    if let Some(free) = free_bytes(dir) {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        anyhow::ensure!(
+            free >= needed,
+            "not enough free space in {} for {what}: it needs about {:.1} MiB, {:.1} MiB are free",
+            dir.display(),
+            mib(needed),
+            mib(free)
+        );
+    }
+    Ok(())
+}

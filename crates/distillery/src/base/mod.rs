@@ -1,9 +1,13 @@
 //! The base layer: what every other layer uses and nothing model-specific. Atomic file
-//! output, padded token batches and row chunks, seeded random streams, device and precision selection, progress on stderr, and
+//! output, resumable journals, output locks, stop signals, padded token batches and row
+//! chunks, seeded random streams, device and precision selection, progress on stderr, and
 //! the allocator settings of a stage process.
 pub mod alloc;
 pub mod batch;
 pub mod device;
 pub mod io;
+pub mod journal;
+pub mod lock;
 pub mod progress;
 pub mod rng;
+pub mod signals;

@@ -4,7 +4,7 @@ use crate::base::io::write_via_temp;
 use anyhow::{bail, Context, Result};
 use serde_json::{Map, Value};
 use std::collections::HashSet;
-use std::io::{BufRead, BufWriter, Write};
+use std::io::{BufRead, BufWriter, Read, Write};
 use std::path::Path;
 
 pub type Record = Map<String, Value>;
@@ -15,19 +15,99 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Record>> {
     Ok(read_jsonl_numbered(path)?.into_iter().map(|(_, r)| r).collect())
 }
 
+/// The longest line a record may take: far above any real record, low enough that a file
+/// without newlines (a binary file, a corrupt copy) fails fast instead of filling memory.
+pub const MAX_LINE_BYTES: usize = 64 << 20;
+
+/// A JSON value whose objects may not repeat a key: `{"id": "a", "id": "b"}` is an error
+/// (serde_json would keep the last silently). Nesting is bounded by serde_json's recursion
+/// limit (128).
+struct Strict(Value);
+
+impl<'de> serde::Deserialize<'de> for Strict {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Strict, D::Error> {
+        d.deserialize_any(StrictVisitor).map(Strict)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> std::result::Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> std::result::Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_str<E>(self, v: &str) -> std::result::Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> std::result::Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> std::result::Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Value, A::Error> {
+        let mut v = vec![];
+        while let Some(Strict(x)) = seq.next_element()? {
+            v.push(x);
+        }
+        Ok(Value::Array(v))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<Value, A::Error> {
+        let mut m = Map::new();
+        while let Some(k) = map.next_key::<String>()? {
+            let Strict(v) = map.next_value()?;
+            if m.contains_key(&k) {
+                return Err(serde::de::Error::custom(format!("duplicate key `{k}`")));
+            }
+            m.insert(k, v);
+        }
+        Ok(Value::Object(m))
+    }
+}
+
+/// Parses one JSON text strictly (no repeated keys).
+pub fn parse_strict(text: &str) -> serde_json::Result<Value> {
+    serde_json::from_str::<Strict>(text).map(|s| s.0)
+}
+
 /// As [`read_jsonl`], with each record's 1-based line number for later error messages.
 pub fn read_jsonl_numbered(path: &Path) -> Result<Vec<(usize, Record)>> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut reader = std::io::BufReader::new(file);
     let mut records = vec![];
     let mut ids = HashSet::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let n = i + 1;
-        let line = line.with_context(|| format!("{}:{n}: not valid UTF-8", path.display()))?;
+    let mut buf = vec![];
+    for n in 1.. {
+        buf.clear();
+        let read = (&mut reader).take(MAX_LINE_BYTES as u64 + 1).read_until(b'\n', &mut buf).with_context(|| format!("{}:{n}: read error", path.display()))?;
+        if read == 0 {
+            break;
+        }
+        if buf.len() > MAX_LINE_BYTES {
+            bail!("{}:{n}: line longer than {} MiB; a record must fit on one line of at most that size", path.display(), MAX_LINE_BYTES >> 20);
+        }
+        if let Some(pos) = buf.iter().position(|&b| b == 0) {
+            bail!("{}:{n}: NUL byte at column {} (a binary or corrupt file?)", path.display(), pos + 1);
+        }
+        let line = std::str::from_utf8(&buf).map_err(|e| anyhow::anyhow!("{}:{n}: not valid UTF-8 (at byte {} of the line)", path.display(), e.valid_up_to()))?;
         if line.trim().is_empty() {
             continue;
         }
-        let value: Value = serde_json::from_str(&line)
-            .with_context(|| format!("{}:{n}: malformed JSON", path.display()))?;
+        let value = parse_strict(line).with_context(|| format!("{}:{n}: malformed JSON", path.display()))?;
         let Value::Object(rec) = value else {
             bail!("{}:{n}: expected a JSON object", path.display());
         };

@@ -56,10 +56,32 @@ pub fn resolve(spec: &str) -> Result<ModelFiles> {
     if dir.exists() {
         bail!("model `{spec}` is a file but not a .gguf; expected a checkpoint directory, a .gguf file or a hub id");
     }
-    if spec.starts_with('.') || spec.starts_with('/') || spec.split('/').count() > 2 {
-        bail!("model directory `{spec}` does not exist");
+    if !looks_like_hub_id(spec) {
+        bail!("model directory `{spec}` does not exist (and `{spec}` is not a hub id, so the hub is not asked)");
     }
     resolve_hub(spec)
+}
+
+/// `name` or `owner/name` with the hub's characters (letters, digits, `-`, `_`, `.`; no
+/// leading or doubled separators, at most 96 characters each). Anything else is a path that
+/// does not exist, never a network request.
+pub fn looks_like_hub_id(spec: &str) -> bool {
+    let parts: Vec<&str> = spec.split('/').collect();
+    parts.len() <= 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.len() <= 96
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && p.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && !p.ends_with('.')
+                && !p.contains("..")
+                && !p.contains("--")
+        })
+}
+
+/// `HF_HUB_OFFLINE` as huggingface_hub reads it (1, true, yes, on).
+pub fn hub_offline() -> bool {
+    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
 }
 
 fn resolve_dir(spec: &str, dir: &Path) -> Result<ModelFiles> {
@@ -84,7 +106,7 @@ fn resolve_dir(spec: &str, dir: &Path) -> Result<ModelFiles> {
 }
 
 fn resolve_hub(id: &str) -> Result<ModelFiles> {
-    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1" || v.eq_ignore_ascii_case("true"));
+    let offline = hub_offline();
     let get: Box<dyn Fn(&str) -> Option<PathBuf>> = if offline {
         let cache = hf_hub::Cache::from_env().model(id.to_string());
         Box::new(move |f| cache.get(f))
@@ -169,6 +191,71 @@ fn canonical_name(name: &str, cfg: &ModelConfig) -> String {
     }
 }
 
+/// The safetensors format's own header limit.
+const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+
+/// Checks a safetensors file's header against the file before anything is allocated from
+/// it: the header length fits the file, every tensor has a known dtype, its shape's byte
+/// size does not overflow and equals its data range, and that range lies inside the file.
+pub fn check_safetensors(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let name = path.display();
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {name}"))?;
+    let size = f.metadata()?.len();
+    if size < 8 {
+        bail!("{name}: {size} bytes, too short for a safetensors file");
+    }
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)?;
+    let n = u64::from_le_bytes(len);
+    if n > MAX_SAFETENSORS_HEADER || n > size - 8 {
+        bail!("{name}: safetensors header of {n} bytes does not fit the file ({size} bytes) or the format's limit");
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)?;
+    let v: Value = serde_json::from_slice(&header).with_context(|| format!("{name}: safetensors header is not valid JSON"))?;
+    let obj = v.as_object().with_context(|| format!("{name}: safetensors header is not a JSON object"))?;
+    let data = size - 8 - n;
+    for (tensor, t) in obj.iter().filter(|(k, _)| *k != "__metadata__") {
+        let dtype = t.get("dtype").and_then(Value::as_str).with_context(|| format!("{name}: tensor `{tensor}` has no dtype"))?;
+        let width: u64 = match dtype {
+            "F64" | "I64" | "U64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            "I8" | "U8" | "BOOL" | "F8_E4M3" | "F8_E5M2" => 1,
+            other => bail!("{name}: tensor `{tensor}` has unknown dtype `{other}`"),
+        };
+        let shape: Vec<u64> = t
+            .get("shape")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(Value::as_u64).collect())
+            .with_context(|| format!("{name}: tensor `{tensor}` has no valid shape"))?;
+        let bytes = shape
+            .iter()
+            .try_fold(width, |acc, &d| acc.checked_mul(d))
+            .with_context(|| format!("{name}: tensor `{tensor}` declares shape {shape:?}, whose size overflows"))?;
+        let offsets: Vec<u64> = t
+            .get("data_offsets")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(Value::as_u64).collect())
+            .filter(|o: &Vec<u64>| o.len() == 2)
+            .with_context(|| format!("{name}: tensor `{tensor}` has no valid data_offsets"))?;
+        if offsets[0] > offsets[1] || offsets[1] > data || offsets[1] - offsets[0] != bytes {
+            bail!(
+                "{name}: tensor `{tensor}` declares shape {shape:?} ({bytes} bytes of {dtype}) but data offsets {offsets:?} \
+                 (the data section holds {data} bytes)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Reads every tensor of a safetensors file after [`check_safetensors`].
+pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    check_safetensors(path)?;
+    Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))
+}
+
 /// Reads every tensor of the checkpoint's shards.
 pub fn read_tensors(files: &ModelFiles, cfg: &ModelConfig) -> Result<HashMap<String, Tensor>> {
     let mut all = HashMap::new();
@@ -178,6 +265,7 @@ pub fn read_tensors(files: &ModelFiles, cfg: &ModelConfig) -> Result<HashMap<Str
             all.extend(crate::model::gguf_hf::hf_tensors(&g, cfg)?);
             continue;
         }
+        check_safetensors(path)?;
         let tensors = Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))?;
         for (name, t) in tensors {
             if is_ignorable(&name, cfg) {
@@ -230,6 +318,13 @@ pub fn load_model(spec: &str, device: Device, kind: Kind) -> Result<(CausalLm, M
     let files = resolve(spec)?;
     let config = ModelConfig::from_file(&files.config)?;
     let tensors = read_tensors(&files, &config)?;
+    // The model is allocated from config.json: a config far larger than the weights (a
+    // corrupt or hostile file) must fail here, not in a huge allocation.
+    let held: i64 = tensors.values().map(|t| t.numel() as i64).sum();
+    let declared = config.min_params();
+    if declared > held as i128 {
+        bail!("{}: config.json declares at least {declared} parameters, but the weights hold {held}", files.name);
+    }
     let model = CausalLm::new(config, device, kind, InitMode::ForLoading);
     assign_weights(&model, tensors, &files.name)?;
     Ok((model, files))
@@ -307,4 +402,19 @@ pub fn save_pretrained(
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_hub_shaped_names_go_to_the_hub() {
+        for id in ["gpt2", "Qwen/Qwen3-1.7B", "meta-llama/Llama-3.2-1B", "a_b.c/d-e"] {
+            assert!(looks_like_hub_id(id), "{id}");
+        }
+        for path in ["./model", "/abs/model", "runs/a/b", "a//b", "a/", "-x/y", "a/b..c", "x y", "a\\b", "", "a/b.", "a--b/c"] {
+            assert!(!looks_like_hub_id(path), "{path}");
+        }
+    }
 }

@@ -181,6 +181,17 @@ impl ModelConfig {
         self.arch.spec()
     }
 
+    /// A lower bound of the parameter count the config implies (embeddings, query
+    /// projections, two MLP matrices per layer, a learned position table), without
+    /// overflow: loading compares it with the weights before allocating the model.
+    pub fn min_params(&self) -> i128 {
+        let (v, h, i, l) = (self.vocab_size as i128, self.hidden_size as i128, self.intermediate_size as i128, self.num_layers as i128);
+        let q = h.saturating_mul(self.num_heads as i128).saturating_mul(self.head_dim as i128);
+        let positions = if self.spec().positions == Positions::Learned { (self.max_position_embeddings as i128).saturating_mul(h) } else { 0 };
+        let layer = q.saturating_add(h.saturating_mul(i).saturating_mul(2));
+        v.saturating_mul(h).saturating_add(l.saturating_mul(layer)).saturating_add(positions)
+    }
+
     /// Shape rules every architecture shares; checked on load and before building a student.
     pub fn validate(&self) -> Result<()> {
         let positive = [

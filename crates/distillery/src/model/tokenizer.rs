@@ -9,13 +9,38 @@ pub struct Tok {
     inner: tokenizers::Tokenizer,
 }
 
+/// A template post-processor may only name special tokens it defines: tokenizers checks
+/// this when a template is built in code, not when one is read from JSON, and then panics
+/// while encoding.
+fn check_templates(p: &Value) -> Result<()> {
+    match p["type"].as_str() {
+        Some("Sequence") => p["processors"].as_array().into_iter().flatten().try_for_each(check_templates),
+        Some("TemplateProcessing") => {
+            for piece in ["single", "pair"].iter().filter_map(|k| p[*k].as_array()).flatten() {
+                if let Some(id) = piece["SpecialToken"]["id"].as_str() {
+                    anyhow::ensure!(p["special_tokens"].get(id).is_some(), "template names special token `{id}`, which it does not define");
+                }
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
 impl Tok {
     pub fn load(files: &ModelFiles) -> Result<Tok> {
         let path = files
             .side_file("tokenizer.json")
             .with_context(|| format!("model `{}` has no tokenizer.json", files.name))?;
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        // tokenizers 0.22 panics on some JSON syntax errors (inside its decoder section)
+        // instead of returning them: syntax is checked here first, and a panic on valid JSON
+        // still becomes an error.
+        let json: Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
+        check_templates(&json["post_processor"]).with_context(|| format!("{}: post_processor", path.display()))?;
+        let loaded = std::panic::catch_unwind(|| <tokenizers::Tokenizer as std::str::FromStr>::from_str(&text))
+            .map_err(|_| anyhow::anyhow!("{}: cannot load tokenizer: the tokenizers library failed on this file", path.display()))?;
+        let inner = loaded.map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
         Ok(Tok { inner })
     }
 

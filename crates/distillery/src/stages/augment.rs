@@ -11,6 +11,9 @@ use crate::base::progress::Progress;
 use crate::model::tokenizer::Tok;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
+use crate::base::io::file_fingerprint;
+use crate::base::journal::Journal;
+use std::cell::{Cell, RefCell};
 use std::path::Path;
 
 fn words(text: &str) -> Vec<&str> {
@@ -208,11 +211,37 @@ impl AugmentOptions {
 }
 
 /// The teacher of teacher operations: any [`Teacher`], with the tokenizer its prompts are
-/// encoded with and its end-of-sequence ids.
+/// encoded with and its end-of-sequence ids. Its generations go to a journal, numbered in
+/// the order they are asked for, so a resumed run takes finished ones from it.
 pub struct AugmentTeacher<'a> {
-    pub teacher: &'a dyn Teacher,
-    pub tok: &'a Tok,
-    pub eos: Vec<i64>,
+    teacher: &'a dyn Teacher,
+    tok: &'a Tok,
+    eos: Vec<i64>,
+    journal: RefCell<Journal>,
+    /// Generations asked for so far (the journal index of the next one).
+    next: Cell<usize>,
+}
+
+impl AugmentOptions {
+    /// The journal's identity of a run: the input's checksum and every setting that changes
+    /// the teacher's generations.
+    pub fn fingerprint(&self, data: &Path) -> Result<Value> {
+        Ok(json!({
+            "stage": "kd-augment",
+            "data": file_fingerprint(data)?,
+            "ops": self.ops.iter().map(|o| o.name()).collect::<Vec<_>>(),
+            "per_record": self.per_record,
+            "ratio": self.ratio,
+            "fraction": self.fraction,
+            "templates": self.templates.as_ref().map(|t| [&t.paraphrase, &t.to_pivot, &t.from_pivot]),
+            "temperature": self.temperature,
+            "temperatures": self.temperatures,
+            "max_new_tokens": self.max_new_tokens,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "teacher": self.teacher_name,
+        }))
+    }
 }
 
 /// One generation: prompt, the row's seeded stream, temperature.
@@ -226,15 +255,41 @@ fn return_trip(s: Stream) -> Stream {
     }
 }
 
-impl AugmentTeacher<'_> {
+impl<'a> AugmentTeacher<'a> {
+    pub fn new(teacher: &'a dyn Teacher, tok: &'a Tok, eos: Vec<i64>, journal: Journal) -> AugmentTeacher<'a> {
+        AugmentTeacher { teacher, tok, eos, journal: RefCell::new(journal), next: Cell::new(0) }
+    }
+
+    /// The journal, once the output it fed is written (to be finished).
+    pub fn into_journal(self) -> Journal {
+        self.journal.into_inner()
+    }
+
     /// Completions for the jobs, batched; rows of one batch share a temperature.
     fn complete(&self, jobs: &[Job], o: &AugmentOptions) -> Result<Vec<String>> {
         let mut out = vec![String::new(); jobs.len()];
+        let mut journal = self.journal.borrow_mut();
+        let restored = journal.restored().len();
+        let base = self.next.get();
+        self.next.set(base + jobs.len());
         let mut progress = Progress::new("augment", jobs.len() as u64);
         let mut order: Vec<usize> = (0..jobs.len()).collect();
         order.sort_by(|&a, &b| jobs[a].2.total_cmp(&jobs[b].2));
+        let mut at = base;
         for same_t in order.chunk_by(|&a, &b| jobs[a].2 == jobs[b].2) {
             for batch in same_t.chunks(o.batch_size.max(1)) {
+                let first = at;
+                at += batch.len();
+                if at <= restored {
+                    for (pos, &j) in batch.iter().enumerate() {
+                        let v: Value = serde_json::from_str(&journal.restored()[first + pos]).context("reading the journal")?;
+                        ensure!(v["g"].as_u64() == Some((first + pos) as u64), "the journal's generations are not this run's; remove it to start over");
+                        out[j] = v["text"].as_str().context("journal line without `text`")?.to_string();
+                    }
+                    progress.inc(batch.len() as u64, "");
+                    continue;
+                }
+                ensure!(first >= restored, "the journal ends inside a batch; remove it to start over");
                 let prompts: Vec<Vec<i64>> = batch.iter().map(|&j| self.tok.encode(&jobs[j].0, true)).collect::<Result<_>>()?;
                 let s = Sampling {
                     max_new_tokens: o.max_new_tokens,
@@ -245,10 +300,14 @@ impl AugmentTeacher<'_> {
                     pad: 0,
                 };
                 let mut rngs: Vec<SplitMix64> = batch.iter().map(|&j| stream(o.seed, jobs[j].1)).collect();
-                for (&j, ids) in batch.iter().zip(self.teacher.generate(&prompts, &s, &mut rngs, &|_| false)?) {
+                for (pos, (&j, ids)) in batch.iter().zip(self.teacher.generate(&prompts, &s, &mut rngs, &|_| false)?).enumerate() {
                     out[j] = self.tok.decode(&ids, true)?;
+                    journal.push(json!({"g": first + pos, "text": out[j]}).to_string());
                 }
                 progress.inc(batch.len() as u64, "");
+                if journal.due() {
+                    journal.commit(None)?;
+                }
             }
         }
         progress.finish();

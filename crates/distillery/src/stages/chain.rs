@@ -3,6 +3,8 @@
 //! teacher (Mirzadeh et al., teacher assistants). An interrupted chain resumes at its hop:
 //! finished hops are skipped and an unfinished distillation continues from its checkpoint.
 use crate::base::io::write_json_atomic;
+use crate::base::lock::OutputLock;
+use crate::base::signals::{self, Stopped};
 use crate::stages::init::InitMethod;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
@@ -23,6 +25,8 @@ pub struct ChainOptions {
     pub distill_args: String,
     pub seed: u64,
     pub device: String,
+    /// Passed on to each hop's kd-distill (`--stop-signals`).
+    pub stop_signals: String,
 }
 
 /// `layers=3,hidden=192` -> `["--layers", "3", "--hidden", "192"]`, checking the names.
@@ -39,11 +43,44 @@ fn hop_flags(spec: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
+/// Runs one stage binary. The child gets its own process group, so a terminal's Ctrl-C or a
+/// scheduler's signal to this group reaches it only through this process: each stop signal
+/// kd-chain receives is forwarded once (the first makes kd-distill save and exit 75, a
+/// second aborts it).
 fn run_stage(bin_dir: &Path, name: &str, args: &[String]) -> Result<()> {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    if let Some(sig) = signals::stop_requested() {
+        let message = format!("stopped by {} before {name}; run the same kd-chain command again to continue", signals::signal_name(sig));
+        return Err(Stopped { signal: sig, message }.into());
+    }
     eprintln!("kd-chain: {name} {}", args.join(" "));
-    let status = Command::new(bin_dir.join(name)).args(args).status().with_context(|| format!("starting {name}"))?;
+    let mut child = Command::new(bin_dir.join(name)).args(args).process_group(0).spawn().with_context(|| format!("starting {name}"))?;
+    let mut forwarded = 0;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        while forwarded < signals::received() {
+            let sig = signals::stop_requested().unwrap_or(libc::SIGTERM);
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(child.id() as i32, sig) };
+            forwarded += 1;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    if let Some(sig) = signals::stop_requested() {
+        let how = if status.code() == Some(signals::EXIT_STOPPED) { "saved its state and stopped".to_string() } else { format!("ended ({status})") };
+        return Err(Stopped {
+            signal: sig,
+            message: format!("stopped by {}: {name} {how}; run the same kd-chain command again to continue", signals::signal_name(sig)),
+        }
+        .into());
+    }
     if !status.success() {
-        bail!("{name} failed ({status})");
+        match status.signal() {
+            Some(sig) => bail!("{name} was killed by {}", signals::signal_name(sig)),
+            None => bail!("{name} failed ({status})"),
+        }
     }
     Ok(())
 }
@@ -52,6 +89,7 @@ fn run_stage(bin_dir: &Path, name: &str, args: &[String]) -> Result<()> {
 pub fn run(args: &ChainOptions, bin_dir: &Path) -> Result<String> {
     let hops: Vec<Vec<String>> = args.sizes.split(';').map(hop_flags).collect::<Result<_>>()?;
     ensure!(args.init != InitMethod::Prune || args.calib.is_some(), "--init prune needs --calib");
+    let _lock = OutputLock::acquire(&args.out)?;
     let s = |p: &Path| p.display().to_string();
     let mut teacher = args.teacher.clone();
     let mut summary = vec![];
@@ -79,7 +117,7 @@ pub fn run(args: &ChainOptions, bin_dir: &Path) -> Result<String> {
         let mut a = vec![
             "--teacher".into(), teacher.clone(), "--student".into(), s(&init_dir), "--data".into(), s(&args.data),
             "--out".into(), s(&model_dir), "--steps".into(), args.steps.to_string(), "--seed".into(), args.seed.to_string(),
-            "--device".into(), args.device.clone(), "--resume".into(),
+            "--device".into(), args.device.clone(), "--resume".into(), "--stop-signals".into(), args.stop_signals.clone(),
         ];
         if let Some(e) = &args.eval_data {
             a.extend(["--eval-data".into(), s(e)]);

@@ -6,7 +6,9 @@ use crate::base::progress::Progress;
 use crate::base::rng::{stream, Stream, SplitMix64};
 use crate::data::encode::{record_tokens, Layout};
 use crate::data::records::{id_of, prompt_of, write_jsonl, Record};
-use crate::data::teacher_logits::{bytes_per_row, sidecar_path, LogitsWriter};
+use crate::base::io::file_fingerprint;
+use crate::base::journal::Journal;
+use crate::data::teacher_logits::{bytes_per_row, sidecar_path, LogitsWriter, TopRows};
 use crate::model::decode::Sampling;
 use crate::model::tokenizer::{apply_chat_template, Tok};
 use crate::model::ModelFiles;
@@ -30,6 +32,8 @@ pub struct TransferOptions {
     pub chat_template: Option<String>,
     pub ignore_eos: bool,
     pub store_logits: Option<i64>,
+    /// Continue from the journal of an interrupted run (`<out>.journal/`).
+    pub resume: bool,
 }
 
 impl TransferOptions {
@@ -46,6 +50,153 @@ impl TransferOptions {
     }
 }
 
+/// The journal's identity of a run: the inputs' checksums and every setting that changes
+/// the output.
+fn fingerprint(o: &TransferOptions, mode: &str, teacher: &dyn Teacher) -> Result<Value> {
+    Ok(json!({
+        "stage": format!("kd-generate {mode}"),
+        "prompts": file_fingerprint(&o.prompts)?,
+        "teacher": teacher.name(),
+        "device": teacher.local().map(|m| format!("{:?} {:?}", m.device(), m.kind())),
+        "max_new_tokens": o.max_new_tokens,
+        "temperature": o.temperature,
+        "top_k": o.top_k,
+        "top_p": o.top_p,
+        "seed": o.seed,
+        "samples": o.samples,
+        "batch_size": o.batch_size,
+        "stop": o.stop,
+        "chat_template": o.chat_template,
+        "ignore_eos": o.ignore_eos,
+        "store_logits": o.store_logits,
+    }))
+}
+
+/// What the teacher made for each job: completion ids and, with stored logits, their rows.
+struct Done {
+    completions: Vec<Vec<i64>>,
+    rows: Vec<Option<TopRows>>,
+}
+
+/// Runs the jobs (`prompts[j]`) batch by batch in `order`: generates their completions (or
+/// takes `given` ones, in scoring mode) and with `k` stores the teacher's top-K at every
+/// completion position. Finished batches go to the journal, which a resumed run reads back
+/// instead of redoing them.
+#[allow(clippy::too_many_arguments)]
+fn run_jobs(
+    o: &TransferOptions,
+    teacher: &dyn Teacher,
+    prompts: &[Vec<i64>],
+    given: Option<&[Vec<i64>]>,
+    order: &[usize],
+    sampling: Option<(&Sampling, &dyn Fn(&[i64]) -> bool)>,
+    journal: &mut Journal,
+    label: &str,
+) -> Result<Done> {
+    let k = o.store_logits;
+    if let Some(k) = k {
+        ensure!(k >= 1 && k <= teacher.vocab_size(), "--store-logits must be in 1..={}", teacher.vocab_size());
+    }
+    let n = prompts.len();
+    let mut done = Done { completions: vec![vec![]; n], rows: (0..n).map(|_| None).collect() };
+    // Read back what earlier runs finished.
+    let restored = journal.restored();
+    for (range, extra) in journal.restored_parts() {
+        let part_rows = match (k, &extra) {
+            (Some(_), Some(path)) => Some(TopRows::read(path)?),
+            (Some(_), None) => bail!("the journal's part for items {range:?} has no stored logits"),
+            (None, _) => None,
+        };
+        let mut at = 0;
+        for (pos, line) in restored[range.clone()].iter().enumerate() {
+            let v: Value = serde_json::from_str(line).context("reading the journal")?;
+            let j = v["job"].as_u64().context("journal line without `job`")? as usize;
+            ensure!(order.get(range.start + pos) == Some(&j), "the journal's items are not in this run's order; remove it to start over");
+            let ids: Vec<i64> = serde_json::from_value(v["ids"].clone()).context("journal line without `ids`")?;
+            if let Some(r) = &part_rows {
+                let m = ids.len() as i64;
+                ensure!(at + m <= r.rows(), "the journal's stored logits are shorter than its items");
+                done.rows[j] = Some(r.narrow(at, m));
+                at += m;
+            }
+            done.completions[j] = ids;
+        }
+    }
+    let skip = journal.done();
+    ensure!(skip % o.batch_size == 0 || skip == n, "the journal ends inside a batch; remove it to start over");
+    let mut progress = Progress::new(label, (n - skip) as u64);
+    let mut part: Vec<TopRows> = vec![];
+    for (b, batch) in order.chunks(o.batch_size).enumerate().skip(skip / o.batch_size) {
+        let outs = match (sampling, given) {
+            (Some((sampling, stop)), _) => {
+                let ps: Vec<Vec<i64>> = batch.iter().map(|&j| prompts[j].clone()).collect();
+                let mut rngs: Vec<SplitMix64> = batch.iter().map(|&j| stream(o.seed, o.stream_of(j))).collect();
+                teacher.generate(&ps, sampling, &mut rngs, stop)?
+            }
+            (None, Some(given)) => batch.iter().map(|&j| given[j].clone()).collect(),
+            (None, None) => unreachable!("scoring mode passes its completions"),
+        };
+        if let Some(k) = k {
+            let seqs: Vec<Vec<i64>> = batch.iter().zip(&outs).map(|(&j, c)| prompts[j].iter().chain(c).copied().collect()).collect();
+            let queries: Vec<Query> = seqs.iter().zip(batch).map(|(s, &j)| Query { record: j, ids: s, from: prompts[j].len() }).collect();
+            let mut chunks: Vec<Vec<TopRows>> = (0..batch.len()).map(|_| vec![]).collect();
+            teacher.predict(&queries, o.batch_size, &mut |q, _off, pred| {
+                let Predictions::Dense(lp) = pred else { bail!("storing top-{k} logits needs the teacher's full distributions") };
+                // A long completion comes in several chunks, in order.
+                chunks[q].push(TopRows::from_logprobs(&lp, k));
+                Ok(())
+            })?;
+            for (q, &j) in batch.iter().enumerate() {
+                let rows = TopRows::cat(&chunks[q], k);
+                ensure!(rows.rows() == outs[q].len() as i64, "the teacher returned {} rows for a completion of {} tokens", rows.rows(), outs[q].len());
+                part.push(rows.shallow_clone());
+                done.rows[j] = Some(rows);
+            }
+        }
+        for (&j, out) in batch.iter().zip(outs) {
+            journal.push(json!({"job": j, "ids": out}).to_string());
+            done.completions[j] = out;
+        }
+        progress.inc(batch.len() as u64, "");
+        let last = (b + 1) * o.batch_size >= n;
+        if journal.due() || last {
+            match k {
+                Some(k) => {
+                    let rows = TopRows::cat(&part, k);
+                    journal.commit(Some(&|p: &Path| rows.write_to(p)))?;
+                }
+                None => journal.commit(None)?,
+            }
+            part.clear();
+        }
+    }
+    progress.finish();
+    Ok(done)
+}
+
+impl TransferOptions {
+    /// The sampling stream of job `j` (record `j / samples`, sample `j % samples`).
+    fn stream_of(&self, j: usize) -> Stream {
+        Stream::Generate { record: j / self.samples, sample: j % self.samples }
+    }
+}
+
+/// The sidecar from every job's rows in job order, written before the JSONL; returns each
+/// job's pointer.
+fn write_sidecar(rows: Vec<Option<TopRows>>, k: i64, out: &Path) -> Result<Vec<Value>> {
+    let file = sidecar_path(out);
+    let file_name = file.file_name().unwrap().to_string_lossy().into_owned();
+    let mut writer = LogitsWriter::new(k);
+    let mut pointers = vec![];
+    for r in rows {
+        let mut p = writer.push_rows(r.unwrap_or_else(|| TopRows::empty(k)));
+        p["file"] = json!(file_name);
+        pointers.push(p);
+    }
+    writer.write(&file)?;
+    Ok(pointers)
+}
+
 /// Generates the transfer set; returns the summary lines.
 pub fn generate(
     o: &TransferOptions,
@@ -57,7 +208,7 @@ pub fn generate(
     pad: i64,
 ) -> Result<String> {
     o.validate(false)?;
-    // One job per (record, sample); each has its own sampling stream.
+    // One job per (record, sample), in output order; each has its own sampling stream.
     let mut jobs = vec![];
     for (idx, (line, rec)) in numbered.iter().enumerate() {
         let prompt = prompt_of(rec, &o.prompts, *line)?;
@@ -83,25 +234,15 @@ pub fn generate(
         eos: if o.ignore_eos { vec![] } else { eos.to_vec() },
         pad,
     };
-    let mut completions: Vec<Vec<i64>> = vec![vec![]; jobs.len()];
-    let mut progress = Progress::new("generate", jobs.len() as u64);
-    let started = std::time::Instant::now();
-    for chunk in order.chunks(o.batch_size) {
-        let prompts: Vec<Vec<i64>> = chunk.iter().map(|&j| jobs[j].3.clone()).collect();
-        let mut rngs: Vec<SplitMix64> = chunk.iter().map(|&j| stream(o.seed, Stream::Generate { record: jobs[j].0, sample: jobs[j].1 })).collect();
-        let stop = |ids: &[i64]| !o.stop.is_empty() && tok.decode(ids, true).is_ok_and(|t| o.stop.iter().any(|s| t.contains(s.as_str())));
-        let outs = teacher.generate(&prompts, &sampling, &mut rngs, &stop)?;
-        for (&j, out) in chunk.iter().zip(outs) {
-            completions[j] = out;
-        }
-        progress.inc(chunk.len() as u64, "");
-    }
-    progress.finish();
-    let gen_secs = started.elapsed().as_secs_f64();
-
+    let mut journal = Journal::open(&o.out, fingerprint(o, "generate", teacher)?, o.resume)?;
     let prompts: Vec<Vec<i64>> = jobs.iter().map(|j| j.3.clone()).collect();
+    let started = std::time::Instant::now();
+    let stop = |ids: &[i64]| !o.stop.is_empty() && tok.decode(ids, true).is_ok_and(|t| o.stop.iter().any(|s| t.contains(s.as_str())));
+    let done = run_jobs(o, teacher, &prompts, None, &order, Some((&sampling, &stop)), &mut journal, "generate")?;
+    let gen_secs = started.elapsed().as_secs_f64();
+    let completions = done.completions;
     let pointers = match o.store_logits {
-        Some(k) => Some(store_logits(teacher, &prompts, &completions, k, &o.out, o.batch_size)?),
+        Some(k) => Some(write_sidecar(done.rows, k, &o.out)?),
         None => None,
     };
     let teacher_info = json!({
@@ -134,6 +275,7 @@ pub fn generate(
     }
     // The sidecar was written first: a JSONL whose pointers lead nowhere never exists.
     write_jsonl(&o.out, &out)?;
+    journal.finish()?;
     let tokens: usize = completions.iter().map(Vec::len).sum();
     let mut line = format!(
         "{}: {} completions, {tokens} new tokens in {gen_secs:.2}s ({:.1} tokens/s) -> {}",
@@ -146,37 +288,6 @@ pub fn generate(
         line += &format!("\nteacher logits: top-{k}, {} bytes per token -> {}", bytes_per_row(k), sidecar_path(&o.out).display());
     }
     Ok(line)
-}
-
-/// The teacher's top-K at every completion position: the temperature-1 distribution each
-/// completion token was predicted from, written to the sidecar before the JSONL.
-fn store_logits(teacher: &dyn Teacher, prompts: &[Vec<i64>], completions: &[Vec<i64>], k: i64, out: &Path, batch: usize) -> Result<Vec<Value>> {
-    ensure!(k >= 1 && k <= teacher.vocab_size(), "--store-logits must be in 1..={}", teacher.vocab_size());
-    let seqs: Vec<Vec<i64>> = prompts.iter().zip(completions).map(|(p, c)| p.iter().chain(c).copied().collect()).collect();
-    let queries: Vec<Query> = seqs.iter().enumerate().map(|(i, s)| Query { record: i, ids: s, from: prompts[i].len() }).collect();
-    let file = sidecar_path(out);
-    let file_name = file.file_name().unwrap().to_string_lossy().into_owned();
-    let mut writer = LogitsWriter::new(k);
-    let mut pointers = vec![Value::Null; seqs.len()];
-    teacher.predict(&queries, batch, &mut |i, off, pred| {
-        let Predictions::Dense(lp) = pred else { bail!("storing top-{k} logits needs the teacher's full distributions") };
-        let mut pointer = writer.push_logprobs(&lp);
-        if off == 0 {
-            pointer["file"] = json!(file_name);
-            pointers[i] = pointer;
-        } else {
-            // A long completion comes in several chunks: the record's rows grow.
-            let rows = pointers[i]["rows"].as_i64().unwrap_or(0) + lp.size()[0];
-            pointers[i]["rows"] = json!(rows);
-        }
-        Ok(())
-    })?;
-    // Completions with no tokens still point at their (empty) rows.
-    for p in pointers.iter_mut().filter(|p| p.is_null()) {
-        *p = json!({"row": writer.rows(), "rows": 0, "k": k, "file": file_name});
-    }
-    writer.write(&file)?;
-    Ok(pointers)
 }
 
 /// Scoring mode: the teacher's top-K at every predicted position of existing records.
@@ -192,7 +303,10 @@ pub fn score(o: &TransferOptions, numbered: &[(usize, Record)], teacher: &dyn Te
         prompts.push(t.prompt().to_vec());
         completions.push(t.completion().to_vec());
     }
-    let pointers = store_logits(teacher, &prompts, &completions, k, &o.out, o.batch_size)?;
+    let mut journal = Journal::open(&o.out, fingerprint(o, "score", teacher)?, o.resume)?;
+    let order: Vec<usize> = (0..numbered.len()).collect();
+    let done = run_jobs(o, teacher, &prompts, Some(&completions), &order, None, &mut journal, "score")?;
+    let pointers = write_sidecar(done.rows, k, &o.out)?;
     let mut out = Vec::with_capacity(numbered.len());
     for (i, (_, rec)) in numbered.iter().enumerate() {
         let mut rec = rec.clone();
@@ -202,6 +316,7 @@ pub fn score(o: &TransferOptions, numbered: &[(usize, Record)], teacher: &dyn Te
         out.push(rec);
     }
     write_jsonl(&o.out, &out)?;
+    journal.finish()?;
     let rows: usize = completions.iter().map(Vec::len).sum();
     Ok(format!(
         "scored {} records, {rows} positions, top-{k} at {} bytes per token -> {}",

@@ -11,13 +11,15 @@ use crate::data::examples::{build_examples, Example, Sampler, TrainBatch};
 use crate::model::checkpoint::{load_model, save_pretrained, write_safetensors, ModelFiles};
 use crate::stages::eval::metrics::{evaluate, EvalMetrics};
 use crate::teacher::{LocalTeacher, SparseTeacher, StoredTeacher, Teacher};
-use crate::base::io::{write_atomic, write_json_atomic, write_via_temp};
+use crate::base::io::{ensure_space, sync_dir, write_atomic, write_json_atomic, write_via_temp};
+use crate::base::lock::OutputLock;
+use crate::base::signals::{signal_name, stop_requested, Stopped};
 use crate::train::losses::{
     attention_loss_sum, chunked_logit_losses, hidden_loss_sum, Divergence, HiddenMetric, LogitLossWeights, TeacherRows,
 };
 use crate::model::causal_lm::{Capture, CausalLm};
 use crate::train::optim::{AdamW, Schedule};
-use crate::data::records::read_jsonl_numbered;
+use crate::data::records::{id_of, read_jsonl_numbered};
 use crate::base::device::{parse_device, parse_dtype};
 use crate::base::progress::Progress;
 use crate::data::teacher_logits::LogitsReader;
@@ -69,6 +71,17 @@ pub struct DistillConfig {
     pub seed: u64,
     pub device: String,
     pub dtype: String,
+    /// Steps with a non-finite loss or gradient norm that may be skipped (not applied) before
+    /// the run stops; 0 stops at the first.
+    #[serde(default)]
+    pub skip_nonfinite: usize,
+    /// Checkpoints kept in `train_state/` (the newest K).
+    #[serde(default = "one")]
+    pub keep_last: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl DistillConfig {
@@ -83,6 +96,7 @@ impl DistillConfig {
         }
         ensure!(self.lr > 0.0, "--lr must be positive");
         ensure!(self.chunk >= 0, "--chunk must be 0 (automatic) or positive");
+        ensure!(self.keep_last >= 1, "--keep-last must be at least 1");
         let online = self.teacher.is_some() && self.teacher_logits.is_none();
         if self.beta > 0.0 && self.teacher.is_none() && self.teacher_logits.is_none() {
             bail!("--beta > 0 needs a teacher (--teacher) or stored teacher logits (--teacher-logits)");
@@ -236,6 +250,8 @@ pub struct StepLog {
 
 pub struct Summary {
     pub steps: i64,
+    /// Steps skipped for a non-finite loss or gradient norm (`--skip-nonfinite`), this run and earlier ones.
+    pub skipped: usize,
     pub final_eval: Option<EvalMetrics>,
     pub last: StepLog,
     pub tokens_per_second: f64,
@@ -267,6 +283,13 @@ pub struct Trainer {
     opt: AdamW,
     schedule: Schedule,
     start_step: i64,
+    /// Each training record's id, for messages about a step's batch.
+    record_ids: Vec<String>,
+    /// The step of the newest committed checkpoint.
+    last_saved: Option<i64>,
+    /// Non-finite steps skipped so far (saved with the state).
+    skipped: usize,
+    _lock: OutputLock,
 }
 
 /// Unnormalised loss sums of a step (CE and KD over loss tokens, hidden and attention over
@@ -304,6 +327,7 @@ impl Trainer {
     /// Loads models and data, checks they fit together, and restores state with `resume`.
     pub fn setup(cfg: DistillConfig, resume: bool) -> Result<Trainer> {
         cfg.validate()?;
+        let lock = OutputLock::acquire(&cfg.out)?;
         let device = parse_device(&cfg.device)?;
         let compute = parse_dtype(&cfg.dtype, device)?;
         ensure!(device.is_cuda() || compute == Kind::Float, "--dtype {}: reduced precision training runs on CUDA only; use f32 on the CPU", cfg.dtype);
@@ -389,6 +413,10 @@ impl Trainer {
             opt,
             schedule,
             start_step: 0,
+            record_ids: data_records.iter().map(|(_, r)| id_of(r).to_string()).collect(),
+            last_saved: None,
+            skipped: 0,
+            _lock: lock,
         };
         if resuming {
             trainer.restore(&state_dir)?;
@@ -416,29 +444,101 @@ impl Trainer {
             Ok(())
         })?;
         let step = state["step"].as_i64().context("state.json: no step")?;
-        self.opt.load_state(&tensors, step)?;
+        // A skipped step advances the schedule but not AdamW's own count (older states: equal).
+        let opt_step = state["optimizer_step"].as_i64().unwrap_or(step);
+        self.opt.load_state(&tensors, opt_step)?;
+        self.skipped = state["nonfinite_skipped"].as_u64().unwrap_or(0) as usize;
         self.start_step = step;
+        self.last_saved = Some(step);
         eprintln!("kd-distill: resuming at step {step}");
         Ok(())
     }
 
-    fn save_state(&self, step: i64) -> Result<()> {
+    /// Commits a checkpoint of `step`, then exports the student. A failed save leaves the
+    /// previous checkpoint as it was, and the error says so.
+    fn save_state(&mut self, step: i64) -> Result<()> {
+        let dir = self.cfg.out.join(STATE_DIR);
+        let intact = match self.last_saved {
+            Some(s) => format!("the checkpoint of step {s} in {} is intact and --resume continues from it", dir.display()),
+            None => "no earlier checkpoint exists".to_string(),
+        };
         let mut tensors: Vec<(String, Tensor)> = self.opt.params().map(|(n, p)| (format!("param.{n}"), p.detach())).collect();
         tensors.extend(self.opt.state_tensors());
+        // The new tensors and the export are written while the old files still exist.
+        let state_bytes: u64 = tensors.iter().map(|(_, t)| (t.numel() * t.kind().elt_size_in_bytes()) as u64).sum();
+        let export_bytes: u64 = self.student.vs.variables().values().map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64).sum();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}; {intact}", dir.display()))?;
+        let needed = state_bytes + export_bytes;
+        ensure_space(&dir, needed + needed / 64 + (64 << 10), &format!("the checkpoint of step {step}"))
+            .with_context(|| format!("not saving step {step}; {intact}"))?;
         // One rename commits a checkpoint: the tensors go to a file named by the step, then
         // state.json, which names that file, replaces the old one. A kill at any moment
         // leaves a state.json whose tensors are complete and of its own step.
-        let dir = self.cfg.out.join(STATE_DIR);
         let file = format!("state-{step:08}.safetensors");
-        write_via_temp(&dir.join(&file), |tmp| write_safetensors(&tensors, tmp))?;
-        write_json_atomic(&dir.join("state.json"), &json!({"step": step, "tensors": file, "config": self.cfg}))?;
-        for entry in std::fs::read_dir(&dir)? {
-            let name = entry?.file_name().to_string_lossy().into_owned();
-            if name != file && name.starts_with("state") && name.ends_with(".safetensors") {
-                let _ = std::fs::remove_file(dir.join(name));
-            }
-        }
+        let state = json!({
+            "step": step,
+            "tensors": file,
+            "optimizer_step": self.opt.step,
+            "nonfinite_skipped": self.skipped,
+            "config": self.cfg,
+        });
+        let commit = || -> Result<()> {
+            write_via_temp(&dir.join(&file), |tmp| write_safetensors(&tensors, tmp))?;
+            // Per-step copies of state.json let an older kept checkpoint be resumed by hand.
+            write_json_atomic(&dir.join(format!("state-{step:08}.json")), &state)?;
+            write_json_atomic(&dir.join("state.json"), &state)?;
+            sync_dir(&dir)
+        };
+        commit().with_context(|| format!("saving the training state of step {step} failed; {intact}"))?;
+        self.last_saved = Some(step);
+        self.rotate(&dir);
         save_pretrained(&self.student, &self.cfg.out, Some(&self.student_files), &[("distill_config.json", &serde_json::to_value(&self.cfg)?)])
+            .with_context(|| format!("exporting the student to {} failed; the training state of step {step} is saved in {}", self.cfg.out.display(), dir.display()))
+    }
+
+    /// Keeps the newest `--keep-last` checkpoints (tensors and their state-<step>.json).
+    fn rotate(&self, dir: &Path) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let mut steps: Vec<(i64, String)> = entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let step = name.strip_prefix("state-")?.split('.').next()?.parse().ok()?;
+                Some((step, name))
+            })
+            .collect();
+        let mut kept: Vec<i64> = steps.iter().map(|s| s.0).collect();
+        kept.sort_unstable();
+        kept.dedup();
+        let keep_from = kept.len().saturating_sub(self.cfg.keep_last);
+        let keep: std::collections::HashSet<i64> = kept[keep_from..].iter().copied().collect();
+        steps.retain(|(s, _)| !keep.contains(s));
+        for (_, name) in steps {
+            let _ = std::fs::remove_file(dir.join(name));
+        }
+        // The fixed-name tensors of older releases.
+        let _ = std::fs::remove_file(dir.join("state.safetensors"));
+    }
+
+    /// The error of a run stopped by `sig` after finishing step `done` (None: before any step).
+    fn stopped(&self, sig: i32, done: Option<i64>) -> Stopped {
+        let dir = self.cfg.out.join(STATE_DIR);
+        let message = match (done, self.last_saved) {
+            (Some(d), _) => format!(
+                "stopped by {} after step {d} of {}; the training state is saved in {}; run the same command with --resume to continue",
+                signal_name(sig), self.cfg.steps, dir.display()
+            ),
+            (None, Some(s)) => format!("stopped by {} before any step; the checkpoint of step {s} in {} is unchanged", signal_name(sig), dir.display()),
+            (None, None) => format!("stopped by {} before any step; nothing to save", signal_name(sig)),
+        };
+        Stopped { signal: sig, message }
+    }
+
+    /// The record ids of a step's micro-batches, for messages.
+    fn batch_ids(&self, batches: &[TrainBatch]) -> String {
+        let mut ids: Vec<&str> = batches.iter().flat_map(|b| b.examples.iter().map(|&e| self.record_ids[self.examples[e].record].as_str())).collect();
+        ids.dedup();
+        ids.join(", ")
     }
 
     /// The phase of a step: progressive phases train the first `depth` student layers on
@@ -581,7 +681,7 @@ impl Trainer {
         }
         let amp = self.device.is_cuda() && self.compute != Kind::Float;
         let teacher = self.teacher.as_ref().map(|t| t as &dyn Teacher);
-        autocast(amp, || evaluate(&self.student, teacher, &self.eval_seqs, self.cfg.batch_size.max(EVAL_BATCH_MIN), false)).map(Some)
+        autocast(amp, || evaluate(&self.student, teacher, &self.eval_seqs, self.cfg.batch_size.max(EVAL_BATCH_MIN), false, None)).map(Some)
     }
 
     /// Runs the remaining steps; writes metrics rows, checkpoints and the final student.
@@ -601,6 +701,9 @@ impl Trainer {
         let mut tokens_done = 0i64;
         let mut last = StepLog::default();
         let mut final_eval = None;
+        if let Some(sig) = stop_requested() {
+            return Err(self.stopped(sig, None).into());
+        }
         for step in self.start_step..self.cfg.steps {
             let depth = self.phase(step);
             let batches = self.micro_batches(&mut sampler, step);
@@ -612,17 +715,45 @@ impl Trainer {
             }
             let grad_norm = self.opt.clip_grad_norm(self.cfg.clip);
             let lr = self.schedule.lr_at(step);
-            self.opt.step(lr);
-            self.opt.zero_grad();
-            tokens_done += n_valid;
             let (ce, kd) = (sums.ce / n_loss.max(1) as f64, sums.kd / n_loss.max(1) as f64);
             let (hid, att) = (sums.hidden / n_valid.max(1) as f64, sums.attn / n_valid.max(1) as f64);
             let loss = match depth {
                 Some(_) => self.cfg.hidden_weight.max(1.0) * hid,
                 None => self.cfg.alpha * ce + self.cfg.beta * kd + self.cfg.hidden_weight * hid + self.cfg.attn_weight * att,
             };
-            ensure!(loss.is_finite(), "loss became {loss} at step {}; lower --lr or check the data", step + 1);
             let done = step + 1;
+            // The guard runs before the update, so a poisoned step never reaches the weights
+            // or the AdamW moments.
+            if !(loss.is_finite() && grad_norm.is_finite()) {
+                let what = format!(
+                    "step {done}: non-finite loss or gradient norm (loss {loss}: ce {ce}, kd {kd}, hidden {hid}, attn {att}; \
+                     gradient norm {grad_norm}) on records {}",
+                    self.batch_ids(&batches)
+                );
+                self.opt.zero_grad();
+                if self.skipped >= self.cfg.skip_nonfinite {
+                    let saved = match self.last_saved {
+                        Some(s) if s == step => format!("the state after step {step} is in {}", out.join(STATE_DIR).display()),
+                        _ if step == 0 => "no step finished, nothing to save".to_string(),
+                        _ => {
+                            self.save_state(step)?;
+                            format!("the state after step {step} (the last good one) is saved in {}", out.join(STATE_DIR).display())
+                        }
+                    };
+                    bail!(
+                        "{what}; stopped before applying it ({} of {} allowed skips used); {saved}. Lower --lr, check the \
+                         data, or resume with --resume --skip-nonfinite N to skip such steps",
+                        self.skipped,
+                        self.cfg.skip_nonfinite
+                    );
+                }
+                self.skipped += 1;
+                eprintln!("kd-distill: warning: {what}; skipped ({} of {} allowed)", self.skipped, self.cfg.skip_nonfinite);
+            } else {
+                self.opt.step(lr);
+                self.opt.zero_grad();
+            }
+            tokens_done += n_valid;
             last = StepLog {
                 step: done,
                 phase: depth.map_or("full".into(), |d| format!("layers<{d}")),
@@ -653,6 +784,13 @@ impl Trainer {
                 self.save_state(done)?;
             }
             progress.inc(1, &format!("loss {loss:.4}"));
+            if let Some(sig) = stop_requested().filter(|_| done < self.cfg.steps) {
+                progress.finish();
+                if self.last_saved != Some(done) {
+                    self.save_state(done)?;
+                }
+                return Err(self.stopped(sig, Some(done)).into());
+            }
         }
         progress.finish();
         if self.start_step >= self.cfg.steps {
@@ -660,7 +798,7 @@ impl Trainer {
             self.save_state(self.cfg.steps)?;
         }
         let secs = start.elapsed().as_secs_f64();
-        Ok(Summary { steps: self.cfg.steps, final_eval, last, tokens_per_second: tokens_done as f64 / secs.max(1e-9) })
+        Ok(Summary { steps: self.cfg.steps, skipped: self.skipped, final_eval, last, tokens_per_second: tokens_done as f64 / secs.max(1e-9) })
     }
 }
 

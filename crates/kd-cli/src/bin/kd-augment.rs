@@ -3,6 +3,8 @@
 //! (infill, paraphrase, backtranslate, resample) generate with `--teacher`.
 use anyhow::{bail, ensure};
 use clap::Parser;
+use distillery::base::journal::Journal;
+use distillery::base::lock::OutputLock;
 use distillery::data::records::{read_jsonl_numbered, write_jsonl, Record};
 use distillery::stages::augment::{augment, AugmentOp, AugmentOptions, AugmentTeacher, Templates};
 use distillery::teacher::LocalTeacher;
@@ -51,6 +53,10 @@ struct Args {
     seed: u64,
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
+    /// Continue an interrupted run from its journal (`<out>.journal/`): finished teacher
+    /// generations are not redone, and the output is the same as an uninterrupted run's.
+    #[arg(long)]
+    resume: bool,
     #[command(flatten)]
     runtime: kd_cli::Runtime,
 }
@@ -80,6 +86,7 @@ fn main() {
         if opts.needs_templates() {
             opts.templates = Some(Templates::load(&a.templates)?);
         }
+        let _lock = OutputLock::acquire(&a.out)?;
         let numbered = read_jsonl_numbered(&a.data)?;
         let teacher = match &a.teacher {
             Some(t) if opts.needs_teacher() => {
@@ -89,13 +96,19 @@ fn main() {
             }
             _ => None,
         };
-        let gen = teacher.as_ref().map(|t| AugmentTeacher { teacher: t, tok: &t.tok, eos: t.special.eos.clone() });
+        let gen = match &teacher {
+            Some(t) => Some(AugmentTeacher::new(t, &t.tok, t.special.eos.clone(), Journal::open(&a.out, opts.fingerprint(&a.data)?, a.resume)?)),
+            None => None,
+        };
         let made = augment(&numbered, &a.data, &opts, gen.as_ref())?;
         let n_new = made.len();
         let mut out: Vec<Record> = if a.no_originals { vec![] } else { numbered.iter().map(|(_, r)| r.clone()).collect() };
         out.extend(made);
         ensure!(!out.is_empty(), "nothing to write: no records were augmented and --no-originals is set");
         write_jsonl(&a.out, &out)?;
+        if let Some(g) = gen {
+            g.into_journal().finish()?;
+        }
         let ops: Vec<&str> = a.ops.iter().map(|o| o.name()).collect();
         Ok(format!("{} new records from {} ({}) -> {}", n_new, numbered.len(), ops.join(","), a.out.display()))
     });

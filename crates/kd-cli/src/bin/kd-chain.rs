@@ -36,11 +36,15 @@ struct Args {
     seed: u64,
     #[arg(long, default_value = "auto")]
     device: String,
+    #[command(flatten)]
+    stop: kd_cli::StopArgs,
 }
 
 fn main() {
     kd_cli::run("kd-chain", || {
         let a = Args::parse();
+        // A second signal is forwarded to the running hop rather than ending kd-chain first.
+        a.stop.install(distillery::base::signals::OnSecond::Count)?;
         // The other stages are the binaries beside this one.
         let exe = std::env::current_exe()?;
         let bin_dir = exe.parent().unwrap_or(std::path::Path::new("."));
@@ -56,6 +60,7 @@ fn main() {
             distill_args: a.distill_args,
             seed: a.seed,
             device: a.device,
+            stop_signals: a.stop.stop_signals.iter().map(|s| format!("{s:?}").to_uppercase()).collect::<Vec<_>>().join(","),
         };
         run(&o, bin_dir)
     });

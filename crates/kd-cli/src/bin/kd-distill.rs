@@ -71,6 +71,7 @@ struct Args {
 fn main() {
     kd_cli::run("kd-distill", || {
         let a = Args::parse();
+        a.run.stop.install(distillery::base::signals::OnSecond::Abort)?;
         let base = a.run.config(a.student, a.data, a.out, a.lr, a.weight_decay);
         let cfg = DistillConfig {
             teacher: a.teacher,

@@ -57,6 +57,10 @@ struct Args {
     /// Truncate each perplexity record to this many tokens.
     #[arg(long)]
     max_length: Option<usize>,
+    /// Continue the perplexity pass of an interrupted run from its journal
+    /// (`<out>.journal/`); the result is the same as an uninterrupted run's.
+    #[arg(long)]
+    resume: bool,
     #[command(flatten)]
     runtime: kd_cli::Runtime,
 }
@@ -85,6 +89,7 @@ fn main() {
             max_length: a.max_length,
             device,
             kind,
+            resume: a.resume,
         })
     });
 }

@@ -54,6 +54,10 @@ struct Args {
     max_length: usize,
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
+    /// Continue an interrupted run from its journal (`<out>.journal/`): records already
+    /// scored are not scored again. The selection rules may differ from the first run's.
+    #[arg(long)]
+    resume: bool,
     #[command(flatten)]
     runtime: kd_cli::Runtime,
 }
@@ -77,6 +81,7 @@ fn options(a: &Args) -> Result<FilterOptions> {
         max_length: a.max_length,
         batch_size: a.batch_size,
         student_name: a.student.clone(),
+        resume: a.resume,
     })
 }
 
@@ -85,6 +90,7 @@ fn main() {
         let a = Args::parse();
         let o = options(&a)?;
         check(&o, a.student.is_some())?;
+        let _lock = distillery::base::lock::OutputLock::acquire(&o.out)?;
         // Bad input fails before any model loads.
         let records = distillery::data::records::read_jsonl_numbered(&o.data)?;
         let (device, kind) = a.runtime.resolve()?;

@@ -28,6 +28,7 @@ struct Args {
 fn main() {
     kd_cli::run("kd-finetune", || {
         let a = Args::parse();
+        a.run.stop.install(distillery::base::signals::OnSecond::Abort)?;
         let cfg = a.run.config(a.model, a.data, a.out, a.lr, a.weight_decay);
         let mut trainer = Trainer::setup(cfg, a.run.resume)?;
         let s = trainer.train()?;

@@ -2,6 +2,7 @@
 //! teacher's top-K at every predicted position of existing records.
 use anyhow::Context;
 use clap::Parser;
+use distillery::base::lock::OutputLock;
 use distillery::model::tokenizer::chat_template;
 use distillery::stages::transfer::{generate, score, TransferOptions};
 use distillery::teacher::LocalTeacher;
@@ -53,6 +54,10 @@ struct Args {
     /// `<out>.logits.safetensors` (kd-distill --teacher-logits reads it).
     #[arg(long)]
     store_logits: Option<i64>,
+    /// Continue an interrupted run from its journal (`<out>.journal/`): finished batches are
+    /// not redone, and the output is the same as an uninterrupted run's.
+    #[arg(long)]
+    resume: bool,
     #[command(flatten)]
     runtime: kd_cli::Runtime,
 }
@@ -74,8 +79,10 @@ fn main() {
             chat_template: None,
             ignore_eos: a.ignore_eos,
             store_logits: a.store_logits,
+            resume: a.resume,
         };
         o.validate(a.score)?;
+        let _lock = OutputLock::acquire(&o.out)?;
         let records = distillery::data::records::read_jsonl_numbered(&o.prompts)?;
         let (device, kind) = a.runtime.resolve()?;
         let (model, files, tok) = distillery::model::load(&a.teacher, device, kind)?;

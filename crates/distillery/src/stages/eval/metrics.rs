@@ -6,7 +6,9 @@ use crate::base::progress::Progress;
 use crate::base::batch::{length_sorted_batches, sum_f64};
 use crate::model::causal_lm::CausalLm;
 use crate::teacher::{Predictions, Query, Teacher};
-use anyhow::{bail, Result};
+use crate::base::journal::Journal;
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
 use serde::Serialize;
 use tch::{Kind, Tensor};
 
@@ -28,7 +30,7 @@ pub struct EvalMetrics {
 }
 
 /// Token-weighted sums over predicted positions.
-#[derive(Default)]
+#[derive(Default, Clone, Copy, PartialEq, Debug)]
 struct Sums {
     nll: f64,
     kl: f64,
@@ -37,8 +39,36 @@ struct Sums {
     count: i64,
 }
 
-/// Perplexity of `model` (and KL/agreement against `teacher`) over `seqs`.
-pub fn evaluate(model: &CausalLm, teacher: Option<&dyn Teacher>, seqs: &[Vec<i64>], batch_size: usize, show_progress: bool) -> Result<EvalMetrics> {
+impl Sums {
+    /// A journal line: the running sums after `batches` batches, floats as bit patterns so
+    /// that a resumed run continues from exactly the same values.
+    fn to_line(self, batches: usize) -> String {
+        json!({"batches": batches, "sums": [self.nll.to_bits(), self.kl.to_bits(), self.agree.to_bits(), self.teacher_nll.to_bits()], "count": self.count})
+            .to_string()
+    }
+
+    fn from_line(line: &str) -> Result<(usize, Sums)> {
+        let v: Value = serde_json::from_str(line).context("reading the journal")?;
+        let bits: [u64; 4] = serde_json::from_value(v["sums"].clone()).context("journal line without `sums`")?;
+        let f = f64::from_bits;
+        Ok((
+            v["batches"].as_u64().context("journal line without `batches`")? as usize,
+            Sums { nll: f(bits[0]), kl: f(bits[1]), agree: f(bits[2]), teacher_nll: f(bits[3]), count: v["count"].as_i64().context("journal line without `count`")? },
+        ))
+    }
+}
+
+/// Perplexity of `model` (and KL/agreement against `teacher`) over `seqs`. With a journal,
+/// the running sums are committed between batches and a resumed run starts after the last
+/// committed batch (one journal item per batch).
+pub fn evaluate(
+    model: &CausalLm,
+    teacher: Option<&dyn Teacher>,
+    seqs: &[Vec<i64>],
+    batch_size: usize,
+    show_progress: bool,
+    mut journal: Option<&mut Journal>,
+) -> Result<EvalMetrics> {
     let kept: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].len() >= 2).collect();
     if kept.is_empty() {
         bail!("no record has at least two tokens; nothing to predict");
@@ -62,8 +92,14 @@ pub fn evaluate(model: &CausalLm, teacher: Option<&dyn Teacher>, seqs: &[Vec<i64
     let batches = length_sorted_batches(&refs, batch_size, 0, device);
     let mut progress = show_progress.then(|| Progress::new("eval", refs.len() as u64));
     let mut sums = Sums::default();
+    let mut skip = 0;
+    if let Some(line) = journal.as_ref().and_then(|j| j.restored().last()) {
+        let (n, s) = Sums::from_line(line)?;
+        ensure!(n == journal.as_ref().unwrap().done() && n <= batches.len(), "the journal's batches are not this run's; remove it to start over");
+        (skip, sums) = (n, s);
+    }
     tch::no_grad(|| -> Result<()> {
-        for batch in &batches {
+        for (b, batch) in batches.iter().enumerate().skip(skip) {
             let h = model.forward_hidden(&batch.input_ids, Some(&batch.attention_mask), Default::default(), None)?.hidden;
             let queries: Vec<Query> = batch.rows.iter().map(|&r| Query { record: kept[r], ids: refs[r], from: 1 }).collect();
             // The model's log-probabilities for rows `off..off+len` of query `q`'s targets.
@@ -97,6 +133,12 @@ pub fn evaluate(model: &CausalLm, teacher: Option<&dyn Teacher>, seqs: &[Vec<i64
             }
             if let Some(p) = progress.as_mut() {
                 p.inc(batch.rows.len() as u64, "");
+            }
+            if let Some(j) = journal.as_deref_mut() {
+                j.push(sums.to_line(b + 1));
+                if j.due() || b + 1 == batches.len() {
+                    j.commit(None)?;
+                }
             }
         }
         Ok(())

@@ -5,7 +5,9 @@ pub mod metrics;
 pub mod tasks;
 
 use crate::base::device::device_name;
-use crate::base::io::{files_bytes, write_atomic, write_json_atomic};
+use crate::base::io::{file_fingerprint, files_bytes, write_atomic, write_json_atomic};
+use crate::base::journal::Journal;
+use crate::base::lock::OutputLock;
 use crate::data::encode::{read_tokenized, Layout};
 use crate::data::records::{read_jsonl, str_field, Record};
 use crate::model::checkpoint::kind_name;
@@ -40,6 +42,8 @@ pub struct EvalOptions {
     pub max_length: Option<usize>,
     pub device: Device,
     pub kind: Kind,
+    /// Continue the perplexity pass of an interrupted run from its journal.
+    pub resume: bool,
 }
 
 fn limited(path: &Path, limit: Option<usize>) -> Result<Vec<Record>> {
@@ -57,6 +61,7 @@ pub fn run(o: &EvalOptions) -> Result<String> {
         o.data.is_some() || o.mc.is_some() || o.cloze.is_some() || o.generate.is_some() || o.speed,
         "nothing to evaluate: give --data, --mc, --cloze, --generate or --speed"
     );
+    let _lock = OutputLock::acquire(&o.out)?;
     // Read every input before the expensive model loads, so bad input fails fast.
     let mc = o.mc.as_deref().map(|p| limited(p, o.limit)).transpose()?;
     let cloze = o.cloze.as_deref().map(|p| limited(p, o.limit)).transpose()?;
@@ -82,13 +87,27 @@ pub fn run(o: &EvalOptions) -> Result<String> {
     let mut summary = vec![];
     // The speed prompt comes from the evaluated data, never from a fixed text.
     let mut speed_prompt: Option<Vec<i64>> = None;
+    // The perplexity pass is the long one: its running sums are journaled.
+    let mut finished_journal: Option<Journal> = None;
 
     if let Some(data) = &o.data {
         let (_, toks) = read_tokenized(data, &tok, Layout::Whole, o.max_length)?;
         let seqs: Vec<Vec<i64>> = toks.into_iter().map(|t| t.ids).collect();
         speed_prompt = seqs.iter().find(|s| s.len() >= 2).map(|s| s[..s.len().min(4)].to_vec());
         let t0 = Instant::now();
-        let e = evaluate(&model, teacher.as_ref().map(|t| t as &dyn Teacher), &seqs, o.batch_size, true)?;
+        let fingerprint = json!({
+            "stage": "kd-eval perplexity",
+            "data": file_fingerprint(data)?,
+            "model": o.model,
+            "teacher": o.teacher,
+            "batch_size": o.batch_size,
+            "max_length": o.max_length,
+            "device": device_name(o.device),
+            "dtype": kind_name(o.kind),
+        });
+        let mut journal = Journal::open(&o.out, fingerprint, o.resume)?;
+        let e = evaluate(&model, teacher.as_ref().map(|t| t as &dyn Teacher), &seqs, o.batch_size, true, Some(&mut journal))?;
+        finished_journal = Some(journal);
         let secs = t0.elapsed().as_secs_f64();
         m.insert("perplexity_seconds".into(), json!(secs));
         m.insert("perplexity_tokens_per_second".into(), json!((e.tokens + e.records as i64) as f64 / secs.max(1e-9)));
@@ -169,6 +188,9 @@ pub fn run(o: &EvalOptions) -> Result<String> {
     m.insert("eval_seconds".into(), json!(start.elapsed().as_secs_f64()));
     let value = Value::Object(m);
     write_json_atomic(&o.out, &value)?;
+    if let Some(j) = finished_journal {
+        j.finish()?;
+    }
     if let Some(csv) = &o.csv {
         append_csv_row(csv, &value)?;
     }

@@ -5,7 +5,8 @@
 pub mod scoring;
 pub mod selection;
 
-use crate::base::io::write_json_atomic;
+use crate::base::io::{file_fingerprint, write_json_atomic};
+use crate::base::journal::Journal;
 use crate::data::encode::{tokenize_all, Layout};
 use crate::data::records::{full_text, write_jsonl, Record};
 use crate::model::causal_lm::CausalLm;
@@ -28,6 +29,8 @@ pub struct FilterOptions {
     pub batch_size: usize,
     /// The student's name for the summary (the model itself is passed to [`run`]).
     pub student_name: Option<String>,
+    /// Continue from the journal of an interrupted run (`<out>.journal/`).
+    pub resume: bool,
 }
 
 /// Checks that need no model: run before anything is loaded.
@@ -50,7 +53,17 @@ pub fn run(o: &FilterOptions, numbered: &[(usize, Record)], teacher: &dyn Teache
         .collect();
     let texts: Vec<String> = numbered.iter().map(|(_, r)| full_text(r)).collect::<Result<_>>()?;
     let n = numbered.len();
-    let all_scores = score(teacher, student, &seqs, o.batch_size, o.worst_tokens)?;
+    let fingerprint = json!({
+        "stage": "kd-filter",
+        "data": file_fingerprint(&o.data)?,
+        "teacher": teacher.name(),
+        "student": o.student_name,
+        "max_length": o.max_length,
+        "batch_size": o.batch_size,
+        "worst_tokens": o.worst_tokens,
+    });
+    let mut journal = Journal::open(&o.out, fingerprint, o.resume)?;
+    let all_scores = score(teacher, student, &seqs, o.batch_size, o.worst_tokens, &mut journal)?;
     let value = |i: usize, k: &str| score_value(&all_scores[i], k);
     let lengths: Vec<usize> = seqs.iter().map(|s| s.ids.len()).collect();
     let outcome = select(&o.rules, &lengths, &texts, value);
@@ -101,8 +114,15 @@ pub fn run(o: &FilterOptions, numbered: &[(usize, Record)], teacher: &dyn Teache
     });
     write_json_atomic(&summary_path, &summary)?;
     if kept.is_empty() {
-        bail!("every record was filtered out ({} in); loosen the rules (summary in {})", n, summary_path.display());
+        bail!(
+            "every record was filtered out ({} in); loosen the rules (summary in {}; the scores stay in {}, and --resume \
+             with other rules reuses them)",
+            n,
+            summary_path.display(),
+            crate::base::journal::journal_dir(&o.out).display()
+        );
     }
     write_jsonl(&o.out, &kept)?;
+    journal.finish()?;
     Ok(format!("kept {} of {n} records -> {} (removed: {})", kept.len(), o.out.display(), serde_json::to_string(&summary["removed"])?))
 }

@@ -4,7 +4,9 @@ use crate::base::batch::{pad_right, sum_f64};
 use crate::base::progress::Progress;
 use crate::model::causal_lm::{Capture, CausalLm};
 use crate::teacher::{Predictions, Query, Teacher};
-use anyhow::Result;
+use crate::base::journal::Journal;
+use anyhow::{ensure, Context, Result};
+use serde_json::json;
 use crate::base::rng::SplitMix64;
 use rayon::prelude::*;
 use serde::Serialize;
@@ -38,25 +40,72 @@ pub struct RecordScores {
     pub worst: Vec<(usize, f64)>,
 }
 
+impl RecordScores {
+    /// One journal line: every float as its bit pattern, so a resumed run reads back exactly
+    /// what was computed.
+    fn to_line(&self, i: usize) -> String {
+        let bits = |v: Option<f64>| v.map(f64::to_bits);
+        json!({
+            "i": i,
+            "tokens": self.tokens,
+            "f": [self.teacher_logprob.to_bits(), self.teacher_confidence.to_bits(), self.teacher_entropy.to_bits(),
+                  bits(self.kl_teacher_student), bits(self.ce_gap)],
+            "worst": self.worst.iter().map(|&(p, kl)| (p, kl.to_bits())).collect::<Vec<_>>(),
+        })
+        .to_string()
+    }
+
+    fn from_line(line: &str) -> Result<(usize, RecordScores)> {
+        #[derive(serde::Deserialize)]
+        struct Line {
+            i: usize,
+            tokens: usize,
+            f: (u64, u64, u64, Option<u64>, Option<u64>),
+            worst: Vec<(usize, u64)>,
+        }
+        let l: Line = serde_json::from_str(line).context("reading the journal")?;
+        let f = f64::from_bits;
+        Ok((
+            l.i,
+            RecordScores {
+                tokens: l.tokens,
+                teacher_logprob: f(l.f.0),
+                teacher_confidence: f(l.f.1),
+                teacher_entropy: f(l.f.2),
+                kl_teacher_student: l.f.3.map(f),
+                ce_gap: l.f.4.map(f),
+                worst: l.worst.into_iter().map(|(p, b)| (p, f(b))).collect(),
+            },
+        ))
+    }
+}
+
 /// Scores every sequence with the teacher (and the student), batched. The teacher may be
 /// any [`Teacher`]; with a top-k teacher the scores are the bucketed approximations that
-/// [`crate::teacher::Predictions`] documents.
-pub fn score(teacher: &dyn Teacher, student: Option<&CausalLm>, seqs: &[Scored], batch: usize, worst_k: usize) -> Result<Vec<RecordScores>> {
+/// [`crate::teacher::Predictions`] documents. Finished batches go to `journal`; the records
+/// it restored are not scored again.
+pub fn score(teacher: &dyn Teacher, student: Option<&CausalLm>, seqs: &[Scored], batch: usize, worst_k: usize, journal: &mut Journal) -> Result<Vec<RecordScores>> {
     let mut out = vec![RecordScores::default(); seqs.len()];
-    let mut progress = Progress::new("score", seqs.len() as u64);
+    for (pos, line) in journal.restored().iter().enumerate() {
+        let (i, r) = RecordScores::from_line(line)?;
+        ensure!(i == pos && i < seqs.len(), "the journal's records are not this run's; remove it to start over");
+        out[i] = r;
+    }
     let batch = batch.max(1);
+    let skip = journal.done();
+    ensure!(skip % batch == 0 || skip == seqs.len(), "the journal ends inside a batch; remove it to start over");
+    let mut progress = Progress::new("score", (seqs.len() - skip) as u64);
     let refs: Vec<&[i64]> = seqs.iter().map(|s| s.ids.as_slice()).collect();
     // Per record: sums of target log-prob, confidence, entropy, KL and student NLL, and the
     // per-position KL for the hardest tokens.
     let mut sums = vec![[0f64; 5]; seqs.len()];
     let mut kls: Vec<Vec<f64>> = vec![vec![]; seqs.len()];
     tch::no_grad(|| -> Result<()> {
-        for start in (0..seqs.len()).step_by(batch) {
-            let rows: Vec<usize> = (start..(start + batch).min(seqs.len())).filter(|&i| seqs[i].ids.len() > seqs[i].from.max(1)).collect();
-            progress.inc((start + batch).min(seqs.len()) as u64 - start as u64, "");
-            if rows.is_empty() {
-                continue;
-            }
+        for start in (skip..seqs.len()).step_by(batch) {
+            let end = (start + batch).min(seqs.len());
+            let rows: Vec<usize> = (start..end).filter(|&i| seqs[i].ids.len() > seqs[i].from.max(1)).collect();
+            progress.inc((end - start) as u64, "");
+            if !rows.is_empty() {
             let hs = match student {
                 Some(s) => {
                     let b = pad_right(&refs, &rows, 0, s.device());
@@ -86,32 +135,40 @@ pub fn score(teacher: &dyn Teacher, student: Option<&CausalLm>, seqs: &[Scored],
                 }
                 Ok(())
             })?;
+            }
+            for i in start..end {
+                finish_record(&mut out[i], &seqs[i], sums[i], &kls[i], student.is_some(), worst_k);
+                journal.push(out[i].to_line(i));
+            }
+            if journal.due() || end == seqs.len() {
+                journal.commit(None)?;
+            }
         }
         Ok(())
     })?;
     progress.finish();
-    for (i, rec) in out.iter_mut().enumerate() {
-        let s = &seqs[i];
-        let from = s.from.max(1);
-        if s.ids.len() <= from {
-            continue;
-        }
-        let n = (s.ids.len() - from) as f64;
-        let [lp, conf, ent, kl, s_nll] = sums[i];
-        rec.tokens = n as usize;
-        rec.teacher_logprob = lp / n;
-        rec.teacher_confidence = conf / n;
-        rec.teacher_entropy = ent / n;
-        if student.is_some() {
-            rec.kl_teacher_student = Some(kl / n);
-            rec.ce_gap = Some(s_nll / n + rec.teacher_logprob);
-            let k = &kls[i];
-            let mut order: Vec<usize> = (0..k.len()).collect();
-            order.sort_by(|&a, &b| k[b].total_cmp(&k[a]));
-            rec.worst = order.into_iter().take(worst_k).map(|p| (p + from, k[p])).collect();
-        }
-    }
     Ok(out)
+}
+
+/// A record's means from its sums, and its hardest tokens.
+fn finish_record(rec: &mut RecordScores, s: &Scored, sums: [f64; 5], kls: &[f64], with_student: bool, worst_k: usize) {
+    let from = s.from.max(1);
+    if s.ids.len() <= from {
+        return;
+    }
+    let n = (s.ids.len() - from) as f64;
+    let [lp, conf, ent, kl, s_nll] = sums;
+    rec.tokens = n as usize;
+    rec.teacher_logprob = lp / n;
+    rec.teacher_confidence = conf / n;
+    rec.teacher_entropy = ent / n;
+    if with_student {
+        rec.kl_teacher_student = Some(kl / n);
+        rec.ce_gap = Some(s_nll / n + rec.teacher_logprob);
+        let mut order: Vec<usize> = (0..kls.len()).collect();
+        order.sort_by(|&a, &b| kls[b].total_cmp(&kls[a]));
+        rec.worst = order.into_iter().take(worst_k).map(|p| (p + from, kls[p])).collect();
+    }
 }
 
 fn pred_device(p: &Predictions) -> tch::Device {
