@@ -1,9 +1,11 @@
 //! The base layer: what every other layer uses and nothing model-specific. Atomic file
-//! output, padded token batches and row chunks, seeded random streams, device and precision selection, progress on stderr, and
-//! the allocator settings of a stage process.
+//! output, padded token batches and row chunks, seeded random streams, device and precision selection, progress on stderr, the
+//! allocator settings of a stage process, the command log, and the statistics of reports.
 pub mod alloc;
 pub mod batch;
 pub mod device;
 pub mod io;
 pub mod progress;
+pub mod provenance;
 pub mod rng;
+pub mod stats;

@@ -25,16 +25,20 @@ pub struct EvalMetrics {
     /// Teacher perplexity on the same positions, when a teacher was given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub teacher_perplexity: Option<f64>,
+    /// Per-record sums, in the order of the evaluated records (those with two or more
+    /// tokens): what bootstrap intervals and paired comparisons resample.
+    #[serde(skip)]
+    pub per_record: Vec<RecordSums>,
 }
 
-/// Token-weighted sums over predicted positions.
-#[derive(Default)]
-struct Sums {
-    nll: f64,
-    kl: f64,
-    agree: f64,
-    teacher_nll: f64,
-    count: i64,
+/// Sums over one record's predicted positions (or over all of them).
+#[derive(Default, Clone, Debug)]
+pub struct RecordSums {
+    pub nll: f64,
+    pub kl: f64,
+    pub agree: f64,
+    pub teacher_nll: f64,
+    pub count: i64,
 }
 
 /// Perplexity of `model` (and KL/agreement against `teacher`) over `seqs`.
@@ -61,7 +65,7 @@ pub fn evaluate(model: &CausalLm, teacher: Option<&dyn Teacher>, seqs: &[Vec<i64
     let device = model.device();
     let batches = length_sorted_batches(&refs, batch_size, 0, device);
     let mut progress = show_progress.then(|| Progress::new("eval", refs.len() as u64));
-    let mut sums = Sums::default();
+    let mut per_record = vec![RecordSums::default(); refs.len()];
     tch::no_grad(|| -> Result<()> {
         for batch in &batches {
             let h = model.forward_hidden(&batch.input_ids, Some(&batch.attention_mask), Default::default(), None)?.hidden;
@@ -77,6 +81,7 @@ pub fn evaluate(model: &CausalLm, teacher: Option<&dyn Teacher>, seqs: &[Vec<i64
                 Some(t) => t.predict(&queries, queries.len(), &mut |q, off, pred: Predictions| {
                     let len = pred.rows();
                     let (ls, tgt) = (model_lp(q, off, len), targets(q, off, len));
+                    let sums = &mut per_record[batch.rows[q]];
                     sums.nll -= sum_f64(&ls.gather(1, &tgt.unsqueeze(1), false));
                     sums.teacher_nll -= sum_f64(&pred.target_logprobs(&tgt));
                     sums.kl += sum_f64(&pred.kl_to(&ls));
@@ -89,6 +94,7 @@ pub fn evaluate(model: &CausalLm, teacher: Option<&dyn Teacher>, seqs: &[Vec<i64
                     for (q, query) in queries.iter().enumerate() {
                         for (off, len) in crate::base::batch::row_chunks(query.targets(), chunk) {
                             let (ls, tgt) = (model_lp(q, off, len), targets(q, off, len));
+                            let sums = &mut per_record[batch.rows[q]];
                             sums.nll -= sum_f64(&ls.gather(1, &tgt.unsqueeze(1), false));
                             sums.count += len;
                         }
@@ -104,6 +110,14 @@ pub fn evaluate(model: &CausalLm, teacher: Option<&dyn Teacher>, seqs: &[Vec<i64
     if let Some(p) = &progress {
         p.finish();
     }
+    // Totals in record order: the same figures whatever the batching.
+    let sums = per_record.iter().fold(RecordSums::default(), |a, r| RecordSums {
+        nll: a.nll + r.nll,
+        kl: a.kl + r.kl,
+        agree: a.agree + r.agree,
+        teacher_nll: a.teacher_nll + r.teacher_nll,
+        count: a.count + r.count,
+    });
     let c = sums.count as f64;
     Ok(EvalMetrics {
         records: refs.len(),
@@ -113,5 +127,6 @@ pub fn evaluate(model: &CausalLm, teacher: Option<&dyn Teacher>, seqs: &[Vec<i64
         teacher_kl: teacher.map(|_| sums.kl / c),
         top1_agreement: teacher.map(|_| sums.agree / c),
         teacher_perplexity: teacher.map(|_| (sums.teacher_nll / c).exp()),
+        per_record,
     })
 }
