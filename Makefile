@@ -1,5 +1,6 @@
 # Distillery. The two commands a new user needs:
 #   make pipeline   # the whole distillation pipeline on the embedded default
+#   make sweep      # students of three sizes x strategies x seeds: size-versus-quality curves
 #   make test       # every test
 # Both set up what they need first: a project-local venv with torch (libtorch for tch)
 # and transformers, then release builds of the stage binaries.
@@ -13,7 +14,7 @@ export PATH := $(VENV_ABS)/bin:$(PATH)
 BIN := target/release
 PIPELINE ?= pipelines/default.mk
 
-.PHONY: setup build test test-rust test-python test-llamacpp soak fuzz bench demo-teacher clean
+.PHONY: setup build test test-rust test-python test-llamacpp soak fuzz bench demo-teacher clean sweep
 
 setup: build
 
@@ -50,6 +51,10 @@ soak: build
 FUZZ_CASES ?= 20000
 fuzz: build
 	DISTILLERY_FUZZ_CASES=$(FUZZ_CASES) cargo test --release -p distillery --test fuzz -- --nocapture --test-threads 1
+
+# The size-versus-quality sweep (pipelines/sweep.mk): its own pipeline file, the same stages.
+sweep:
+	$(MAKE) --no-print-directory pipeline PIPELINE=pipelines/sweep.mk
 
 bench: build
 	$(PYTHON) scripts/bench.py --out docs/BENCHMARKS.md

@@ -47,6 +47,8 @@ COMMON = --device $(DEVICE)
 # afresh when there is none); a swapped-in program is not given the flag.
 resume_if = $(if $(filter $(BIN)/$(1),$(2)),--resume)
 D = $(RUN)/data
+# Every stage appends its exact command line to the log the report's card is built from.
+export KD_COMMAND_LOG := $(abspath $(RUN))/commands.jsonl
 
 .PHONY: pipeline data init generate filter augment distill baseline chain finetune eval report
 
@@ -64,6 +66,7 @@ $(D)/.ready: $(wildcard $(CORPUS)/*.jsonl.gz)
 	zcat $(CORPUS)/eval_cloze.jsonl.gz > $(D)/eval_cloze.jsonl
 	zcat $(CORPUS)/task.jsonl.gz | head -n 400 > $(D)/task.jsonl
 	zcat $(CORPUS)/task.jsonl.gz | tail -n 50 > $(D)/gen.jsonl
+	$(PYTHON) scripts/environment.py > $(D)/environment.json
 	touch $@
 data: $(D)/.ready
 
@@ -110,21 +113,21 @@ finetune: $(RUN)/finetuned/model.safetensors
 EVAL_ARGS = --teacher $(TEACHER) --data $(D)/heldout.jsonl $(EVAL_TASKS) --csv $(RUN)/eval/all.csv $(COMMON) $(call resume_if,kd-eval,$(EVAL_CMD))
 $(RUN)/eval/teacher.json: $(D)/.ready
 	mkdir -p $(RUN)/eval
-	$(EVAL_CMD) --model $(TEACHER) --name teacher --out $@ $(EVAL_ARGS)
+	$(EVAL_CMD) --model $(TEACHER) --name teacher --strategy teacher --out $@ $(EVAL_ARGS)
 $(RUN)/eval/distilled.json: $(RUN)/distilled/model.safetensors
-	$(EVAL_CMD) --model $(RUN)/distilled --name distilled --out $@ $(EVAL_ARGS) --samples-out $(RUN)/eval/samples.md
+	$(EVAL_CMD) --model $(RUN)/distilled --name distilled --strategy kd --out $@ $(EVAL_ARGS) --samples-out $(RUN)/eval/samples.md
 $(RUN)/eval/baseline.json: $(RUN)/baseline/model.safetensors
-	$(EVAL_CMD) --model $(RUN)/baseline --name ce-baseline --out $@ $(EVAL_ARGS)
+	$(EVAL_CMD) --model $(RUN)/baseline --name ce-baseline --strategy ce --out $@ $(EVAL_ARGS)
 $(RUN)/eval/student-init.json: $(RUN)/student-init/model.safetensors
-	$(EVAL_CMD) --model $(RUN)/student-init --name pruned-init --out $@ $(EVAL_ARGS)
+	$(EVAL_CMD) --model $(RUN)/student-init --name pruned-init --strategy init --out $@ $(EVAL_ARGS)
 $(RUN)/eval/chain.json: $(RUN)/chain/chain.json
-	$(EVAL_CMD) --model $(RUN)/chain/hop1/model --name TA1 --out $(RUN)/eval/ta1.json $(EVAL_ARGS)
-	$(EVAL_CMD) --model $(RUN)/chain/hop2/model --name chain-student --out $@ $(EVAL_ARGS)
+	$(EVAL_CMD) --model $(RUN)/chain/hop1/model --name TA1 --strategy chain --out $(RUN)/eval/ta1.json $(EVAL_ARGS)
+	$(EVAL_CMD) --model $(RUN)/chain/hop2/model --name chain-student --strategy chain --out $@ $(EVAL_ARGS)
 $(RUN)/eval/finetuned.json: $(RUN)/finetuned/model.safetensors
-	$(EVAL_CMD) --model $(RUN)/finetuned --name finetuned --out $@ $(EVAL_ARGS)
+	$(EVAL_CMD) --model $(RUN)/finetuned --name finetuned --strategy kd+finetune --out $@ $(EVAL_ARGS)
 EVALS = $(addprefix $(RUN)/eval/,teacher.json student-init.json distilled.json baseline.json chain.json finetuned.json)
 eval: $(EVALS)
 
 $(RUN)/report/report.md: $(EVALS)
-	$(REPORT_CMD) --metrics $(EVALS) $(RUN)/eval/ta1.json --out $(RUN)/report --student distilled --baseline ce-baseline --title "Distillery demo: KJV, 4M-parameter teacher"
+	$(REPORT_CMD) --metrics $(EVALS) $(RUN)/eval/ta1.json --out $(RUN)/report --student distilled --baseline ce-baseline --commands $(KD_COMMAND_LOG) --environment $(D)/environment.json --html --title "Distillery demo: KJV, 4M-parameter teacher"
 report: $(RUN)/report/report.md

@@ -344,7 +344,7 @@ mod tests {
     fn stored_teacher_serves_a_record_s_rows_from_its_prompt_on() {
         let lp = dense();
         let mut w = crate::data::teacher_logits::LogitsWriter::new(2);
-        let mut p = w.push_logprobs(&lp);
+        let mut p = w.push_rows(crate::data::teacher_logits::TopRows::from_logprobs(&lp, 2));
         let dir = std::env::temp_dir().join(format!("distillery-stored-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("t.logits.safetensors");

@@ -12,10 +12,17 @@ use tch::{Device, Kind};
 
 /// Runs a stage's body; prints its summary, or `stage: error: ...` with its causes and
 /// exits 1. A run stopped by a signal after saving its state prints where and exits
-/// [`EXIT_STOPPED`] (75).
+/// [`EXIT_STOPPED`] (75). Either way the invocation goes to the command log when
+/// `KD_COMMAND_LOG` is set.
 pub fn run(stage: &str, body: impl FnOnce() -> Result<String>) {
+    use distillery::base::provenance::{log_command, CommandRecord};
     distillery::base::alloc::tune_cpu_allocator();
-    match body() {
+    let started = std::time::SystemTime::now();
+    let result = body();
+    if let Err(e) = log_command(&CommandRecord::new(stage, started, result.is_ok())) {
+        eprintln!("{stage}: warning: command log not written: {e:#}");
+    }
+    match result {
         Ok(summary) => println!("{summary}"),
         Err(e) if e.downcast_ref::<Stopped>().is_some() => {
             eprintln!("{stage}: {e}");

@@ -1,7 +1,7 @@
 //! The base layer: what every other layer uses and nothing model-specific. Atomic file
 //! output, resumable journals, output locks, stop signals, padded token batches and row
-//! chunks, seeded random streams, device and precision selection, progress on stderr, and
-//! the allocator settings of a stage process.
+//! chunks, seeded random streams, device and precision selection, progress on stderr, the
+//! allocator settings of a stage process, the command log, and the statistics of reports.
 pub mod alloc;
 pub mod batch;
 pub mod device;
@@ -9,5 +9,7 @@ pub mod io;
 pub mod journal;
 pub mod lock;
 pub mod progress;
+pub mod provenance;
 pub mod rng;
 pub mod signals;
+pub mod stats;

@@ -1,6 +1,7 @@
 //! kd-eval: everything a distilled model is judged on: perplexity (and with `--teacher`, KL
 //! from and top-1 agreement with the teacher), multiple choice and cloze accuracy, ROUGE-L,
-//! side-by-side generations, size, latency, throughput and peak memory.
+//! side-by-side generations, size, latency, throughput and peak memory; 95% intervals
+//! beside every mean and a per-item sidecar for kd-report's paired tests.
 use clap::Parser;
 use distillery::stages::eval::{run, EvalOptions};
 use std::path::PathBuf;
@@ -46,6 +47,17 @@ struct Args {
     speed: bool,
     #[arg(long, default_value_t = 8)]
     speed_batch: usize,
+    /// Rounds of the speed measurement after two warm-up runs; the median and the range
+    /// over rounds are reported.
+    #[arg(long, default_value_t = 5)]
+    speed_repeats: usize,
+    /// Curve label for kd-report (for example ce, kd, kd-cos, chain, teacher).
+    #[arg(long)]
+    strategy: Option<String>,
+    /// Bootstrap resamples behind the 95% intervals of perplexity, teacher KL, agreement and
+    /// ROUGE-L (seed 0: the same inputs give the same intervals).
+    #[arg(long, default_value_t = distillery::base::stats::BOOTSTRAP_SAMPLES)]
+    bootstrap_samples: usize,
     /// Append a row to this CSV (one row per evaluated model).
     #[arg(long)]
     csv: Option<PathBuf>,
@@ -85,6 +97,9 @@ fn main() {
             limit: a.limit,
             speed: a.speed,
             speed_batch: a.speed_batch,
+            speed_repeats: a.speed_repeats,
+            strategy: a.strategy,
+            bootstrap_samples: a.bootstrap_samples,
             batch_size: a.batch_size,
             max_length: a.max_length,
             device,

@@ -2,14 +2,14 @@
 //! against a teacher the mean KL(teacher || model), top-1 agreement and the teacher's own
 //! perplexity at the same positions. The teacher is any [`Teacher`]: a local model gives
 //! exact figures; a top-k teacher gives the bucketed approximations [`Predictions`] states.
-use crate::base::progress::Progress;
 use crate::base::batch::{length_sorted_batches, sum_f64};
+use crate::base::journal::Journal;
+use crate::base::progress::Progress;
 use crate::model::causal_lm::CausalLm;
 use crate::teacher::{Predictions, Query, Teacher};
-use crate::base::journal::Journal;
 use anyhow::{bail, ensure, Context, Result};
-use serde_json::{json, Value};
 use serde::Serialize;
+use serde_json::{json, Value};
 use tch::{Kind, Tensor};
 
 #[derive(Serialize, Default, Clone, Debug)]
@@ -27,40 +27,42 @@ pub struct EvalMetrics {
     /// Teacher perplexity on the same positions, when a teacher was given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub teacher_perplexity: Option<f64>,
+    /// Per-record sums, in the order of the evaluated records (those with two or more
+    /// tokens): what bootstrap intervals and paired comparisons resample.
+    #[serde(skip)]
+    pub per_record: Vec<RecordSums>,
 }
 
-/// Token-weighted sums over predicted positions.
-#[derive(Default, Clone, Copy, PartialEq, Debug)]
-struct Sums {
-    nll: f64,
-    kl: f64,
-    agree: f64,
-    teacher_nll: f64,
-    count: i64,
+/// Sums over one record's predicted positions (or over all of them).
+#[derive(Default, Clone, Debug)]
+pub struct RecordSums {
+    pub nll: f64,
+    pub kl: f64,
+    pub agree: f64,
+    pub teacher_nll: f64,
+    pub count: i64,
 }
 
-impl Sums {
-    /// A journal line: the running sums after `batches` batches, floats as bit patterns so
-    /// that a resumed run continues from exactly the same values.
-    fn to_line(self, batches: usize) -> String {
-        json!({"batches": batches, "sums": [self.nll.to_bits(), self.kl.to_bits(), self.agree.to_bits(), self.teacher_nll.to_bits()], "count": self.count})
-            .to_string()
+impl RecordSums {
+    /// A journal entry for one record, floats as bit patterns so that a resumed run
+    /// continues from exactly the same values.
+    fn to_json(&self, record: usize) -> Value {
+        json!([record, self.nll.to_bits(), self.kl.to_bits(), self.agree.to_bits(), self.teacher_nll.to_bits(), self.count])
     }
 
-    fn from_line(line: &str) -> Result<(usize, Sums)> {
-        let v: Value = serde_json::from_str(line).context("reading the journal")?;
-        let bits: [u64; 4] = serde_json::from_value(v["sums"].clone()).context("journal line without `sums`")?;
-        let f = f64::from_bits;
-        Ok((
-            v["batches"].as_u64().context("journal line without `batches`")? as usize,
-            Sums { nll: f(bits[0]), kl: f(bits[1]), agree: f(bits[2]), teacher_nll: f(bits[3]), count: v["count"].as_i64().context("journal line without `count`")? },
+    fn from_json(v: &Value) -> Option<(usize, RecordSums)> {
+        let a = v.as_array()?;
+        let bits = |i: usize| a.get(i).and_then(Value::as_u64).map(f64::from_bits);
+        Some((
+            a.first()?.as_u64()? as usize,
+            RecordSums { nll: bits(1)?, kl: bits(2)?, agree: bits(3)?, teacher_nll: bits(4)?, count: a.get(5)?.as_i64()? },
         ))
     }
 }
 
 /// Perplexity of `model` (and KL/agreement against `teacher`) over `seqs`. With a journal,
-/// the running sums are committed between batches and a resumed run starts after the last
-/// committed batch (one journal item per batch).
+/// each finished batch's per-record sums are committed, and a resumed run starts after the
+/// last committed batch (one journal item per batch).
 pub fn evaluate(
     model: &CausalLm,
     teacher: Option<&dyn Teacher>,
@@ -91,12 +93,19 @@ pub fn evaluate(
     let device = model.device();
     let batches = length_sorted_batches(&refs, batch_size, 0, device);
     let mut progress = show_progress.then(|| Progress::new("eval", refs.len() as u64));
-    let mut sums = Sums::default();
+    let mut per_record = vec![RecordSums::default(); refs.len()];
     let mut skip = 0;
-    if let Some(line) = journal.as_ref().and_then(|j| j.restored().last()) {
-        let (n, s) = Sums::from_line(line)?;
-        ensure!(n == journal.as_ref().unwrap().done() && n <= batches.len(), "the journal's batches are not this run's; remove it to start over");
-        (skip, sums) = (n, s);
+    if let Some(j) = journal.as_ref() {
+        for (b, line) in j.restored().iter().enumerate() {
+            let v: Value = serde_json::from_str(line).context("reading the journal")?;
+            ensure!(v["batch"].as_u64() == Some(b as u64) && b < batches.len(), "the journal's batches are not this run's; remove it to start over");
+            for r in v["records"].as_array().context("journal line without `records`")? {
+                let (i, sums) = RecordSums::from_json(r).context("a journal record is malformed")?;
+                ensure!(i < per_record.len(), "the journal's records are not this run's; remove it to start over");
+                per_record[i] = sums;
+            }
+        }
+        skip = j.restored().len();
     }
     tch::no_grad(|| -> Result<()> {
         for (b, batch) in batches.iter().enumerate().skip(skip) {
@@ -113,6 +122,7 @@ pub fn evaluate(
                 Some(t) => t.predict(&queries, queries.len(), &mut |q, off, pred: Predictions| {
                     let len = pred.rows();
                     let (ls, tgt) = (model_lp(q, off, len), targets(q, off, len));
+                    let sums = &mut per_record[batch.rows[q]];
                     sums.nll -= sum_f64(&ls.gather(1, &tgt.unsqueeze(1), false));
                     sums.teacher_nll -= sum_f64(&pred.target_logprobs(&tgt));
                     sums.kl += sum_f64(&pred.kl_to(&ls));
@@ -125,6 +135,7 @@ pub fn evaluate(
                     for (q, query) in queries.iter().enumerate() {
                         for (off, len) in crate::base::batch::row_chunks(query.targets(), chunk) {
                             let (ls, tgt) = (model_lp(q, off, len), targets(q, off, len));
+                            let sums = &mut per_record[batch.rows[q]];
                             sums.nll -= sum_f64(&ls.gather(1, &tgt.unsqueeze(1), false));
                             sums.count += len;
                         }
@@ -135,7 +146,8 @@ pub fn evaluate(
                 p.inc(batch.rows.len() as u64, "");
             }
             if let Some(j) = journal.as_deref_mut() {
-                j.push(sums.to_line(b + 1));
+                let records: Vec<Value> = batch.rows.iter().map(|&r| per_record[r].to_json(r)).collect();
+                j.push(json!({"batch": b, "records": records}).to_string());
                 if j.due() || b + 1 == batches.len() {
                     j.commit(None)?;
                 }
@@ -146,6 +158,14 @@ pub fn evaluate(
     if let Some(p) = &progress {
         p.finish();
     }
+    // Totals in record order: the same figures whatever the batching.
+    let sums = per_record.iter().fold(RecordSums::default(), |a, r| RecordSums {
+        nll: a.nll + r.nll,
+        kl: a.kl + r.kl,
+        agree: a.agree + r.agree,
+        teacher_nll: a.teacher_nll + r.teacher_nll,
+        count: a.count + r.count,
+    });
     let c = sums.count as f64;
     Ok(EvalMetrics {
         records: refs.len(),
@@ -155,5 +175,6 @@ pub fn evaluate(
         teacher_kl: teacher.map(|_| sums.kl / c),
         top1_agreement: teacher.map(|_| sums.agree / c),
         teacher_perplexity: teacher.map(|_| (sums.teacher_nll / c).exp()),
+        per_record,
     })
 }

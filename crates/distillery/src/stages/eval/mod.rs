@@ -1,6 +1,9 @@
 //! kd-eval: everything a model is judged on. Perplexity (and with a teacher, KL from and
 //! top-1 agreement with it; definitions in CONTRACT.md), multiple choice and cloze accuracy,
 //! ROUGE-L of generations, side-by-side generations, size, latency, throughput and memory.
+//! Every mean comes with a 95% interval (`<metric>_ci95`: Wilson for accuracies, a seeded
+//! percentile bootstrap over records or items otherwise), and the per-item outcomes go to a
+//! sidecar (`<out>.items.json`) so that kd-report can compare two models over the same items.
 pub mod metrics;
 pub mod tasks;
 
@@ -8,8 +11,9 @@ use crate::base::device::device_name;
 use crate::base::io::{file_fingerprint, files_bytes, write_atomic, write_json_atomic};
 use crate::base::journal::Journal;
 use crate::base::lock::OutputLock;
+use crate::base::stats::{bootstrap_ratio_ci, wilson_interval, BOOTSTRAP_SEED};
 use crate::data::encode::{read_tokenized, Layout};
-use crate::data::records::{read_jsonl, str_field, Record};
+use crate::data::records::{id_of, read_jsonl, str_field, Record};
 use crate::model::checkpoint::kind_name;
 use crate::model::tokenizer::SpecialTokens;
 use crate::teacher::{LocalTeacher, Teacher};
@@ -38,6 +42,12 @@ pub struct EvalOptions {
     pub limit: Option<usize>,
     pub speed: bool,
     pub speed_batch: usize,
+    /// Rounds of the speed measurement (median and range reported).
+    pub speed_repeats: usize,
+    /// Label of the curve this model belongs to in kd-report (ce, kd, chain, ...).
+    pub strategy: Option<String>,
+    /// Bootstrap resamples behind the intervals of perplexity, KL, agreement and ROUGE-L.
+    pub bootstrap_samples: usize,
     pub batch_size: usize,
     pub max_length: Option<usize>,
     pub device: Device,
@@ -84,6 +94,13 @@ pub fn run(o: &EvalOptions) -> Result<String> {
     m.insert("bytes_on_disk".into(), json!(files_bytes(&files.weights)));
     m.insert("device".into(), json!(device_name(o.device)));
     m.insert("dtype".into(), json!(kind_name(o.kind)));
+    m.insert("shape".into(), json!(shape_of(&model.config)));
+    m.insert("strategy".into(), json!(o.strategy));
+    m.insert("train_seed".into(), json!(train_seed(&o.model)));
+    let items_path = items_path(&o.out);
+    m.insert("items_file".into(), json!(items_path.file_name().map(|n| n.to_string_lossy().into_owned())));
+    let mut items = Map::new();
+    let b = o.bootstrap_samples;
     let mut summary = vec![];
     // The speed prompt comes from the evaluated data, never from a fixed text.
     let mut speed_prompt: Option<Vec<i64>> = None;
@@ -91,8 +108,9 @@ pub fn run(o: &EvalOptions) -> Result<String> {
     let mut finished_journal: Option<Journal> = None;
 
     if let Some(data) = &o.data {
-        let (_, toks) = read_tokenized(data, &tok, Layout::Whole, o.max_length)?;
+        let (numbered, toks) = read_tokenized(data, &tok, Layout::Whole, o.max_length)?;
         let seqs: Vec<Vec<i64>> = toks.into_iter().map(|t| t.ids).collect();
+        let ids: Vec<String> = numbered.iter().zip(&seqs).filter(|(_, s)| s.len() >= 2).map(|((_, r), _)| id_of(r).to_string()).collect();
         speed_prompt = seqs.iter().find(|s| s.len() >= 2).map(|s| s[..s.len().min(4)].to_vec());
         let t0 = Instant::now();
         let fingerprint = json!({
@@ -115,6 +133,18 @@ pub fn run(o: &EvalOptions) -> Result<String> {
         if let Value::Object(obj) = serde_json::to_value(&e)? {
             m.extend(obj);
         }
+        let col = |f: fn(&metrics::RecordSums) -> f64| e.per_record.iter().map(f).collect::<Vec<f64>>();
+        let (nll, count) = (col(|r| r.nll), col(|r| r.count as f64));
+        m.insert("perplexity_ci95".into(), json!(bootstrap_ratio_ci(&nll, &count, b, BOOTSTRAP_SEED, f64::exp)));
+        let mut recs = json!({"ids": ids, "tokens": count, "nll": nll});
+        if teacher.is_some() {
+            let (kl, agree) = (col(|r| r.kl), col(|r| r.agree));
+            m.insert("teacher_kl_ci95".into(), json!(bootstrap_ratio_ci(&kl, &count, b, BOOTSTRAP_SEED, |x| x)));
+            m.insert("top1_agreement_ci95".into(), json!(bootstrap_ratio_ci(&agree, &count, b, BOOTSTRAP_SEED, |x| x)));
+            recs["kl"] = json!(kl);
+            recs["agree"] = json!(agree);
+        }
+        items.insert("records".into(), recs);
         summary.push(format!("perplexity {:.4} over {} tokens ({} records)", e.perplexity, e.tokens, e.records));
         if let (Some(kl), Some(a)) = (e.teacher_kl, e.top1_agreement) {
             summary.push(format!("teacher KL {kl:.4}, top-1 agreement {:.2}%", 100.0 * a));
@@ -124,13 +154,22 @@ pub fn run(o: &EvalOptions) -> Result<String> {
         let r = tasks::multiple_choice(&model, &tok, recs, o.batch_size)?;
         m.insert("mc_items".into(), json!(r.items));
         m.insert("mc_accuracy".into(), json!(r.accuracy));
+        m.insert("mc_accuracy_ci95".into(), json!(wilson_interval(r.correct.iter().filter(|&&c| c).count(), r.items)));
         m.insert("mc_accuracy_norm".into(), json!(r.accuracy_norm));
+        m.insert("mc_accuracy_norm_ci95".into(), json!(wilson_interval((r.accuracy_norm * r.items as f64).round() as usize, r.items)));
+        m.insert("mc".into(), json!(o.mc.as_ref().map(|p| p.display().to_string())));
+        items.insert("mc".into(), json!({"ids": recs.iter().map(id_of).collect::<Vec<_>>(), "correct": r.correct}));
         summary.push(format!("multiple choice {:.1}% ({} items)", 100.0 * r.accuracy, r.items));
     }
     if let Some(recs) = &cloze {
-        let (n, acc) = tasks::cloze(&model, &tok, recs, o.batch_size)?;
+        let correct = tasks::cloze(&model, &tok, recs, o.batch_size)?;
+        let (n, hits) = (correct.len(), correct.iter().filter(|&&c| c).count());
+        let acc = hits as f64 / n.max(1) as f64;
         m.insert("cloze_items".into(), json!(n));
         m.insert("cloze_accuracy".into(), json!(acc));
+        m.insert("cloze_accuracy_ci95".into(), json!(wilson_interval(hits, n)));
+        m.insert("cloze".into(), json!(o.cloze.as_ref().map(|p| p.display().to_string())));
+        items.insert("cloze".into(), json!({"ids": recs.iter().map(id_of).collect::<Vec<_>>(), "correct": correct}));
         summary.push(format!("cloze {:.1}% ({n} items)", 100.0 * acc));
     }
     let field = |r: &Record, k: &str| -> Result<String> { Ok(str_field(r, k)?.unwrap_or_default().to_string()) };
@@ -143,9 +182,18 @@ pub fn run(o: &EvalOptions) -> Result<String> {
         let eos = SpecialTokens::resolve(&files, &model.config)?.eos;
         let ids = tasks::encode_prompts(&files, &tok, &prompts, o.chat_template)?;
         let outs = tasks::complete(&model, &tok, &ids, o.max_new_tokens, &eos, o.batch_size)?;
-        let rouge = outs.iter().zip(&refs).map(|(a, r)| tasks::rouge_l(a, r)).sum::<f64>() / outs.len().max(1) as f64;
+        let scores: Vec<f64> = outs.iter().zip(&refs).map(|(a, r)| tasks::rouge_l(a, r)).collect();
+        let rouge = scores.iter().sum::<f64>() / outs.len().max(1) as f64;
         m.insert("gen_items".into(), json!(outs.len()));
         m.insert("rouge_l".into(), json!(rouge));
+        m.insert("rouge_l_ci95".into(), json!(bootstrap_ratio_ci(&scores, &vec![1.0; scores.len()], b, BOOTSTRAP_SEED, |x| x)));
+        m.insert("generate".into(), json!(o.generate.as_ref().map(|p| p.display().to_string())));
+        let gens: Vec<Value> = recs
+            .iter()
+            .zip(prompts.iter().zip(&outs).zip(&refs))
+            .map(|(r, ((p, out), rf))| json!({"id": id_of(r), "prompt": p, "output": out, "reference": rf}))
+            .collect();
+        items.insert("generations".into(), json!(gens));
         summary.push(format!("ROUGE-L {rouge:.3}"));
         if let Some(path) = &o.samples_out {
             let teacher_outs = match &teacher {
@@ -173,20 +221,24 @@ pub fn run(o: &EvalOptions) -> Result<String> {
             // No data at all: the shortest real prompt, a lone start token.
             _ => vec![model.config.bos_token_id.unwrap_or(0)],
         };
-        let s = tasks::measure_speed(&model, &prompt, 32, o.speed_batch)?;
+        let s = tasks::measure_speed(&model, &prompt, 32, o.speed_batch, o.speed_repeats)?;
         if let Value::Object(obj) = serde_json::to_value(&s)? {
             m.extend(obj);
         }
         summary.push(format!(
-            "{:.2} ms/token at batch 1, {:.0} tokens/s at batch {}",
-            s.latency_ms_per_token, s.throughput_tokens_per_s, s.throughput_batch
+            "{:.2} ms/token at batch 1 (median of {}, range {:.2}-{:.2}), {:.0} tokens/s at batch {}",
+            s.latency_ms_per_token, s.speed_repeats, s.latency_ms_per_token_range[0], s.latency_ms_per_token_range[1],
+            s.throughput_tokens_per_s, s.throughput_batch
         ));
     }
     if let Some(rss) = tasks::peak_rss_bytes() {
         m.insert("peak_rss_bytes".into(), json!(rss));
     }
     m.insert("eval_seconds".into(), json!(start.elapsed().as_secs_f64()));
+    m.insert("bootstrap".into(), json!({"samples": b, "seed": BOOTSTRAP_SEED}));
     let value = Value::Object(m);
+    // The sidecar first: a metrics file never names an items file that is not there.
+    write_json_atomic(&items_path, &Value::Object(items))?;
     write_json_atomic(&o.out, &value)?;
     if let Some(j) = finished_journal {
         j.finish()?;
@@ -195,6 +247,28 @@ pub fn run(o: &EvalOptions) -> Result<String> {
         append_csv_row(csv, &value)?;
     }
     Ok(format!("{}: {}", name, summary.join(", ")))
+}
+
+/// `<out>.items.json` beside `<out>.json`: the per-item outcomes.
+pub fn items_path(out: &Path) -> PathBuf {
+    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    out.with_file_name(format!("{stem}.items.json"))
+}
+
+/// What decides speed: two models with the same shape run the same kernels on the same
+/// tensor sizes, so kd-report measures (pools) their speed as one.
+fn shape_of(c: &crate::model::ModelConfig) -> String {
+    format!(
+        "{} layers={} hidden={} heads={}/{} head_dim={} intermediate={} vocab={} tied={}",
+        c.spec().model_type, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.intermediate_size,
+        c.vocab_size, c.tie_word_embeddings
+    )
+}
+
+/// The training seed of a model this project trained (its `distill_config.json`).
+fn train_seed(model: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(Path::new(model).join("distill_config.json")).ok()?;
+    serde_json::from_str::<Value>(&text).ok()?.get("seed")?.as_u64()
 }
 
 /// The CSV's columns: a fixed order so rows from different runs line up.

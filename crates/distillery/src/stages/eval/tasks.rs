@@ -5,6 +5,7 @@ use crate::model::decode::{generate, Sampling};
 use crate::model::CausalLm;
 use crate::data::records::{id_of, str_field, Record};
 use crate::base::rng::SplitMix64;
+use crate::base::stats::median_range;
 use crate::model::tokenizer::Tok;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -35,6 +36,9 @@ pub struct McResult {
     pub accuracy: f64,
     /// Log-likelihood divided by the choice's length in bytes (lm-eval `acc_norm`).
     pub accuracy_norm: f64,
+    /// Per item, in record order: whether the highest log-likelihood was the label.
+    #[serde(skip)]
+    pub correct: Vec<bool>,
 }
 
 /// Multiple-choice records: `prompt` as context, `choices` as strings, `label` the index.
@@ -63,20 +67,22 @@ pub fn multiple_choice(model: &CausalLm, tok: &Tok, records: &[Record], batch: u
     }
     let lp = continuation_logprobs(model, &pairs, batch)?;
     let argmax = |scores: Vec<f64>| scores.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap();
-    let (mut acc, mut acc_norm) = (0usize, 0usize);
+    let mut acc_norm = 0usize;
+    let mut correct = vec![];
     for (first, lens, label) in &items {
         let s: Vec<f64> = (0..lens.len()).map(|j| lp[first + j]).collect();
-        acc += (argmax(s.clone()) == *label) as usize;
+        correct.push(argmax(s.clone()) == *label);
         acc_norm += (argmax(s.iter().zip(lens).map(|(x, l)| x / l).collect()) == *label) as usize;
     }
     let n = items.len().max(1) as f64;
-    Ok(McResult { items: items.len(), accuracy: acc as f64 / n, accuracy_norm: acc_norm as f64 / n })
+    let acc = correct.iter().filter(|&&c| c).count();
+    Ok(McResult { items: items.len(), accuracy: acc as f64 / n, accuracy_norm: acc_norm as f64 / n, correct })
 }
 
 /// Cloze records (`prompt`, `completion` = the missing word): correct when greedy decoding
-/// reproduces every token of the completion.
-pub fn cloze(model: &CausalLm, tok: &Tok, records: &[Record], batch: usize) -> Result<(usize, f64)> {
-    let mut hits = 0;
+/// reproduces every token of the completion. One outcome per record, in record order.
+pub fn cloze(model: &CausalLm, tok: &Tok, records: &[Record], batch: usize) -> Result<Vec<bool>> {
+    let mut hits = vec![];
     let mut jobs = vec![];
     for rec in records {
         let p = str_field(rec, "prompt")?.with_context(|| format!("record `{}`: no `prompt`", id_of(rec)))?;
@@ -90,10 +96,10 @@ pub fn cloze(model: &CausalLm, tok: &Tok, records: &[Record], batch: usize) -> R
         let mut rngs = vec![SplitMix64::new(0); chunk.len()];
         let outs = generate(model, &prompts, &s, &mut rngs)?;
         for (o, j) in outs.iter().zip(chunk) {
-            hits += (o.len() >= j.1.len() && o[..j.1.len()] == j.1[..]) as usize;
+            hits.push(o.len() >= j.1.len() && o[..j.1.len()] == j.1[..]);
         }
     }
-    Ok((jobs.len(), hits as f64 / jobs.len().max(1) as f64))
+    Ok(hits)
 }
 
 /// ROUGE-L F1 between whitespace-separated words (longest common subsequence).
@@ -149,15 +155,24 @@ pub fn complete(model: &CausalLm, tok: &Tok, prompts: &[Vec<i64>], max_new_token
 
 #[derive(Serialize, Clone, Debug)]
 pub struct Speed {
-    /// Mean decode time per new token at batch 1 (prefill excluded), ms.
+    /// Decode time per new token at batch 1 (prefill excluded), ms: the median over
+    /// `speed_repeats` repetitions, with their range and every sample.
     pub latency_ms_per_token: f64,
-    /// New tokens per second when decoding `batch` sequences together.
+    pub latency_ms_per_token_range: [f64; 2],
+    pub latency_ms_per_token_samples: Vec<f64>,
+    /// New tokens per second when decoding `batch` sequences together (median, range, samples).
     pub throughput_tokens_per_s: f64,
+    pub throughput_tokens_per_s_range: [f64; 2],
+    pub throughput_tokens_per_s_samples: Vec<f64>,
     pub throughput_batch: usize,
+    pub speed_repeats: usize,
 }
 
-/// Times greedy decoding of `new_tokens` tokens after a fixed prompt.
-pub fn measure_speed(model: &CausalLm, prompt: &[i64], new_tokens: usize, batch: usize) -> Result<Speed> {
+/// Times greedy decoding of `new_tokens` tokens after a fixed prompt: two warm-up runs,
+/// then `repeats` rounds, each timing the three runs back to back (1 token, `new_tokens`
+/// tokens, `new_tokens` at batch `batch`), so that a slow spell of a shared machine hits one
+/// round rather than one measure; the median over rounds is reported with its range.
+pub fn measure_speed(model: &CausalLm, prompt: &[i64], new_tokens: usize, batch: usize, repeats: usize) -> Result<Speed> {
     let s = Sampling { max_new_tokens: new_tokens, temperature: 0.0, top_k: None, top_p: None, eos: vec![], pad: 0 };
     let time = |b: usize, n: usize| -> Result<f64> {
         let prompts = vec![prompt.to_vec(); b];
@@ -167,16 +182,27 @@ pub fn measure_speed(model: &CausalLm, prompt: &[i64], new_tokens: usize, batch:
         generate(model, &prompts, &s, &mut rngs)?;
         Ok(t.elapsed().as_secs_f64())
     };
-    time(1, 2)?; // warm-up
-    // Decode time per token = (time for n tokens - time for 1 token) / (n - 1): prefill cancels.
-    let one = time(1, 1)?;
-    let many = time(1, new_tokens)?;
-    let latency = (many - one).max(0.0) / (new_tokens - 1).max(1) as f64;
-    let tb = time(batch, new_tokens)?;
+    time(1, new_tokens)?;
+    time(batch, 2)?;
+    let (mut lat, mut thr) = (vec![], vec![]);
+    for _ in 0..repeats.max(1) {
+        // Decode time per token = (time for n tokens - time for 1 token) / (n - 1): prefill cancels.
+        let one = time(1, 1)?;
+        let many = time(1, new_tokens)?;
+        lat.push(1000.0 * (many - one).max(0.0) / (new_tokens - 1).max(1) as f64);
+        thr.push((batch * new_tokens) as f64 / time(batch, new_tokens)?.max(1e-9));
+    }
+    let (l, l0, l1) = median_range(&lat);
+    let (t, t0, t1) = median_range(&thr);
     Ok(Speed {
-        latency_ms_per_token: 1000.0 * latency,
-        throughput_tokens_per_s: (batch * new_tokens) as f64 / tb.max(1e-9),
+        latency_ms_per_token: l,
+        latency_ms_per_token_range: [l0, l1],
+        latency_ms_per_token_samples: lat,
+        throughput_tokens_per_s: t,
+        throughput_tokens_per_s_range: [t0, t1],
+        throughput_tokens_per_s_samples: thr,
         throughput_batch: batch,
+        speed_repeats: repeats.max(1),
     })
 }
 
