@@ -10,6 +10,7 @@ PyPI, the build cached.
 
 Cache: $DISTILLERY_CACHE (default ~/.cache/distillery)/llama.cpp/<version>.
 """
+import hashlib
 import json
 import os
 import runpy
@@ -36,13 +37,24 @@ def fetch():
     if (src / "convert_hf_to_gguf.py").is_file():
         return src
     root.mkdir(parents=True, exist_ok=True)
-    meta = json.load(urllib.request.urlopen(f"https://pypi.org/pypi/llama-cpp-python/{VERSION}/json"))
-    url = next(u["url"] for u in meta["urls"] if u["packagetype"] == "sdist")
-    if url.startswith("../"):
-        url = "https://pypi.org/" + url.lstrip("./")
+    # PyPI's simple index (PEP 691 JSON): the per-release JSON API is not served everywhere.
+    req = urllib.request.Request("https://pypi.org/simple/llama-cpp-python/",
+                                 headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    files = json.load(urllib.request.urlopen(req))["files"]
+    name = f"llama_cpp_python-{VERSION}.tar.gz"
+    sdist = next((f for f in files if f["filename"] == name), None)
+    if sdist is None:
+        raise SystemExit(f"llama-cpp-python {VERSION}: no sdist {name} on PyPI's index")
+    url = sdist["url"]
     tmp = root / "sdist.tar.gz.part"
+    digest = hashlib.sha256()
     with urllib.request.urlopen(url) as r, open(tmp, "wb") as f:
-        shutil.copyfileobj(r, f)
+        while chunk := r.read(1 << 20):
+            digest.update(chunk)
+            f.write(chunk)
+    if digest.hexdigest() != sdist["hashes"]["sha256"]:
+        tmp.unlink()
+        raise SystemExit(f"{url}: sha256 {digest.hexdigest()} is not the index's {sdist['hashes']['sha256']}")
     with tarfile.open(tmp) as t:
         t.extractall(root, filter="data")
     tmp.unlink()

@@ -35,6 +35,21 @@ def wait_for(path, proc, timeout=120):
         time.sleep(0.01)
 
 
+def wait_for_part(journal, proc, timeout=120):
+    """Until the journal has committed its first part: a kill before that leaves nothing to resume."""
+    deadline = time.time() + timeout
+    def committed():
+        try:
+            return len(json.loads((journal / "journal.json").read_text())["parts"]) > 0
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+
+    while not committed():
+        assert proc.poll() is None, f"the run ended ({proc.returncode}) before its first part:\n{proc.stderr.read()}"
+        assert time.time() < deadline, f"{journal} never committed a part"
+        time.sleep(0.001)
+
+
 def same_bytes(a, b):
     return a.read_bytes() == b.read_bytes()
 
@@ -176,7 +191,10 @@ def stage_cases(models, prompts, transfer):
     many = transfer.parent / "many.jsonl"
     if not many.exists():
         recs = read_jsonl(transfer)
-        write_jsonl(many, [{**r, "id": f"{r['id']}-{k}"} for k in range(2) for r in recs])
+        write_jsonl(many, [{**r, "id": f"{r['id']}-{k}"} for k in range(COPIES) for r in recs])
+    many_prompts = transfer.parent / "many_prompts.jsonl"
+    if not many_prompts.exists():
+        write_jsonl(many_prompts, [{**r, "id": f"{r['id']}-{k}"} for k in range(COPIES) for r in read_jsonl(prompts)])
     return {
         "generate": ("kd-generate", "out.jsonl", ["--teacher", teacher, "--prompts", prompts, "--max-new-tokens", 8,
                                                   "--temperature", 1.0, "--store-logits", 8, "--batch-size", 4]),
@@ -185,11 +203,14 @@ def stage_cases(models, prompts, transfer):
         "filter": ("kd-filter", "out.jsonl", ["--teacher", teacher, "--student", student, "--data", many,
                                               "--select", "kl_teacher_student:top:0.5", "--batch-size", 4]),
         "eval": ("kd-eval", "out.json", ["--model", student, "--teacher", teacher, "--data", many, "--batch-size", 2]),
-        "augment": ("kd-augment", "out.jsonl", ["--data", prompts, "--ops", "infill", "--teacher", teacher,
+        "augment": ("kd-augment", "out.jsonl", ["--data", many_prompts, "--ops", "infill", "--teacher", teacher,
                                                 "--max-new-tokens", 4, "--batch-size", 4, "--seed", 4]),
     }
 
 
+# Enough copies of the inputs that no stage ends between its first committed part and the
+# kill, even on an idle machine (a tiny model does a batch in about a millisecond).
+COPIES = 6
 # Small journal parts, so that small inputs still make several.
 SMALL_PARTS = {"DISTILLERY_JOURNAL_ITEMS": "8"}
 TIMING_KEYS = {"eval_seconds", "perplexity_seconds", "perplexity_tokens_per_second", "peak_rss_bytes"}
@@ -217,8 +238,8 @@ def test_killed_long_stage_resumes_byte_identical(stage, models, prompts, transf
         d.mkdir()
         out = d / name
         proc = popen(binary, *args, "--out", out, env=SMALL_PARTS)
-        wait_for(d / f"{name}.journal" / "journal.json", proc)
-        time.sleep(rng.uniform(0, 0.3))
+        wait_for_part(d / f"{name}.journal", proc)
+        time.sleep(rng.uniform(0, 0.01))
         assert proc.poll() is None, "the stage finished before it could be killed; give it more work"
         proc.kill()
         proc.wait()
