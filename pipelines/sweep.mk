@@ -44,6 +44,8 @@ STEPS      ?= 100
 BATCH      ?= 8
 SEQ_LEN    ?= 96
 LR         ?= 2e-3
+# Checkpoints every 25 steps: an interrupted run resumes exactly, losing at most 25 steps.
+SAVE_EVERY ?= 25
 HELDOUT_N  ?= 120
 EVAL_N     ?= 200
 GEN_N      ?= 6
@@ -87,7 +89,7 @@ $(RUN)/train.jsonl: $(RUN)/transfer.jsonl
 	cat $(RUN)/transfer.jsonl $(D)/corpus.jsonl > $@.tmp && mv $@.tmp $@
 generate: $(RUN)/train.jsonl
 
-TRAIN = --data $(RUN)/train.jsonl --steps $(STEPS) --batch-size $(BATCH) --seq-len $(SEQ_LEN) --lr $(LR) --warmup 20 --save-every 100 --dtype $(DTYPE) $(COMMON)
+TRAIN = --data $(RUN)/train.jsonl --steps $(STEPS) --batch-size $(BATCH) --seq-len $(SEQ_LEN) --lr $(LR) --warmup 20 --save-every $(SAVE_EVERY) --dtype $(DTYPE) $(COMMON)
 EVAL_ARGS = --teacher $(TEACHER) --data $(D)/heldout.jsonl --mc $(D)/eval_mc.jsonl --cloze $(D)/eval_cloze.jsonl --speed $(COMMON)
 # Generations (for the side-by-side samples) from the teacher and the seed-0 models only.
 GEN_ARGS = --generate $(D)/gen.jsonl --max-new-tokens 32
@@ -111,7 +113,7 @@ $(foreach s,$(STRATEGIES),$(foreach z,$(SIZES),$(foreach r,$(SEEDS),$(eval $(cal
 # The teacher-assistant chain: teacher -> CHAIN_TA -> CHAIN_TO, the same steps per hop.
 define chain_rules
 $(M)/chain-$(CHAIN_TO)-s$(1)/chain.json: $(RUN)/train.jsonl
-	$(CHAIN_CMD) --teacher $(TEACHER) --sizes "$$$$(echo '$(SHAPE_$(CHAIN_TA));$(SHAPE_$(CHAIN_TO))' | $(SHAPE_SPEC))" --data $(RUN)/train.jsonl --out $(M)/chain-$(CHAIN_TO)-s$(1) --steps $(STEPS) --init prune --calib $(D)/calib.jsonl --seed $(1) $(COMMON) --distill-args "$(FLAGS_kd) --batch-size $(BATCH) --seq-len $(SEQ_LEN) --lr $(LR) --warmup 20 --save-every 100 --dtype $(DTYPE)"
+	$(CHAIN_CMD) --teacher $(TEACHER) --sizes "$$$$(echo '$(SHAPE_$(CHAIN_TA));$(SHAPE_$(CHAIN_TO))' | $(SHAPE_SPEC))" --data $(RUN)/train.jsonl --out $(M)/chain-$(CHAIN_TO)-s$(1) --steps $(STEPS) --init prune --calib $(D)/calib.jsonl --seed $(1) $(COMMON) --distill-args "$(FLAGS_kd) --batch-size $(BATCH) --seq-len $(SEQ_LEN) --lr $(LR) --warmup 20 --save-every $(SAVE_EVERY) --dtype $(DTYPE)"
 $(E)/chain-$(CHAIN_TO)-s$(1).json: $(M)/chain-$(CHAIN_TO)-s$(1)/chain.json
 	$(EVAL_CMD) --model $(M)/chain-$(CHAIN_TO)-s$(1)/hop2/model --name chain-$(CHAIN_TO)-s$(1) --strategy chain --out $$@ $(EVAL_ARGS) $(if $(filter 0,$(1)),$(GEN_ARGS))
 endef

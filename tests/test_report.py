@@ -198,7 +198,8 @@ def test_report_curves_ticks_png_and_pooled_speed(tmp_path):
     ppl = [float(t) for t in texts if re.fullmatch(r"[0-9]+", t) and float(t) >= 10]
     assert len(set(ppl)) >= 4 and min(ppl) <= 39.6 and max(ppl) >= 58.2 * 1.08 * 1.01, ppl
     acc = [float(t[:-1]) for t in texts if re.fullmatch(r"[0-9.]+%", t)]
-    assert len(acc) >= 3
+    mc = [100 * json.loads(f.read_text())["mc_accuracy"] for f in files]
+    assert len(set(acc)) >= 3 and min(acc) <= min(mc) and max(acc) >= max(mc), (acc, mc)
     for label in ["ce", "kd", "teacher", "Pareto frontier", "parameters (log scale)", "bytes on disk (log scale)",
                   "ms/token at batch 1 (log scale)", "held-out perplexity (log scale)", "KL from the teacher"]:
         assert label in texts, label

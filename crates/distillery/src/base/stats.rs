@@ -105,13 +105,15 @@ pub fn bootstrap_ratio_ci(num: &[f64], den: &[f64], samples: usize, seed: u64, t
 }
 
 /// A paired comparison: the observed difference of a statistic between two models over the
-/// same items, its 95% interval, and the verdict for the first model.
+/// same items, the evidence (a bootstrap interval, or McNemar's p for accuracies), and the
+/// verdict for the first model.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Paired {
     pub diff: f64,
-    pub low: f64,
-    pub high: f64,
-    /// McNemar's p for accuracies; None for bootstrap comparisons.
+    /// 95% paired-bootstrap interval of the difference (perplexity, KL).
+    pub interval: Option<(f64, f64)>,
+    /// McNemar's exact p (accuracies): the test decides, so no interval that could disagree
+    /// with it is shown.
     pub p_value: Option<f64>,
     pub verdict: Verdict,
 }
@@ -157,26 +159,22 @@ pub fn paired_bootstrap(
     } else {
         Verdict::Worse
     };
-    Paired { diff, low, high, p_value: None, verdict }
+    Paired { diff, interval: Some((low, high)), p_value: None, verdict }
 }
 
-/// Paired accuracies: difference A - B with a paired bootstrap interval over items, and the
-/// verdict from McNemar's exact test at 5% (the interval is shown; the test decides).
-pub fn paired_accuracy(a: &[bool], b: &[bool], samples: usize, seed: u64) -> Paired {
+/// Paired accuracies: difference A - B over the same items, and the verdict from McNemar's
+/// exact test at 5%.
+pub fn paired_accuracy(a: &[bool], b: &[bool]) -> Paired {
     let (x, y) = discordant(a, b);
     let p = mcnemar_exact(x, y);
-    let to_f = |v: &[bool]| v.iter().map(|&c| c as u8 as f64).collect::<Vec<_>>();
-    let ones = vec![1.0; a.len()];
-    let mut r = paired_bootstrap((&to_f(a), &ones), (&to_f(b), &ones), samples, seed, |x| x, false);
-    r.p_value = Some(p);
-    r.verdict = if p >= 0.05 {
+    let verdict = if p >= 0.05 {
         Verdict::NoSignificantDifference
     } else if x > y {
         Verdict::Better
     } else {
         Verdict::Worse
     };
-    r
+    Paired { diff: (x as f64 - y as f64) / a.len().max(1) as f64, interval: None, p_value: Some(p), verdict }
 }
 
 #[cfg(test)]
@@ -211,12 +209,13 @@ mod tests {
         assert!(a.0 < 3.0 && a.1 > 2.6 && a.0 < a.1);
         // A model identical to B: difference exactly 0 on every resample.
         let p = paired_bootstrap((&num, &den), (&num, &den), 200, 0, |x| x, true);
-        assert_eq!((p.diff, p.low, p.high, p.verdict), (0.0, 0.0, 0.0, Verdict::NoSignificantDifference));
+        assert_eq!((p.diff, p.interval, p.verdict), (0.0, Some((0.0, 0.0)), Verdict::NoSignificantDifference));
         // B worse by 1 on every item: a certain difference, whatever the noise across items.
         let worse: Vec<f64> = num.iter().map(|x| x + 1.0).collect();
         let p = paired_bootstrap((&num, &den), (&worse, &den), 200, 0, |x| x, true);
         assert_eq!(p.verdict, Verdict::Better);
-        assert!((p.low + 1.0).abs() < 1e-9 && (p.high + 1.0).abs() < 1e-9);
+        let (lo, hi) = p.interval.unwrap();
+        assert!((lo + 1.0).abs() < 1e-9 && (hi + 1.0).abs() < 1e-9);
     }
 
     #[test]
@@ -227,11 +226,12 @@ mod tests {
         for i in [1, 2, 4] {
             b[i] = !b[i];
         }
-        assert_eq!(paired_accuracy(&a, &b, 200, 0).verdict, Verdict::NoSignificantDifference);
+        assert_eq!(paired_accuracy(&a, &b).verdict, Verdict::NoSignificantDifference);
         let b = vec![false; 200];
-        let r = paired_accuracy(&a, &b, 200, 0);
+        let r = paired_accuracy(&a, &b);
         assert_eq!(r.verdict, Verdict::Better);
-        assert!(r.p_value.unwrap() < 1e-10 && r.low > 0.5);
+        assert!(r.p_value.unwrap() < 1e-10 && (r.diff - 133.0 / 200.0).abs() < 1e-12);
+        assert_eq!(paired_accuracy(&b, &a).verdict, Verdict::Worse);
     }
 
     #[test]

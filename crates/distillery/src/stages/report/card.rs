@@ -138,7 +138,7 @@ impl Card {
         }
         md += &format!(
             "* statistics: Wilson 95% intervals for accuracies; percentile bootstrap, {} resamples, seed {BOOTSTRAP_SEED}, over \
-             held-out records (perplexity, KL, agreement) or items (ROUGE-L, paired accuracy differences); McNemar's exact test\n",
+             held-out records (perplexity, KL, agreement, and paired differences of perplexity and KL) or items (ROUGE-L); McNemar's exact test for paired accuracies\n",
             self.bootstrap_samples
         );
         if !self.seeds.is_empty() {

@@ -208,7 +208,7 @@ pub(crate) fn compare(a: &Row, b: &Row, m: Metric, samples: usize) -> std::resul
             let pick = |i: &Items| if let Metric::Mc = m { i.mc.clone() } else { i.cloze.clone() };
             let (oa, ob) = pick(ia).zip(pick(ib)).ok_or("not evaluated on this task in one of them")?;
             same(&oa.ids, &ob.ids)?;
-            Ok((paired_accuracy(&oa.correct, &ob.correct, samples, BOOTSTRAP_SEED), oa.ids.len()))
+            Ok((paired_accuracy(&oa.correct, &ob.correct), oa.ids.len()))
         }
     }
 }
@@ -240,23 +240,15 @@ fn verdict_text(a: &Row, b: &Row, m: Metric, samples: usize) -> (String, Option<
     };
     match compare(a, b, m, samples) {
         Ok((p, n)) => {
-            let test = match p.p_value {
-                Some(pv) => format!("McNemar exact p = {pv:.3} over {n} paired items"),
-                None => format!("paired bootstrap over {n} records"),
+            let d = if scale == 100.0 { 1 } else { 4 };
+            let evidence = match (p.p_value, p.interval) {
+                (Some(pv), _) => format!("McNemar exact p = {pv:.3} over {n} paired items"),
+                (None, Some((lo, hi))) => {
+                    format!("95% interval [{:+.*}, {:+.*}] (paired bootstrap over {n} records)", d, lo * scale, d, hi * scale)
+                }
+                (None, None) => String::new(),
             };
-            (
-                format!(
-                    "{head}; difference {:+.*}{unit}, 95% interval [{:+.*}, {:+.*}] ({test}): **{}**",
-                    if scale == 100.0 { 1 } else { 4 },
-                    p.diff * scale,
-                    if scale == 100.0 { 1 } else { 4 },
-                    p.low * scale,
-                    if scale == 100.0 { 1 } else { 4 },
-                    p.high * scale,
-                    p.verdict.as_str()
-                ),
-                Some(p.verdict.as_str()),
-            )
+            (format!("{head}; difference {:+.*}{unit}, {evidence}: **{}**", d, p.diff * scale, p.verdict.as_str()), Some(p.verdict.as_str()))
         }
         Err(why) => (format!("{head}; not tested: {why}"), None),
     }
@@ -334,8 +326,8 @@ pub fn run(o: &ReportOptions) -> Result<String> {
                 verdicts.extend(v);
             }
         }
-        md += "\n\"no significant difference\": the 95% interval of the paired difference covers zero (for accuracies: \
-               McNemar's exact test, p >= 0.05).\n";
+        md += "\n\"no significant difference\": the 95% interval of the paired difference covers zero (perplexity, KL), or \
+               McNemar's exact p >= 0.05 (accuracies).\n";
     }
     if let Some(base) = &o.baseline_strategy {
         md += &strategy_verdicts(&rows, base, o.bootstrap_samples, &mut verdicts);
@@ -398,8 +390,9 @@ fn strategy_summary(rows: &[Row]) -> String {
 /// Every model of another strategy against the `base` model of the same size and seed.
 fn strategy_verdicts(rows: &[Row], base: &str, samples: usize, verdicts: &mut Vec<&'static str>) -> String {
     let mut md = format!("\n## Paired verdicts against `{base}` (same size, same seed, same items)\n\n");
-    md += "Each cell: difference (model minus baseline) with its 95% interval, then the verdict. Perplexity and KL: paired \
-           bootstrap over held-out records (lower is better); accuracies: percentage points, McNemar's exact test decides.\n\n";
+    md += "Each cell: difference (model minus baseline), its evidence, then the verdict. Perplexity and KL: 95% paired \
+           bootstrap interval over held-out records (lower is better; no significant difference when it covers zero); \
+           accuracies: percentage points and McNemar's exact p over the paired items (no significant difference when p >= 0.05).\n\n";
     md += "| model | against | perplexity | teacher KL | multiple choice | cloze |\n|---|---|---|---|---|---|\n";
     let mut any = false;
     for a in rows.iter().filter(|r| r.strategy() != base && !r.is_teacher()) {
@@ -413,8 +406,12 @@ fn strategy_verdicts(rows: &[Row], base: &str, samples: usize, verdicts: &mut Ve
                 Ok((p, _)) => {
                     verdicts.push(p.verdict.as_str());
                     let (s, d) = if matches!(m, Metric::Mc | Metric::Cloze) { (100.0, 1) } else { (1.0, if let Metric::TeacherKl = m { 4 } else { 2 }) };
-                    let pv = p.p_value.map_or(String::new(), |v| format!(", p = {v:.3}"));
-                    format!("{:+.*} [{:+.*}, {:+.*}]{pv}: **{}**", d, p.diff * s, d, p.low * s, d, p.high * s, p.verdict.as_str())
+                    let evidence = match (p.p_value, p.interval) {
+                        (Some(v), _) => format!(", p = {v:.3}"),
+                        (None, Some((lo, hi))) => format!(" [{:+.*}, {:+.*}]", d, lo * s, d, hi * s),
+                        (None, None) => String::new(),
+                    };
+                    format!("{:+.*}{evidence}: **{}**", d, p.diff * s, p.verdict.as_str())
                 }
                 Err(_) => "–".into(),
             })

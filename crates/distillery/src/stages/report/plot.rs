@@ -99,8 +99,8 @@ fn trim(v: f64) -> String {
 }
 
 /// Tick values that enclose [lo, hi]: the first at or below lo, the last at or above hi.
-/// Linear axes (and log axes spanning less than a factor 3) step by 1, 2, 2.5 or 5 times a
-/// power of ten, about five steps; wider log axes take 1, 2, 5 per decade (1 per decade
+/// Linear axes (and log axes spanning less than a factor 3) step by 1, 2 or 5 times a power
+/// of ten, about five steps (the steps plotters picks itself on a linear axis); wider log axes take 1, 2, 5 per decade (1 per decade
 /// past five decades).
 pub fn nice_ticks(lo: f64, hi: f64, log: bool) -> Vec<f64> {
     let (lo, hi) = if hi > lo {
@@ -124,7 +124,7 @@ pub fn nice_ticks(lo: f64, hi: f64, log: bool) -> Vec<f64> {
     }
     let raw = (hi - lo) / 5.0;
     let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * mag).find(|&s| s >= raw).unwrap_or(10.0 * mag);
+    let step = [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * mag).find(|&s| s >= raw).unwrap_or(10.0 * mag);
     let mut first = (lo / step + 1e-9).floor() * step;
     if log && first <= 0.0 {
         first = step;
@@ -346,8 +346,9 @@ impl Panel {
             body!(b.build_cartesian_2d(xspec, (y0..y1).log_scale().with_key_points(self.yticks.clone()))?);
         } else {
             // Linear: plotters' own ticks (a plain f64 range cannot carry bound key points and a
-            // label formatter at once); the range runs from one nice tick to another, so with as
-            // many labels allowed as nice_ticks gave, its choice is the same ticks.
+            // label formatter at once). The range runs from one nice tick to another and both
+            // step by 1, 2 or 5 times a power of ten, so with as many labels allowed as
+            // nice_ticks gave, plotters picks the same ticks.
             body!(b.build_cartesian_2d(xspec, y0..y1)?);
         }
         Ok(())
