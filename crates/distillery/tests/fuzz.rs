@@ -1,5 +1,5 @@
 //! Hostile inputs: a seeded mutation fuzzer over every file format a stage reads (JSONL
-//! records, safetensors weights, stored-logits sidecars, tokenizer.json, config.json). Each
+//! records, safetensors weights, stored-logits sidecars, tokenizer.json, config.json, GGUF). Each
 //! case flips, overwrites, inserts, deletes, duplicates or truncates bytes of a valid seed
 //! file, then runs the real loader; every case must end in `Ok` or a clear `Err`, never a
 //! panic, a hang or a huge allocation (peak memory is checked at the end).
@@ -11,6 +11,9 @@ use distillery::base::rng::SplitMix64;
 use distillery::data::records::read_jsonl_numbered;
 use distillery::data::teacher_logits::{LogitsReader, TopRows};
 use distillery::model::checkpoint::{load_model, save_pretrained, ModelFiles};
+use distillery::model::gguf::GgufFile;
+use distillery::model::gguf_hf::{hf_tensors, side_files, ExportType};
+use distillery::stages::export::export;
 use distillery::model::tokenizer::Tok;
 use distillery::model::{CausalLm, InitMode};
 use distillery::ModelConfig;
@@ -232,6 +235,30 @@ fn mutated_inputs_end_in_clear_errors_never_panics() {
         tok.decode(&ids, false)?;
         Ok(())
     }));
+
+    // GGUF, as kd-export writes it (F32 and Q8_0 tensors) and as a teacher argument reads it:
+    // header, metadata, tensor table, the HF side files and every dequantised tensor.
+    std::fs::write(model_dir.join("config.json"), &config).unwrap();
+    std::fs::write(model_dir.join("tokenizer.json"), TOKENIZER).unwrap();
+    let gguf_tok = dir.join("gguf-tok").join("tokenizer.json");
+    std::fs::create_dir_all(gguf_tok.parent().unwrap()).unwrap();
+    let gguf_files = ModelFiles { side_files: vec![gguf_tok.clone()], ..files.clone() };
+    for (salt, ty) in [(6, ExportType::F32), (7, ExportType::Q8_0)] {
+        let seed_path = dir.join(format!("seed-{ty:?}.gguf"));
+        export(&spec, &seed_path, ty).unwrap();
+        let seed = std::fs::read(&seed_path).unwrap();
+        report.push(campaign(&format!("gguf-{ty:?}").to_lowercase(), &seed, &dir.join("m.gguf"), salt, &|p| {
+            let g = GgufFile::open(p)?;
+            let side = side_files(&g)?;
+            let cfg = ModelConfig::from_json(side.config)?;
+            hf_tensors(&g, &cfg)?;
+            // The tokenizer it implies, as a stage would load and use it.
+            std::fs::write(&gguf_tok, serde_json::to_vec(&side.tokenizer)?)?;
+            let tok = Tok::load(&gguf_files)?;
+            tok.decode(&tok.encode("ab abc cab", true)?, false)?;
+            Ok(())
+        }));
+    }
 
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: getrusage fills the struct it is given.
