@@ -1,6 +1,6 @@
 //! Incremental decoding with the KV cache, and left-padded batches, give the logits of the
 //! plain full forward pass, for every architecture.
-use distillery::model::causal_lm::Capture;
+use distillery::model::causal_lm::{Capture, LayerSet};
 use distillery::model::{CausalLm, InitMode};
 use distillery::ModelConfig;
 use serde_json::json;
@@ -80,17 +80,53 @@ fn captured_attentions_are_distributions_and_match_sdpa_output() {
         let ids = Tensor::randint(97, [2, 9], (Kind::Int64, Device::Cpu));
         let (plain, captured) = tch::no_grad(|| {
             let plain = model.forward_hidden(&ids, None, Capture::default(), None).unwrap();
-            let cap = Capture { hidden_states: true, attentions: true, ..Default::default() };
+            let cap = Capture { hidden_states: true, attentions: LayerSet::all() };
             (plain, model.forward_hidden(&ids, None, cap, None).unwrap())
         });
         assert!(max_diff(&plain.hidden, &captured.hidden) < 1e-5, "{arch}: eager and sdpa paths differ");
         assert_eq!(captured.hidden_states.len(), model.num_layers() + 1);
         assert_eq!(captured.attentions.len(), model.num_layers());
-        let a = &captured.attentions[0];
+        assert!(captured.attentions.iter().all(Option::is_some));
+        let a = captured.attentions[0].as_ref().unwrap();
         assert_eq!(a.size(), [2, model.config.num_heads, 9, 9]);
         let sums = a.sum_dim_intlist(-1, false, Kind::Float);
         assert!(max_diff(&sums, &Tensor::ones_like(&sums)) < 1e-5);
         // Causal: nothing attends to the future.
         assert!(a.triu(1).abs().max().double_value(&[]) == 0.0);
+    }
+}
+
+#[test]
+fn only_the_asked_layers_capture_attention_maps() {
+    let model = tiny("llama");
+    assert!(model.num_layers() >= 2);
+    let ids = Tensor::randint(97, [2, 9], (Kind::Int64, Device::Cpu));
+    let (all, one) = tch::no_grad(|| {
+        let all = model.forward_hidden(&ids, None, Capture { hidden_states: false, attentions: LayerSet::all() }, None).unwrap();
+        let one = model.forward_hidden(&ids, None, Capture { hidden_states: false, attentions: LayerSet::of([1]) }, None).unwrap();
+        (all, one)
+    });
+    let kept: Vec<bool> = one.attentions.iter().map(Option::is_some).collect();
+    let mut want = vec![false; model.num_layers()];
+    want[1] = true;
+    assert_eq!(kept, want);
+    assert!(max_diff(one.attentions[1].as_ref().unwrap(), all.attentions[1].as_ref().unwrap()) < 1e-5, "layer 0 ran SDPA instead of the eager path: only rounding may differ");
+    assert!(max_diff(&one.hidden, &all.hidden) < 1e-6);
+}
+
+#[test]
+fn eager_attention_runs_in_half_precision_without_padding() {
+    // Five tokens, inside the sliding window and unpadded: the plain causal mask, whose fill
+    // value (f32::MIN) overflowed bf16 and f16 scores before the eager path masked in fp32.
+    for kind in [Kind::BFloat16, Kind::Half] {
+        let mut model = tiny("llama");
+        model.vs.set_kind(kind);
+        let ids = Tensor::randint(97, [2, 5], (Kind::Int64, Device::Cpu));
+        let out = tch::no_grad(|| model.forward_hidden(&ids, None, Capture { hidden_states: false, attentions: LayerSet::all() }, None)).unwrap();
+        let a = out.attentions[0].as_ref().unwrap();
+        assert_eq!(a.kind(), kind);
+        let sums = a.to_kind(Kind::Float).sum_dim_intlist(-1, false, Kind::Float);
+        assert!(max_diff(&sums, &Tensor::ones_like(&sums)) < 2e-2, "{kind:?}: rows are not distributions");
+        assert!(a.triu(1).abs().max().to_kind(Kind::Float).double_value(&[]) == 0.0);
     }
 }

@@ -70,9 +70,10 @@ pub fn predicted_positions(attention_mask: &Tensor) -> Tensor {
 /// Elements of one `[rows, vocab]` fp32 chunk when the chunk size is automatic, so peak
 /// memory stays flat as the vocabulary grows. On CPU 4M (16 MiB): under glibc's largest mmap
 /// threshold, so chunk buffers are reused instead of mapped and faulted in each time (see
-/// [`crate::base::alloc::tune_cpu_allocator`]). On a GPU 16M (64 MiB): fewer, larger matmuls.
+/// [`crate::base::alloc::tune_cpu_allocator`]). On a GPU 128M (512 MiB): a thousand rows at a
+/// 128k vocabulary, so a micro-batch is a few large matmuls rather than dozens of small ones.
 pub const CHUNK_ELEMENTS_CPU: i64 = 1 << 22;
-pub const CHUNK_ELEMENTS_GPU: i64 = 1 << 24;
+pub const CHUNK_ELEMENTS_GPU: i64 = 1 << 27;
 
 /// Token rows per chunk: `requested` when positive, else as many as fit the device's budget.
 pub fn chunk_rows(requested: i64, vocab: i64, device: Device) -> i64 {

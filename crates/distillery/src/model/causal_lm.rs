@@ -221,15 +221,17 @@ impl Attention {
         let (k, v) = (repeat_kv(&k, groups), repeat_kv(&v, groups));
         let scale = 1.0 / (hd as f64).sqrt();
         let (out, probs) = if want_probs {
-            // Eager path, as transformers' `eager_attention_forward`: softmax in fp32.
-            let mut scores = q.matmul(&k.transpose(-2, -1)) * scale;
+            // Eager path, as transformers' `eager_attention_forward`: softmax in fp32. The scores
+            // are masked in fp32 too, so the fill value fits whatever the model's dtype (f32::MIN
+            // overflows bf16 and f16).
+            let mut scores = (q.matmul(&k.transpose(-2, -1)) * scale).to_kind(Kind::Float);
             scores = match mask {
                 AttnMask::Causal => {
                     let s = k.size()[2];
                     let causal = Tensor::ones([t, s], (Kind::Bool, x.device())).tril(s - t);
                     scores.masked_fill(&causal.logical_not(), f64::from(f32::MIN))
                 }
-                AttnMask::Additive(m) => scores + m,
+                AttnMask::Additive(m) => scores + m.to_kind(Kind::Float),
             };
             let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
             (probs.matmul(&v), Some(probs))
@@ -339,7 +341,38 @@ impl KvCache {
 #[derive(Clone, Copy, Default)]
 pub struct Capture {
     pub hidden_states: bool,
-    pub attentions: bool,
+    /// The layers whose attention probabilities are returned (the eager path runs there only):
+    /// `[b, heads, t, t]` per layer is the largest activation a forward pass can make.
+    pub attentions: LayerSet,
+}
+
+/// A set of layer indices (up to 256 layers).
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct LayerSet([u128; 2]);
+
+impl LayerSet {
+    pub const MAX_LAYERS: usize = 256;
+
+    pub fn all() -> LayerSet {
+        LayerSet([u128::MAX; 2])
+    }
+
+    pub fn of(layers: impl IntoIterator<Item = usize>) -> LayerSet {
+        let mut set = LayerSet::default();
+        for l in layers {
+            assert!(l < Self::MAX_LAYERS, "layer {l} is beyond the {} a LayerSet holds", Self::MAX_LAYERS);
+            set.0[l / 128] |= 1 << (l % 128);
+        }
+        set
+    }
+
+    pub fn contains(&self, layer: usize) -> bool {
+        layer < Self::MAX_LAYERS && self.0[layer / 128] & (1 << (layer % 128)) != 0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0 == [0, 0]
+    }
 }
 
 /// Sees intermediate activations of a forward pass (pruning statistics, probes) without the
@@ -363,8 +396,8 @@ pub struct ForwardOutput {
     pub hidden: Tensor,
     /// `[embeddings, layer 1 output, ..., layer L output]` (before the final norm), each `[b, t, hidden]`.
     pub hidden_states: Vec<Tensor>,
-    /// One `[b, heads, t, kv_len]` probability tensor per layer.
-    pub attentions: Vec<Tensor>,
+    /// Per layer, the `[b, heads, t, kv_len]` attention probabilities if captured.
+    pub attentions: Vec<Option<Tensor>>,
 }
 
 /// Parameter initialisation when a model is built.
@@ -578,7 +611,7 @@ impl CausalLm {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             let x_in = x.shallow_clone();
             let normed = layer.norm_attn.forward(&x);
-            let (a, probs) = layer.attn.forward(&normed, rope.as_ref(), &mask, slot, capture.attentions, observer, i);
+            let (a, probs) = layer.attn.forward(&normed, rope.as_ref(), &mask, slot, capture.attentions.contains(i), observer, i);
             x = x + a;
             let normed2 = layer.norm_mlp.forward(&x);
             x = &x + layer.mlp.forward(&normed2, observer, i);
@@ -586,8 +619,8 @@ impl CausalLm {
             if capture.hidden_states {
                 hidden_states.push(x.shallow_clone());
             }
-            if let Some(p) = probs {
-                attentions.push(p);
+            if !capture.attentions.is_empty() {
+                attentions.push(probs);
             }
         }
         Ok(ForwardOutput { hidden: self.final_norm.forward(&x), hidden_states, attentions })

@@ -246,21 +246,49 @@ pub fn chunked_logit_losses(
     if !fused {
         return chunked_logit_losses_autograd(student, hidden, targets, teacher, w, normalizer, backward);
     }
+    chunked_forward_kl(student, hidden, targets, teacher, w, normalizer, student.lm_head_weight(), &mut None)
+}
+
+/// The fused forward-KL path of [`chunked_logit_losses`], with its head gradient added to
+/// `head_param`'s gradient: the fp32 master of a reduced-precision `student`, or the head
+/// itself. The head gradient of every chunk is accumulated in place (`addmm_`) into one fp32
+/// `[vocab, hidden]` buffer, kept in `scratch` between calls, and handed over once; the loss
+/// sums stay on the device and are read once, so a chunk costs no host synchronisation.
+#[allow(clippy::too_many_arguments)]
+pub fn chunked_forward_kl(
+    student: &CausalLm,
+    hidden: &Tensor,
+    targets: &Tensor,
+    teacher: &TeacherRows,
+    w: &LogitLossWeights,
+    normalizer: f64,
+    head_param: &Tensor,
+    scratch: &mut Option<Tensor>,
+) -> LogitLossSums {
     let chunk = chunk_rows(w.chunk, student.config.vocab_size, hidden.device());
     let head = student.lm_head_weight();
-    let mut sums = LogitLossSums::default();
+    let device = hidden.device();
+    let head_grad = match scratch.take() {
+        Some(mut b) if b.size() == head.size() && b.device() == device => {
+            let _ = b.zero_();
+            b
+        }
+        _ => Tensor::zeros(head.size(), (Kind::Float, device)),
+    };
+    let head_f32 = if head.kind() == Kind::Float { head.shallow_clone() } else { head.to_kind(Kind::Float) };
+    let mut ce_sum = Tensor::zeros([], (Kind::Double, device));
+    let mut kd_sum = Tensor::zeros([], (Kind::Double, device));
     for (start, len) in row_chunks(hidden.size()[0], chunk) {
         let h = hidden.narrow(0, start, len);
         let tgt = targets.narrow(0, start, len).unsqueeze(1);
-        let (grad_h, grad_head, ce, kd) = tch::no_grad(|| {
+        let grad_h = tch::no_grad(|| {
             // Every [len, vocab] buffer below is rewritten in place once it is no longer
             // read: on CPU each fresh buffer of this size costs page faults as well as a pass.
             let hd = h.detach();
             let mut z = student.logits(&hd).to_kind(Kind::Float); // [len, vocab]
             let ls = z.log_softmax(-1, Kind::Float);
-            let ce = ls.gather(1, &tgt, false).sum(Kind::Double).neg().double_value(&[]);
+            let _ = ce_sum.g_sub_(&ls.gather(1, &tgt, false).sum(Kind::Double));
             let scale = w.alpha / normalizer;
-            let mut kd = 0.0;
             // g = d(alpha * CE)/dz = alpha * (softmax(z) - onehot(target)), over the normaliser
             let mut g = match teacher {
                 TeacherRows::Online { model, hidden: ht } => {
@@ -280,7 +308,7 @@ pub fn chunked_logit_losses(
                     };
                     drop(z);
                     let diff = lt.g_sub_(&ls_t);
-                    kd = pt.view([-1]).dot(&diff.view([-1])).double_value(&[]) * t * t;
+                    let _ = kd_sum.g_add_(&(pt.view([-1]).dot(&diff.view([-1])).to_kind(Kind::Double) * (t * t)));
                     drop(lt);
                     // d(beta * T^2 * KL(p_t || softmax(z/T)))/dz = beta * T * (softmax(z/T) - p_t)
                     let c = w.beta * t / normalizer;
@@ -306,20 +334,31 @@ pub fn chunked_logit_losses(
                 }
             };
             let _ = g.scatter_add_(1, &tgt, &Tensor::full([len, 1], -scale, (Kind::Float, g.device())));
-            let hf = hd.to_kind(Kind::Float);
-            let grad_h = g.matmul(&head.to_kind(Kind::Float)); // [len, hidden]
-            let grad_head = g.tr().matmul(&hf); // [vocab, hidden]
-            (grad_h, grad_head, ce, kd)
+            // head_grad += g^T @ h, in place; the hidden gradient g @ W goes back through autograd.
+            let _ = head_grad.shallow_clone().addmm_(&g.tr(), &hd.to_kind(Kind::Float));
+            g.matmul(&head_f32) // [len, hidden]
         });
-        // Hand the two gradients to autograd: d/dx sum(x * g) = g.
-        let surrogate = (&h * grad_h.to_kind(h.kind())).sum(Kind::Float) + (head * grad_head.to_kind(head.kind())).sum(Kind::Float);
-        surrogate.backward();
-        sums.ce += ce;
-        if !matches!(teacher, TeacherRows::None) {
-            sums.kd += kd;
-        }
+        // Hand the hidden gradient to autograd: d/dx sum(x * g) = g.
+        (&h * grad_h.to_kind(h.kind())).sum(Kind::Float).backward();
     }
-    sums
+    add_to_grad(head_param, &head_grad);
+    *scratch = Some(head_grad);
+    let sums = Tensor::stack(&[ce_sum, kd_sum], 0).to_device(tch::Device::Cpu);
+    let sums = Vec::<f64>::try_from(sums).expect("two f64 loss sums");
+    LogitLossSums { ce: sums[0], kd: if matches!(teacher, TeacherRows::None) { 0.0 } else { sums[1] } }
+}
+
+/// Adds `g` to `param`'s gradient (in place once it exists; the first time through autograd,
+/// which is the only way to create a gradient through this binding: d/dp sum(p * g) = g).
+pub fn add_to_grad(param: &Tensor, g: &Tensor) {
+    let mut grad = param.grad();
+    if grad.defined() {
+        tch::no_grad(|| {
+            let _ = grad.g_add_(&g.to_kind(grad.kind()));
+        });
+    } else {
+        (param * g.to_kind(param.kind()).detach()).sum(Kind::Float).backward();
+    }
 }
 
 /// [`chunked_logit_losses`] through autograd, for every divergence and offline logits.

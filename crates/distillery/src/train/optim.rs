@@ -43,6 +43,18 @@ impl AdamW {
         }
     }
 
+    /// Multiplies every gradient by `factor` (undoing a loss scale).
+    pub fn scale_grads(&mut self, factor: f64) {
+        tch::no_grad(|| {
+            for (_, p, _) in &self.params {
+                let mut g = p.grad();
+                if g.defined() {
+                    let _ = g.g_mul_scalar_(factor);
+                }
+            }
+        });
+    }
+
     /// Global L2 norm of all gradients; scales them down to `max_norm` when above it
     /// (as `clip_grad_norm_`). Returns the norm before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {

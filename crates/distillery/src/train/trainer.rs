@@ -15,9 +15,11 @@ use crate::base::io::{ensure_space, sync_dir, write_atomic, write_json_atomic, w
 use crate::base::lock::OutputLock;
 use crate::base::signals::{signal_name, stop_requested, Stopped};
 use crate::train::losses::{
-    attention_loss_sum, chunked_logit_losses, hidden_loss_sum, Divergence, HiddenMetric, LogitLossWeights, TeacherRows,
+    add_to_grad, attention_loss_sum, chunked_forward_kl, chunked_logit_losses_autograd, hidden_loss_sum, Divergence, HiddenMetric,
+    LogitLossWeights, TeacherRows,
 };
-use crate::model::causal_lm::{Capture, CausalLm};
+use crate::model::causal_lm::{Capture, CausalLm, LayerSet};
+use crate::model::InitMode;
 use crate::train::optim::{AdamW, Schedule};
 use crate::data::records::{id_of, read_jsonl_numbered};
 use crate::base::device::{parse_device, parse_dtype};
@@ -66,7 +68,7 @@ pub struct DistillConfig {
     /// Steps per progressive phase (default: half the budget spread over the layers).
     pub phase_steps: Option<i64>,
     pub include_prompt_loss: bool,
-    /// Token rows per chunk of the logit losses (0: automatic, 16 MiB per fp32 chunk on CPU, 64 MiB on a GPU).
+    /// Token rows per chunk of the logit losses (0: automatic, 16 MiB per fp32 chunk on CPU, 512 MiB on a GPU).
     pub chunk: i64,
     pub seed: u64,
     pub device: String,
@@ -265,12 +267,91 @@ struct Projections {
 
 const STATE_DIR: &str = "train_state";
 
+/// The student in the compute dtype, paired with its fp32 masters by parameter name.
+struct ComputeCopy {
+    model: CausalLm,
+    /// (master, compute) per parameter.
+    pairs: Vec<(Tensor, Tensor)>,
+}
+
+impl ComputeCopy {
+    fn new(master: &CausalLm, kind: Kind) -> ComputeCopy {
+        let model = CausalLm::new(master.config.clone(), master.device(), kind, InitMode::ForLoading);
+        let copies = model.vs.variables();
+        let mut names: Vec<(String, Tensor)> = master.vs.variables().into_iter().collect();
+        names.sort_by(|a, b| a.0.cmp(&b.0));
+        let pairs = names.into_iter().map(|(n, m)| (m, copies[&n].shallow_clone())).collect();
+        let copy = ComputeCopy { model, pairs };
+        copy.refresh();
+        copy
+    }
+
+    /// Casts the current master weights into the copy.
+    fn refresh(&self) {
+        tch::no_grad(|| {
+            for (m, c) in &self.pairs {
+                c.shallow_clone().copy_(m);
+            }
+        });
+    }
+
+    /// Adds the copy's gradients to the masters' fp32 gradients and clears the copy's.
+    fn move_gradients(&mut self) {
+        for (m, c) in &mut self.pairs {
+            let g = c.grad();
+            if g.defined() {
+                add_to_grad(m, &g.to_kind(Kind::Float));
+                c.zero_grad();
+            }
+        }
+    }
+}
+
+/// Dynamic loss scaling as torch.amp.GradScaler does it: the backward pass is seeded with the
+/// loss times `scale`; a step whose gradients overflow is skipped and halves the scale, and
+/// `growth_interval` good steps in a row double it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LossScaler {
+    pub scale: f64,
+    pub good_steps: u64,
+}
+
+impl LossScaler {
+    const INITIAL: f64 = 65536.0;
+    const GROWTH_INTERVAL: u64 = 2000;
+
+    fn new() -> LossScaler {
+        LossScaler { scale: Self::INITIAL, good_steps: 0 }
+    }
+
+    fn overflowed(&mut self) {
+        self.scale /= 2.0;
+        self.good_steps = 0;
+    }
+
+    fn stepped(&mut self) {
+        self.good_steps += 1;
+        if self.good_steps == Self::GROWTH_INTERVAL {
+            self.scale *= 2.0;
+            self.good_steps = 0;
+        }
+    }
+}
+
 pub struct Trainer {
     pub cfg: DistillConfig,
     device: Device,
-    /// Compute precision of forward passes (autocast on CUDA); master weights stay fp32.
-    compute: Kind,
+    /// The fp32 master weights the optimizer updates (and checkpoints hold).
     student: CausalLm,
+    /// Reduced-precision runs (`--dtype bf16|f16`): the student in the compute dtype, refreshed
+    /// from the masters before every step; its gradients are moved into the masters' fp32
+    /// gradients after every micro-batch. No autocast: libtorch's CUDA autocast dtype is fp16
+    /// and tch cannot set it, so precision is explicit.
+    compute_copy: Option<ComputeCopy>,
+    /// Dynamic loss scaling, for f16 only (bf16 has fp32's exponent range).
+    scaler: Option<LossScaler>,
+    /// The fp32 `[vocab, hidden]` buffer the fused loss accumulates the head gradient in.
+    head_grad_scratch: Option<Tensor>,
     student_files: ModelFiles,
     /// The live teacher: online KD, intermediate matching, and the teacher KL of evaluations.
     teacher: Option<LocalTeacher>,
@@ -315,14 +396,6 @@ impl std::ops::AddAssign for LossSums {
 /// be larger than a training micro-batch.
 const EVAL_BATCH_MIN: usize = 8;
 
-fn autocast<T>(on: bool, f: impl FnOnce() -> T) -> T {
-    if on {
-        tch::autocast(true, f)
-    } else {
-        f()
-    }
-}
-
 impl Trainer {
     /// Loads models and data, checks they fit together, and restores state with `resume`.
     pub fn setup(cfg: DistillConfig, resume: bool) -> Result<Trainer> {
@@ -330,7 +403,6 @@ impl Trainer {
         let lock = OutputLock::acquire(&cfg.out)?;
         let device = parse_device(&cfg.device)?;
         let compute = parse_dtype(&cfg.dtype, device)?;
-        ensure!(device.is_cuda() || compute == Kind::Float, "--dtype {}: reduced precision training runs on CUDA only; use f32 on the CPU", cfg.dtype);
         tch::manual_seed(cfg.seed as i64);
         let data_records = read_jsonl_numbered(&cfg.data)?;
         let state_dir = cfg.out.join(STATE_DIR);
@@ -401,7 +473,9 @@ impl Trainer {
         let mut trainer = Trainer {
             cfg,
             device,
-            compute,
+            compute_copy: (compute != Kind::Float).then(|| ComputeCopy::new(&student, compute)),
+            scaler: (compute == Kind::Half).then(LossScaler::new),
+            head_grad_scratch: None,
             student,
             student_files,
             teacher,
@@ -448,6 +522,10 @@ impl Trainer {
         let opt_step = state["optimizer_step"].as_i64().unwrap_or(step);
         self.opt.load_state(&tensors, opt_step)?;
         self.skipped = state["nonfinite_skipped"].as_u64().unwrap_or(0) as usize;
+        if let (Some(sc), Some(saved)) = (self.scaler.as_mut(), state["loss_scale"].as_object()) {
+            sc.scale = saved["scale"].as_f64().context("state.json: loss_scale.scale")?;
+            sc.good_steps = saved["good_steps"].as_u64().context("state.json: loss_scale.good_steps")?;
+        }
         self.start_step = step;
         self.last_saved = Some(step);
         eprintln!("kd-distill: resuming at step {step}");
@@ -480,6 +558,7 @@ impl Trainer {
             "tensors": file,
             "optimizer_step": self.opt.step,
             "nonfinite_skipped": self.skipped,
+            "loss_scale": self.scaler.map(|s| json!({"scale": s.scale, "good_steps": s.good_steps})),
             "config": self.cfg,
         });
         let commit = || -> Result<()> {
@@ -589,19 +668,35 @@ impl Trainer {
         })
     }
 
-    /// Forward and backward of one micro-batch; returns its unnormalised loss sums.
+    /// The model forward passes run through: the compute copy, or the fp32 student itself.
+    fn forward_model(&self) -> &CausalLm {
+        self.compute_copy.as_ref().map_or(&self.student, |c| &c.model)
+    }
+
+    /// Forward and backward of one micro-batch; returns its unnormalised loss sums. Gradients
+    /// end in the fp32 masters' `.grad`, multiplied by the loss scale when there is one.
     fn micro_step(&mut self, batch: &TrainBatch, depth: Option<usize>, n_loss: f64, n_valid: f64) -> Result<LossSums> {
-        let amp = self.device.is_cuda() && self.compute != Kind::Float;
+        let scale = self.scaler.map_or(1.0, |s| s.scale);
         let want_hidden = depth.is_some() || self.cfg.hidden_weight > 0.0;
         let want_attn = depth.is_none() && self.cfg.attn_weight > 0.0;
-        let cap = Capture { hidden_states: want_hidden, attentions: want_attn, ..Default::default() };
+        // Attention maps only of the matched layers: [b, heads, t, t] each.
+        let (s_attn, t_attn) = if want_attn {
+            (LayerSet::of(self.pairs.iter().map(|p| p.0)), LayerSet::of(self.pairs.iter().map(|p| p.1)))
+        } else {
+            (LayerSet::default(), LayerSet::default())
+        };
         // The live teacher runs only when some loss term reads its output.
         let teacher_needed = want_hidden || want_attn || (depth.is_none() && self.cfg.beta > 0.0);
         let t_out = match self.teacher.as_ref().filter(|_| self.cfg.teacher_logits.is_none() && teacher_needed) {
-            Some(t) => Some(tch::no_grad(|| autocast(amp, || t.model.forward_hidden(&batch.input_ids, Some(&batch.attention_mask), cap, None)))?),
+            Some(t) => {
+                let cap = Capture { hidden_states: want_hidden, attentions: t_attn };
+                Some(tch::no_grad(|| t.model.forward_hidden(&batch.input_ids, Some(&batch.attention_mask), cap, None))?)
+            }
             None => None,
         };
-        let s_out = autocast(amp, || self.student.forward_hidden(&batch.input_ids, Some(&batch.attention_mask), cap, None))?;
+        let mut scratch = self.head_grad_scratch.take();
+        let model = self.forward_model();
+        let s_out = model.forward_hidden(&batch.input_ids, Some(&batch.attention_mask), Capture { hidden_states: want_hidden, attentions: s_attn }, None)?;
         let valid = batch.attention_mask.ne(0);
         let mut sums = LossSums::default();
         let mut surrogate: Option<Tensor> = None;
@@ -628,8 +723,14 @@ impl Trainer {
                 divergence: self.cfg.divergence,
                 chunk: self.cfg.chunk,
             };
-            let student = &self.student;
-            let s = autocast(amp, || chunked_logit_losses(student, &leaf, &batch.targets, &rows, &w, n_loss, true));
+            let fused = w.divergence == Divergence::ForwardKl && !matches!(rows, TeacherRows::Offline(_));
+            let s = if fused {
+                // The head gradient goes straight into the fp32 master, never rounded to the
+                // compute dtype.
+                chunked_forward_kl(model, &leaf, &batch.targets, &rows, &w, n_loss / scale, self.student.lm_head_weight(), &mut scratch)
+            } else {
+                chunked_logit_losses_autograd(model, &leaf, &batch.targets, &rows, &w, n_loss / scale, true)
+            };
             sums.ce = s.ce;
             sums.kd = s.kd;
             let g = leaf.grad();
@@ -656,21 +757,26 @@ impl Trainer {
                 if used > 0 {
                     let l = total / used as f64;
                     sums.hidden = l.double_value(&[]);
-                    add(l * (gh / n_valid));
+                    add(l * (gh * scale / n_valid));
                 }
             }
             if want_attn {
                 let mut total = Tensor::zeros([], (Kind::Float, self.device));
                 for &(s, t) in &self.pairs {
-                    total += attention_loss_sum(&s_out.attentions[s], &t_out.attentions[t], &valid)?;
+                    let (sa, ta) = (s_out.attentions[s].as_ref(), t_out.attentions[t].as_ref());
+                    total += attention_loss_sum(sa.context("student attention map not captured")?, ta.context("teacher attention map not captured")?, &valid)?;
                 }
                 let l = total / self.pairs.len().max(1) as f64;
                 sums.attn = l.double_value(&[]);
-                add(l * (self.cfg.attn_weight / n_valid));
+                add(l * (self.cfg.attn_weight * scale / n_valid));
             }
         }
         if let Some(s) = surrogate {
             s.backward();
+        }
+        self.head_grad_scratch = scratch;
+        if let Some(copy) = self.compute_copy.as_mut() {
+            copy.move_gradients();
         }
         Ok(sums)
     }
@@ -679,9 +785,34 @@ impl Trainer {
         if self.eval_seqs.is_empty() {
             return Ok(None);
         }
-        let amp = self.device.is_cuda() && self.compute != Kind::Float;
+        if let Some(copy) = &self.compute_copy {
+            copy.refresh();
+        }
         let teacher = self.teacher.as_ref().map(|t| t as &dyn Teacher);
-        autocast(amp, || evaluate(&self.student, teacher, &self.eval_seqs, self.cfg.batch_size.max(EVAL_BATCH_MIN), false, None)).map(Some)
+        evaluate(self.forward_model(), teacher, &self.eval_seqs, self.cfg.batch_size.max(EVAL_BATCH_MIN), false, None).map(Some)
+    }
+
+    /// The unclipped fp32 gradients of step `step` (0-based) by parameter name, with its loss
+    /// sums, computed exactly as training computes them and then cleared: the probe that
+    /// compares precisions (tests/mixed_precision.rs).
+    pub fn step_gradients(&mut self, step: i64) -> Result<(LossSums, Vec<(String, Tensor)>)> {
+        let mut sampler = Sampler::new(self.examples.len(), self.cfg.seed);
+        let batches = self.micro_batches(&mut sampler, step);
+        let n_loss: i64 = batches.iter().map(TrainBatch::loss_tokens).sum();
+        let n_valid: i64 = batches.iter().map(TrainBatch::valid_tokens).sum();
+        if let Some(copy) = &self.compute_copy {
+            copy.refresh();
+        }
+        let mut sums = LossSums::default();
+        for b in &batches {
+            sums += self.micro_step(b, self.phase(step), n_loss.max(1) as f64, n_valid.max(1) as f64)?;
+        }
+        if let Some(sc) = self.scaler {
+            self.opt.scale_grads(1.0 / sc.scale);
+        }
+        let grads = self.opt.params().filter(|(_, p)| p.grad().defined()).map(|(n, p)| (n.to_string(), p.grad().copy())).collect();
+        self.opt.zero_grad();
+        Ok((sums, grads))
     }
 
     /// Runs the remaining steps; writes metrics rows, checkpoints and the final student.
@@ -710,8 +841,14 @@ impl Trainer {
             let n_loss: i64 = batches.iter().map(TrainBatch::loss_tokens).sum();
             let n_valid: i64 = batches.iter().map(TrainBatch::valid_tokens).sum();
             let mut sums = LossSums::default();
+            if let Some(copy) = &self.compute_copy {
+                copy.refresh();
+            }
             for b in &batches {
                 sums += self.micro_step(b, depth, n_loss.max(1) as f64, n_valid.max(1) as f64)?;
+            }
+            if let Some(sc) = self.scaler {
+                self.opt.scale_grads(1.0 / sc.scale);
             }
             let grad_norm = self.opt.clip_grad_norm(self.cfg.clip);
             let lr = self.schedule.lr_at(step);
@@ -723,8 +860,14 @@ impl Trainer {
             };
             let done = step + 1;
             // The guard runs before the update, so a poisoned step never reaches the weights
-            // or the AdamW moments.
-            if !(loss.is_finite() && grad_norm.is_finite()) {
+            // or the AdamW moments. With f16 loss scaling, overflowing gradients under a
+            // finite loss are the scaler's business: skip the update, halve the scale.
+            let overflow = self.scaler.is_some() && loss.is_finite() && !grad_norm.is_finite();
+            if let Some(sc) = self.scaler.as_mut().filter(|_| overflow) {
+                self.opt.zero_grad();
+                sc.overflowed();
+                eprintln!("kd-distill: step {done}: f16 gradients overflowed; update skipped, loss scale now {}", sc.scale);
+            } else if !(loss.is_finite() && grad_norm.is_finite()) {
                 let what = format!(
                     "step {done}: non-finite loss or gradient norm (loss {loss}: ce {ce}, kd {kd}, hidden {hid}, attn {att}; \
                      gradient norm {grad_norm}) on records {}",
@@ -752,6 +895,9 @@ impl Trainer {
             } else {
                 self.opt.step(lr);
                 self.opt.zero_grad();
+                if let Some(sc) = self.scaler.as_mut() {
+                    sc.stepped();
+                }
             }
             tokens_done += n_valid;
             last = StepLog {

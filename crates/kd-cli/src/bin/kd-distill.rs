@@ -61,7 +61,7 @@ struct Args {
     #[arg(long)]
     phase_steps: Option<i64>,
     /// Token rows per chunk of the logit losses; 0 picks as many as fit 16 MiB (CPU) or
-    /// 64 MiB (GPU) per fp32 [rows, vocab] tensor, so memory stays flat as the vocabulary grows.
+    /// 512 MiB (GPU) per fp32 [rows, vocab] tensor, so memory stays flat as the vocabulary grows.
     #[arg(long, default_value_t = 0)]
     chunk: i64,
     #[command(flatten)]
