@@ -14,7 +14,7 @@ export PATH := $(VENV_ABS)/bin:$(PATH)
 BIN := target/release
 PIPELINE ?= pipelines/default.mk
 
-.PHONY: setup build test test-rust test-python test-llamacpp soak fuzz bench demo-teacher clean sweep
+.PHONY: setup build test test-rust test-python test-llamacpp soak fuzz bench gpu-bin demo-teacher clean sweep
 
 setup: build
 
@@ -58,6 +58,14 @@ sweep:
 
 bench: build
 	$(PYTHON) scripts/bench.py --out docs/BENCHMARKS.md
+
+# What a GPU machine needs (../shared/GPU.md): the stage binaries and the mixed-precision
+# test binary in .gpu/bin (ignored by git), run there by scripts/gpu_check.py.
+gpu-bin: build
+	mkdir -p .gpu/bin
+	cp $(BIN)/kd-* .gpu/bin/ && rm -f .gpu/bin/*.d
+	cp "$$(cargo test --release -p distillery --test mixed_precision --no-run --message-format=json 2>/dev/null | \
+		$(PYTHON) -c "import json,sys; print([m['executable'] for m in map(json.loads, sys.stdin) if m.get('executable')][-1])")" .gpu/bin/mixed_precision
 
 include $(PIPELINE)
 include pipelines/demo-teacher.mk

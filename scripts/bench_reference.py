@@ -1,5 +1,7 @@
-"""The PyTorch reference a practitioner would write: transformers models, the same KD loss
-in eager torch, torch.optim.AdamW. Run by scripts/bench.py in its own process so its time
+"""The PyTorch reference a strong practitioner would write: transformers models with SDPA
+attention, the same KD loss, bf16 autocast when asked (on the CPU too), `torch.optim.AdamW`
+with `fused=True`, and optionally `torch.compile` (`--compile`; bench.py reports the best of
+the variants). Run by scripts/bench.py in its own process so its time
 and peak memory are measured alone. Prints one JSON line.
 
     python scripts/bench_reference.py distill --teacher T --student S --batch 8 --seq 128 --steps 20
@@ -27,8 +29,15 @@ def peak_memory(device):
 
 
 def load(path, device, dtype):
-    m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-    return m
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa").to(device)
+
+
+def adamw(params, device):
+    """Fused AdamW where this torch has it for the device (CUDA, and CPU since 2.4)."""
+    try:
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01, foreach=True)
 
 
 def batch_ids(vocab, batch, seq, device, seed=0):
@@ -39,9 +48,11 @@ def batch_ids(vocab, batch, seq, device, seed=0):
 def distill(a):
     dtype = torch.bfloat16 if a.bf16 else torch.float32
     teacher = load(a.teacher, a.device, dtype).eval()
-    # fp32 master weights with bf16 autocast on GPU, as kd-distill does.
+    # fp32 master weights with bf16 autocast, the standard mixed-precision recipe.
     student = load(a.student, a.device, torch.float32).train()
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.01)
+    opt = adamw(list(student.parameters()), a.device)
+    if a.compile:
+        student, teacher = torch.compile(student), torch.compile(teacher)
     vocab = student.config.vocab_size
     ids = batch_ids(vocab, a.batch, a.seq, a.device)
     T, alpha, beta = 2.0, 0.5, 0.5
@@ -49,7 +60,7 @@ def distill(a):
     for step in range(a.steps):
         sync(a.device)
         t0 = time.perf_counter()
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=a.bf16):
+        with torch.autocast(device_type=a.device.split(":")[0], dtype=torch.bfloat16, enabled=a.bf16):
             with torch.no_grad():
                 t_logits = teacher(ids).logits[:, :-1].float()
             s_logits = student(ids).logits[:, :-1].float()
@@ -119,6 +130,7 @@ def main():
     p.add_argument("--batches", type=int, default=10)
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--compile", action="store_true")
     p.add_argument("--threads", type=int, default=0)
     a = p.parse_args()
     if a.threads:

@@ -2,15 +2,21 @@
 
     KD_BIN=.gpu/bin python3 scripts/gpu_check.py --out $OUT        # on the GPU machine
     python scripts/gpu_check.py --device cpu --no-bench --out /tmp/x  # dry run here
+    make gpu-bin                                                      # fills .gpu/bin to carry
 
 1. Perplexity parity on the device: kd-eval against transformers, both on the device, fp32,
    tiny random checkpoints of every architecture (tolerance 1e-4 relative, as on CPU), and
    the bf16 figures side by side (reported, not asserted).
-2. A bf16-autocast kd-distill run on the device (tiny teacher and student, hidden and
-   attention matching on): the losses must stay finite.
-3. `scripts/bench.py --gpu` (Llama-3.2 1B/3B shapes), written to OUT/BENCHMARKS-gpu.md.
+2. bf16 and f16 first-step gradients against fp32 at vocabulary 128256 (the test binary of
+   crates/distillery/tests/mixed_precision.rs, carried as BIN/mixed_precision): cosine above
+   0.99 and norms within 5% for the head, a middle layer, an attention projection and the
+   hidden-state projection, and no head-gradient entry lost to underflow.
+3. A bf16 kd-distill run on the device (tiny teacher and student, hidden and attention
+   matching on): the losses must stay finite.
+4. `scripts/bench.py --gpu` (Llama-3.2 1B/3B shapes), written to OUT/BENCHMARKS-gpu.md.
 
-Writes OUT/gpu-check.md; exits 1 if a check fails.
+OUT/gpu-check.md is rewritten after every check, so a run cut short keeps what finished;
+exits 1 if a check fails.
 """
 import argparse
 import csv
@@ -61,7 +67,12 @@ def main():
              "| architecture | dtype | Distillery | transformers | relative difference | within 1e-4 |",
              "|---|---|---:|---:|---:|---|"]
     failed = []
-    dtypes = [("f32", torch.float32)] + ([("bf16", torch.bfloat16)] if a.device.startswith("cuda") else [])
+    report = out / "gpu-check.md"
+
+    def flush():
+        report.write_text("\n".join(lines) + "\n")
+
+    dtypes = [("f32", torch.float32), ("bf16", torch.bfloat16)]
     for arch in tiny.ARCHS:
         model = tiny.make_model(arch, work / arch)
         for name, dtype in dtypes:
@@ -76,6 +87,25 @@ def main():
                 failed.append(f"{arch} {name} perplexity differs by {rel:.2e}")
             lines.append(f"| {arch} | {name} | {ours:.6f} | {theirs:.6f} | {rel:.2e} | "
                          f"{'yes' if ok else ('no' if ok is False else 'not asserted')} |")
+            flush()
+
+    # Reduced-precision gradients against fp32 at Llama 3's vocabulary.
+    probe = next((b for b in [BIN / "mixed_precision", *sorted((ROOT / "target" / "release" / "deps").glob("mixed_precision-*"))]
+                  if b.is_file() and os.access(b, os.X_OK)), None)
+    lines += ["", "## First-step gradients, bf16 and f16 against fp32, vocabulary 128256", ""]
+    if probe is None:
+        failed.append("the mixed_precision test binary is missing (make gpu-bin)")
+        lines.append("Not run: no mixed_precision test binary.")
+    else:
+        vocab = "128256" if a.device.startswith("cuda") else "32768"
+        env = {**os.environ, "DISTILLERY_MP_DEVICE": a.device, "DISTILLERY_MP_VOCAB": vocab}
+        g = subprocess.run([str(probe), "--nocapture", "--test-threads", "1"], capture_output=True, text=True, env=env)
+        found = [l for l in g.stderr.splitlines() if l.startswith("gradient ")]
+        lines += [f"Vocabulary {vocab} on {a.device}:", ""] + [f"* {l[len('gradient '):]}" for l in found]
+        if g.returncode != 0:
+            failed.append("reduced-precision gradients disagree with fp32")
+            lines += ["", "```", g.stderr[-1500:], "```"]
+    flush()
 
     # Distillation with every loss term on, in bf16 autocast where the device allows it.
     teacher, student = work / "llama", work / "student"
@@ -83,7 +113,7 @@ def main():
         "--device", a.device)
     records = work / "train.jsonl"
     records.write_text("".join(json.dumps({"id": f"r{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS * 4)))
-    dtype = "bf16" if a.device.startswith("cuda") else "f32"
+    dtype = "bf16"
     run(BIN / "kd-distill", "--teacher", teacher, "--student", student, "--data", records, "--out", work / "distilled",
         "--steps", 10, "--batch-size", 4, "--hidden-weight", 0.5, "--attn-weight", 0.2, "--device", a.device,
         "--dtype", dtype)
@@ -94,6 +124,7 @@ def main():
     lines += ["", f"## kd-distill, {dtype}, {len(rows)} steps with CE, KD, hidden and attention terms", "",
               f"First loss {float(rows[0]['loss']):.4f}, last {float(rows[-1]['loss']):.4f}; all finite: "
               f"{'yes' if finite else 'NO'}."]
+    flush()
 
     if not a.no_bench:
         bench_out = out / "BENCHMARKS-gpu.md"
@@ -101,7 +132,7 @@ def main():
                         "--out", str(bench_out)], check=True, env={**os.environ, "KD_BIN": str(BIN)})
         lines += ["", f"Benchmarks: {bench_out.name}."]
     lines += ["", "Failed: " + "; ".join(failed) if failed else "All checks passed."]
-    (out / "gpu-check.md").write_text("\n".join(lines) + "\n")
+    flush()
     print("\n".join(lines))
     sys.exit(1 if failed else 0)
 

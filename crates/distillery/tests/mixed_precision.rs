@@ -1,6 +1,9 @@
 //! Reduced precision is real and right: a bf16 (and f16, loss-scaled) training step on the CPU
 //! gives the fp32 step's gradients, at a vocabulary (32k) where fp16 logit gradients would
 //! underflow, with logits KD, hidden-state and attention-map matching all on.
+//!
+//! `DISTILLERY_MP_DEVICE=cuda DISTILLERY_MP_VOCAB=128256` runs the same comparison on a GPU at
+//! Llama 3's vocabulary (scripts/gpu_check.py does, with this test's binary carried over).
 use distillery::model::checkpoint::save_pretrained;
 use distillery::model::{CausalLm, InitMode};
 use distillery::train::trainer::{DistillConfig, Trainer};
@@ -10,7 +13,13 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
-const VOCAB: i64 = 32768;
+fn vocab() -> i64 {
+    std::env::var("DISTILLERY_MP_VOCAB").ok().and_then(|v| v.parse().ok()).unwrap_or(32768)
+}
+
+fn device() -> String {
+    std::env::var("DISTILLERY_MP_DEVICE").unwrap_or_else(|_| "cpu".into())
+}
 
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("distillery-mp-{name}-{}", std::process::id()));
@@ -19,16 +28,16 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-/// A word-level tokenizer over `w0 .. w{VOCAB-1}`.
+/// A word-level tokenizer over `w0 .. w{vocab-1}`.
 fn tokenizer() -> serde_json::Value {
-    let vocab: serde_json::Map<String, serde_json::Value> = (0..VOCAB).map(|i| (format!("w{i}"), json!(i))).collect();
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..vocab()).map(|i| (format!("w{i}"), json!(i))).collect();
     json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
            "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null, "decoder": null,
            "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}})
 }
 
 fn model(dir: &Path, layers: i64, hidden: i64, seed: i64) -> String {
-    let cfg = json!({"model_type": "llama", "vocab_size": VOCAB, "hidden_size": hidden, "intermediate_size": 2 * hidden,
+    let cfg = json!({"model_type": "llama", "vocab_size": vocab(), "hidden_size": hidden, "intermediate_size": 2 * hidden,
                      "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
                      "max_position_embeddings": 128, "initializer_range": 0.05, "tie_word_embeddings": false});
     tch::manual_seed(seed);
@@ -46,7 +55,7 @@ fn config(root: &Path, teacher: &str, student: &str, data: &Path, dtype: &str) -
         "batch_size": 4, "grad_accum": 2, "seq_len": 48, "lr": 1e-3, "min_lr_ratio": 0.1, "warmup": 0,
         "weight_decay": 0.0, "clip": 1.0, "eval_data": null, "eval_every": 0, "save_every": 0, "log_every": 1,
         "teacher_logits": null, "schedule": "standard", "phase_steps": null, "include_prompt_loss": false,
-        "chunk": 0, "seed": 3, "device": "cpu", "dtype": dtype
+        "chunk": 0, "seed": 3, "device": device(), "dtype": dtype
     }))
     .unwrap()
 }
@@ -70,7 +79,7 @@ fn reduced_precision_steps_give_the_fp32_gradients() {
     let mut rng = distillery::base::rng::SplitMix64::for_key(7, 0);
     let lines: Vec<String> = (0..16)
         .map(|i| {
-            let words: Vec<String> = (0..40).map(|_| format!("w{}", rng.below(VOCAB as usize))).collect();
+            let words: Vec<String> = (0..40).map(|_| format!("w{}", rng.below(vocab() as usize))).collect();
             json!({"id": format!("r{i}"), "text": words.join(" ")}).to_string()
         })
         .collect();
@@ -90,7 +99,7 @@ fn reduced_precision_steps_give_the_fp32_gradients() {
             let (g, w) = (&got[name], &want[name]);
             assert_eq!(g.kind(), Kind::Float, "{dtype} {name}: master gradients are fp32");
             let (c, r) = (cosine(g, w), norm(g) / norm(w));
-            eprintln!("{dtype} {name}: cosine {c:.5}, norm ratio {r:.4}");
+            eprintln!("gradient {dtype} {name}: cosine {c:.5}, norm ratio {r:.4}");
             assert!(c > 0.99, "{dtype} {name}: cosine {c} to the fp32 gradient");
             assert!((r - 1.0).abs() < 0.05, "{dtype} {name}: norm ratio {r}");
         }

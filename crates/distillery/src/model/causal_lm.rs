@@ -177,7 +177,7 @@ impl Attention {
         x: &Tensor,
         rope: Option<&(Tensor, Tensor)>,
         mask: &AttnMask,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        cache: Option<(&mut Option<(Tensor, Tensor)>, i64, i64)>,
         want_probs: bool,
         observer: &mut dyn ForwardObserver, layer: usize,
     ) -> (Tensor, Option<Tensor>) {
@@ -207,20 +207,37 @@ impl Attention {
             k = &k * &cos + rotate_half(&k) * &sin;
         }
         let (k, v) = match cache {
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[pk, k], 2), Tensor::cat(&[pv, v], 2)),
-                    None => (k, v),
+            // The new keys and values are written into preallocated buffers at `past`, so a
+            // decoded token costs no copy of the whole cache (`cat` would, every step).
+            Some((slot, past, capacity)) => {
+                let grow = |old: Option<Tensor>, new: &Tensor| -> Tensor {
+                    let size = old.as_ref().map_or(0, |o| o.size()[2]);
+                    if past + t <= size {
+                        return old.unwrap();
+                    }
+                    let cap = capacity.max(past + t).max(2 * size);
+                    let buf = Tensor::zeros([b, nkv, cap, hd], (new.kind(), new.device()));
+                    if let Some(o) = old {
+                        buf.narrow(2, 0, past).copy_(&o.narrow(2, 0, past));
+                    }
+                    buf
                 };
-                *slot = Some((k.shallow_clone(), v.shallow_clone()));
-                (k, v)
+                let (kb, vb) = match slot.take() {
+                    Some((kb, vb)) => (grow(Some(kb), &k), grow(Some(vb), &v)),
+                    None => (grow(None, &k), grow(None, &v)),
+                };
+                kb.narrow(2, past, t).copy_(&k);
+                vb.narrow(2, past, t).copy_(&v);
+                let view = (kb.narrow(2, 0, past + t), vb.narrow(2, 0, past + t));
+                *slot = Some((kb, vb));
+                view
             }
             None => (k, v),
         };
         let groups = nh / nkv;
-        let (k, v) = (repeat_kv(&k, groups), repeat_kv(&v, groups));
         let scale = 1.0 / (hd as f64).sqrt();
         let (out, probs) = if want_probs {
+            let (k, v) = (repeat_kv(&k, groups), repeat_kv(&v, groups));
             // Eager path, as transformers' `eager_attention_forward`: softmax in fp32. The scores
             // are masked in fp32 too, so the fill value fits whatever the model's dtype (f32::MIN
             // overflows bf16 and f16).
@@ -236,9 +253,11 @@ impl Attention {
             let probs = scores.softmax(-1, Kind::Float).to_kind(q.kind());
             (probs.matmul(&v), Some(probs))
         } else {
+            // Grouped-query attention inside SDPA (`enable_gqa`): no repeated K/V in memory.
+            let gqa = groups > 1;
             let out = match mask {
-                AttnMask::Causal => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, scale, false),
-                AttnMask::Additive(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, false),
+                AttnMask::Causal => Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, true, scale, gqa),
+                AttnMask::Additive(m) => Tensor::scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, scale, gqa),
             };
             (out, None)
         };
@@ -310,19 +329,27 @@ impl Block {
     }
 }
 
-/// Per-layer keys and values of the positions seen so far (`[b, kv_heads, len, hd]` each).
+/// Per-layer keys and values of the positions seen so far, in buffers `[b, kv_heads,
+/// capacity, hd]` allocated once (and doubled if a sequence outgrows them).
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    len: i64,
+    capacity: i64,
 }
 
 impl KvCache {
     pub fn new(num_layers: usize) -> KvCache {
-        KvCache { layers: (0..num_layers).map(|_| None).collect() }
+        KvCache::with_capacity(num_layers, 0)
+    }
+
+    /// A cache whose buffers hold `capacity` positions from the first write.
+    pub fn with_capacity(num_layers: usize, capacity: i64) -> KvCache {
+        KvCache { layers: (0..num_layers).map(|_| None).collect(), len: 0, capacity }
     }
 
     /// Number of positions cached.
     pub fn len(&self) -> i64 {
-        self.layers.first().and_then(|l| l.as_ref()).map_or(0, |(k, _)| k.size()[2])
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
@@ -583,7 +610,8 @@ impl CausalLm {
             Some(m) => (m.cumsum(-1, Kind::Int64) - 1).clamp_min(0).narrow(1, past, t),
             None => Tensor::arange_start(past, total, (Kind::Int64, device)).unsqueeze(0).expand([b, t], false),
         };
-        let padded = key_mask.as_ref().is_some_and(|m| m.min().int64_value(&[]) == 0);
+        // (Decoding steps, past > 0, take the additive mask anyway: no host sync for them.)
+        let padded = past == 0 && key_mask.as_ref().is_some_and(|m| m.min().int64_value(&[]) == 0);
         let window_bites = self.config.sliding_window.is_some_and(|w| w < total);
         let mask = if past == 0 && !padded && !window_bites {
             AttnMask::Causal
@@ -608,7 +636,7 @@ impl CausalLm {
             hidden_states.push(x.shallow_clone());
         }
         for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let slot = cache.as_deref_mut().map(|c| (&mut c.layers[i], past, c.capacity));
             let x_in = x.shallow_clone();
             let normed = layer.norm_attn.forward(&x);
             let (a, probs) = layer.attn.forward(&normed, rope.as_ref(), &mask, slot, capture.attentions.contains(i), observer, i);
@@ -622,6 +650,9 @@ impl CausalLm {
             if !capture.attentions.is_empty() {
                 attentions.push(probs);
             }
+        }
+        if let Some(c) = cache {
+            c.len = total;
         }
         Ok(ForwardOutput { hidden: self.final_norm.forward(&x), hidden_states, attentions })
     }
@@ -654,5 +685,10 @@ impl CausalLm {
     /// Builds a fresh cache for this model.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())
+    }
+
+    /// A fresh cache with room for `positions` positions per sequence.
+    pub fn new_cache_for(&self, positions: usize) -> KvCache {
+        KvCache::with_capacity(self.layers.len(), positions as i64)
     }
 }

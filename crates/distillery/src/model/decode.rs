@@ -68,7 +68,7 @@ pub fn generate_until(
     let rows: Vec<usize> = (0..b).collect();
     let first = pad(&refs, &rows, s.pad, PadSide::Left, 0, device);
     let (mut input, mut attn) = (first.input_ids, first.attention_mask);
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache_for(longest + s.max_new_tokens);
     let mut out: Vec<Vec<i64>> = vec![vec![]; b];
     let mut done = vec![false; b];
     tch::no_grad(|| {
