@@ -161,6 +161,7 @@ impl LoopArgs {
             dtype: self.runtime.dtype.clone(),
             skip_nonfinite: self.skip_nonfinite,
             keep_last: self.keep_last,
+            on_policy: Default::default(),
         }
     }
 }

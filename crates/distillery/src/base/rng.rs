@@ -48,6 +48,10 @@ pub enum Stream {
     AugmentPick,
     /// Training: the data order of one epoch.
     Epoch(usize),
+    /// On-policy training: whether micro-batch `micro` of `step` is sampled.
+    OnPolicyCoin { step: usize, micro: usize },
+    /// On-policy training: the sampling of row `row` of micro-batch `micro` of `step`.
+    OnPolicySample { step: usize, micro: usize, row: usize },
 }
 
 impl Stream {
@@ -59,6 +63,9 @@ impl Stream {
             }
             Stream::AugmentPick => u64::MAX,
             Stream::Epoch(e) => e as u64,
+            // Tagged high bits keep these apart from the epochs' small keys.
+            Stream::OnPolicyCoin { step, micro } => 1 << 62 | (step as u64) << 16 | micro as u64,
+            Stream::OnPolicySample { step, micro, row } => 1 << 61 | (step as u64) << 28 | (micro as u64) << 16 | row as u64,
         }
     }
 }

@@ -16,6 +16,8 @@ pub struct Example {
     pub loss_from: usize,
     /// Index of the record it came from (stored teacher rows are found by it).
     pub record: usize,
+    /// Tokens of the record's prompt (0 for plain text): what on-policy batches complete.
+    pub prompt_len: usize,
 }
 
 impl Example {
@@ -26,7 +28,9 @@ impl Example {
 
 /// Builds examples by the one record-to-ids rule ([`record_tokens`], split layout), cut at
 /// `seq_len`. Records with nothing left to learn from (a prompt cut off by `seq_len`) are
-/// skipped. `offline` checks that every record points at stored teacher logits.
+/// skipped; with `prompts_suffice` (every batch's completions are sampled during training) a
+/// prompt alone is enough when a completion token still fits. `offline` checks that every
+/// record points at stored teacher logits.
 pub fn build_examples(
     records: &[(usize, Record)],
     path: &Path,
@@ -34,6 +38,7 @@ pub fn build_examples(
     seq_len: usize,
     include_prompt: bool,
     offline: bool,
+    prompts_suffice: bool,
 ) -> Result<Vec<Example>> {
     let mut out = Vec::with_capacity(records.len());
     for (index, (line, rec)) in records.iter().enumerate() {
@@ -50,8 +55,13 @@ pub fn build_examples(
             }
         }
         ids.truncate(seq_len);
-        let ex = Example { ids, loss_from: if include_prompt { 1 } else { prompt_len }, record: index };
-        if ex.loss_targets() == 0 {
+        // Plain text has no prompt to complete (its "prompt" is the first token).
+        let has_prompt = rec.contains_key("prompt") || rec.contains_key("prompt_ids");
+        let prompt_len = if has_prompt { prompt_len.min(ids.len()) } else { 0 };
+        let loss_from = if include_prompt || !has_prompt { 1 } else { prompt_len };
+        let ex = Example { ids, loss_from, record: index, prompt_len };
+        let sampled_fits = prompts_suffice && prompt_len > 0 && prompt_len < seq_len;
+        if ex.loss_targets() == 0 && !sampled_fits {
             continue;
         }
         out.push(ex);

@@ -23,7 +23,8 @@ pub enum Divergence {
     ForwardKl,
     /// KL(student || teacher): mode-seeking (MiniLLM).
     ReverseKl,
-    /// beta * KL(t || m) + (1 - beta) * KL(s || m), m = beta * t + (1 - beta) * s (GKD).
+    /// beta * KL(t || m) + (1 - beta) * KL(s || m), m = beta * t + (1 - beta) * s: TRL's
+    /// `generalized_jsd_loss` (GKD), whose ends are forward KL (beta 0) and reverse KL (beta 1).
     Jsd { beta: f64 },
     /// KL(t || lambda * t + (1 - lambda) * s) (DistiLLM).
     SkewKl { lambda: f64 },
@@ -37,8 +38,8 @@ impl Divergence {
             "forward-kl" | "kl" => Divergence::ForwardKl,
             "reverse-kl" => Divergence::ReverseKl,
             "jsd" => {
-                if !(jsd_beta > 0.0 && jsd_beta < 1.0) {
-                    bail!("--jsd-beta must be in (0, 1), got {jsd_beta}");
+                if !(0.0..=1.0).contains(&jsd_beta) {
+                    bail!("--jsd-beta must be in [0, 1] (0: forward KL, 1: reverse KL), got {jsd_beta}");
                 }
                 Divergence::Jsd { beta: jsd_beta }
             }
@@ -71,6 +72,9 @@ pub fn divergence(lp_teacher: &Tensor, lp_student: &Tensor, d: Divergence) -> Te
     match d {
         Divergence::ForwardKl => kl_rows(lp_teacher, lp_student),
         Divergence::ReverseKl => kl_rows(lp_student, lp_teacher),
+        // The ends as TRL computes them (the mixture formula would give 0 there).
+        Divergence::Jsd { beta } if beta == 0.0 => kl_rows(lp_teacher, lp_student),
+        Divergence::Jsd { beta } if beta == 1.0 => kl_rows(lp_student, lp_teacher),
         Divergence::Jsd { beta } => {
             let lm = log_mix(lp_teacher, beta, lp_student, 1.0 - beta);
             kl_rows(lp_teacher, &lm) * beta + kl_rows(lp_student, &lm) * (1.0 - beta)

@@ -25,7 +25,9 @@ use crate::data::records::{id_of, read_jsonl_numbered};
 use crate::base::device::{parse_device, parse_dtype};
 use crate::base::progress::Progress;
 use crate::data::teacher_logits::LogitsReader;
-use crate::model::tokenizer::Tok;
+use crate::model::decode::{generate, Sampling};
+use crate::model::tokenizer::{SpecialTokens, Tok};
+use crate::base::rng::{stream, Stream};
 use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -80,6 +82,38 @@ pub struct DistillConfig {
     /// Checkpoints kept in `train_state/` (the newest K).
     #[serde(default = "one")]
     pub keep_last: usize,
+    /// On-policy distillation (GKD): micro-batches on the student's own samples.
+    #[serde(default)]
+    pub on_policy: OnPolicy,
+}
+
+/// On-policy distillation settings (Agarwal et al., GKD; TRL's `GKDTrainer`). Each
+/// micro-batch is, with probability `lambda`, replaced by the student's own completions of
+/// its prompts, sampled from the current weights; the teacher scores every sampled token and
+/// the divergence is taken over completion tokens only, without CE (the student's own tokens
+/// are no target). With `seq_kd`, the other micro-batches use completions the teacher samples
+/// on the fly instead of the data's.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct OnPolicy {
+    pub lambda: f64,
+    pub seq_kd: bool,
+    pub temperature: f64,
+    pub top_p: Option<f64>,
+    pub max_new_tokens: usize,
+}
+
+impl Default for OnPolicy {
+    fn default() -> OnPolicy {
+        OnPolicy { lambda: 0.0, seq_kd: false, temperature: 1.0, top_p: None, max_new_tokens: 64 }
+    }
+}
+
+impl OnPolicy {
+    /// Whether any micro-batch is sampled during training.
+    pub fn samples(&self) -> bool {
+        self.lambda > 0.0 || self.seq_kd
+    }
 }
 
 fn one() -> usize {
@@ -97,6 +131,20 @@ impl DistillConfig {
             ensure!(v >= 0.0 && v.is_finite(), "{name} must be a non-negative number, got {v}");
         }
         ensure!(self.lr > 0.0, "--lr must be positive");
+        let op = &self.on_policy;
+        ensure!((0.0..=1.0).contains(&op.lambda), "--on-policy must be a probability in [0, 1], got {}", op.lambda);
+        if op.samples() {
+            ensure!(
+                self.teacher.is_some() && self.teacher_logits.is_none(),
+                "--on-policy and --seq-kd need a live teacher (--teacher, without --teacher-logits): the teacher must score, \
+                 or write, completions that exist only during training, and stored logits cover the data's completions only"
+            );
+            ensure!(self.beta > 0.0, "--on-policy and --seq-kd train on the KD term: set --beta above 0");
+            ensure!(op.max_new_tokens > 0, "--gen-max-new-tokens must be positive");
+            ensure!(op.temperature >= 0.0, "--gen-temperature must be 0 (greedy) or positive");
+            ensure!(op.top_p.is_none_or(|p| p > 0.0 && p <= 1.0), "--gen-top-p must be in (0, 1]");
+            ensure!(self.schedule != TrainSchedule::Progressive, "--on-policy and --seq-kd do not combine with --schedule progressive");
+        }
         ensure!(self.chunk >= 0, "--chunk must be 0 (automatic) or positive");
         ensure!(self.keep_last >= 1, "--keep-last must be at least 1");
         let online = self.teacher.is_some() && self.teacher_logits.is_none();
@@ -248,6 +296,15 @@ pub struct StepLog {
     pub seconds: f64,
     pub eval_perplexity: Option<f64>,
     pub eval_teacher_kl: Option<f64>,
+    /// Share of the step's micro-batches on the student's own samples.
+    #[serde(default)]
+    pub on_policy: f64,
+    /// Mean completion tokens per sampled row (student or teacher), 0 without sampling.
+    #[serde(default)]
+    pub sampled_tokens: f64,
+    /// Seconds spent sampling completions in this step.
+    #[serde(default)]
+    pub sample_seconds: f64,
 }
 
 pub struct Summary {
@@ -352,6 +409,8 @@ pub struct Trainer {
     scaler: Option<LossScaler>,
     /// The fp32 `[vocab, hidden]` buffer the fused loss accumulates the head gradient in.
     head_grad_scratch: Option<Tensor>,
+    /// End-of-sequence ids and the padding id, for sampled (on-policy, --seq-kd) batches.
+    special: SpecialTokens,
     student_files: ModelFiles,
     /// The live teacher: online KD, intermediate matching, and the teacher KL of evaluations.
     teacher: Option<LocalTeacher>,
@@ -392,6 +451,20 @@ impl std::ops::AddAssign for LossSums {
     }
 }
 
+/// What sampling cost in one step.
+#[derive(Default)]
+struct SampleStats {
+    rows: usize,
+    tokens: usize,
+    seconds: f64,
+}
+
+impl SampleStats {
+    fn mean_tokens(&self) -> f64 {
+        if self.rows == 0 { 0.0 } else { self.tokens as f64 / self.rows as f64 }
+    }
+}
+
 /// Evaluation batches hold at least this many sequences: no gradients are kept, so they can
 /// be larger than a training micro-batch.
 const EVAL_BATCH_MIN: usize = 8;
@@ -410,6 +483,7 @@ impl Trainer {
         // The student starts from --student; a resumed run takes its weights from the state.
         let (student, student_files) = load_model(&cfg.student, device, Kind::Float).with_context(|| format!("loading student `{}`", cfg.student))?;
         let tok = Tok::load(&student_files)?;
+        let special = SpecialTokens::resolve(&student_files, &student.config)?;
         let online = cfg.teacher.is_some() && cfg.teacher_logits.is_none();
         let teacher = match &cfg.teacher {
             Some(t) => {
@@ -429,7 +503,17 @@ impl Trainer {
             }
             None => None,
         };
-        let examples = build_examples(&data_records, &cfg.data, &tok, cfg.seq_len, cfg.include_prompt_loss, cfg.teacher_logits.is_some())?;
+        let all_sampled = cfg.on_policy.lambda == 1.0 || cfg.on_policy.seq_kd;
+        let examples = build_examples(&data_records, &cfg.data, &tok, cfg.seq_len, cfg.include_prompt_loss, cfg.teacher_logits.is_some(), all_sampled)?;
+        if cfg.on_policy.samples() {
+            let without = examples.iter().filter(|e| e.prompt_len == 0).count();
+            ensure!(
+                without == 0,
+                "{}: {without} of {} training records have no `prompt`; --on-policy and --seq-kd sample completions of prompts",
+                cfg.data.display(),
+                examples.len()
+            );
+        }
         let eval_seqs = match &cfg.eval_data {
             Some(p) => {
                 let (_, toks) = read_tokenized(p, &tok, Layout::Whole, Some(cfg.seq_len))?;
@@ -476,6 +560,7 @@ impl Trainer {
             compute_copy: (compute != Kind::Float).then(|| ComputeCopy::new(&student, compute)),
             scaler: (compute == Kind::Half).then(LossScaler::new),
             head_grad_scratch: None,
+            special,
             student,
             student_files,
             teacher,
@@ -668,6 +753,71 @@ impl Trainer {
         })
     }
 
+    /// The micro-batches of `step`, each with whether it is on-policy. With `--on-policy`, a
+    /// seeded coin per micro-batch (probability lambda) replaces its completions by the
+    /// student's own, sampled from the current weights; with `--seq-kd` the others get the
+    /// teacher's. Each row samples from its own stream keyed by (seed, step, micro-batch,
+    /// row), so a resumed run samples the same tokens.
+    fn sampled_batches(&self, sampler: &mut Sampler, step: i64) -> Result<(Vec<TrainBatch>, Vec<bool>, SampleStats)> {
+        let batches = self.micro_batches(sampler, step);
+        let op = &self.cfg.on_policy;
+        let mut stats = SampleStats::default();
+        if !op.samples() {
+            let n = batches.len();
+            return Ok((batches, vec![false; n], stats));
+        }
+        let start = Instant::now();
+        let sampling = Sampling {
+            max_new_tokens: op.max_new_tokens,
+            temperature: op.temperature,
+            top_k: None,
+            top_p: op.top_p,
+            eos: self.special.eos.clone(),
+            pad: self.special.pad.or(self.special.eos.first().copied()).unwrap_or(0),
+        };
+        let (mut out, mut policy) = (vec![], vec![]);
+        for (m, batch) in batches.into_iter().enumerate() {
+            let on = stream(self.cfg.seed, Stream::OnPolicyCoin { step: step as usize, micro: m }).next_f64() < op.lambda;
+            let sampler_model = if on {
+                Some(self.forward_model())
+            } else if op.seq_kd {
+                self.teacher.as_ref().map(|t| &t.model)
+            } else {
+                None
+            };
+            let Some(model) = sampler_model else {
+                out.push(batch);
+                policy.push(false);
+                continue;
+            };
+            let prompts: Vec<Vec<i64>> = batch.examples.iter().map(|&e| self.examples[e].ids[..self.examples[e].prompt_len].to_vec()).collect();
+            let mut rngs: Vec<_> = (0..prompts.len())
+                .map(|row| stream(self.cfg.seed, Stream::OnPolicySample { step: step as usize, micro: m, row }))
+                .collect();
+            let completions = generate(model, &prompts, &sampling, &mut rngs)?;
+            let sampled: Vec<Example> = batch
+                .examples
+                .iter()
+                .zip(prompts.into_iter().zip(&completions))
+                .map(|(&e, (mut ids, c))| {
+                    let prompt_len = ids.len();
+                    ids.extend(c);
+                    ids.truncate(self.cfg.seq_len);
+                    Example { ids, loss_from: prompt_len, record: self.examples[e].record, prompt_len }
+                })
+                .collect();
+            stats.rows += completions.len();
+            stats.tokens += completions.iter().map(Vec::len).sum::<usize>();
+            let rows: Vec<usize> = (0..sampled.len()).collect();
+            let mut new = TrainBatch::new(&sampled, &rows, self.device);
+            new.examples = batch.examples;
+            out.push(new);
+            policy.push(on);
+        }
+        stats.seconds = start.elapsed().as_secs_f64();
+        Ok((out, policy, stats))
+    }
+
     /// The model forward passes run through: the compute copy, or the fp32 student itself.
     fn forward_model(&self) -> &CausalLm {
         self.compute_copy.as_ref().map_or(&self.student, |c| &c.model)
@@ -675,8 +825,10 @@ impl Trainer {
 
     /// Forward and backward of one micro-batch; returns its unnormalised loss sums. Gradients
     /// end in the fp32 masters' `.grad`, multiplied by the loss scale when there is one.
-    fn micro_step(&mut self, batch: &TrainBatch, depth: Option<usize>, n_loss: f64, n_valid: f64) -> Result<LossSums> {
+    fn micro_step(&mut self, batch: &TrainBatch, depth: Option<usize>, n_loss: f64, n_valid: f64, on_policy: bool) -> Result<LossSums> {
         let scale = self.scaler.map_or(1.0, |s| s.scale);
+        // The student's own samples are no target: on-policy batches train on KD alone.
+        let alpha = if on_policy { 0.0 } else { self.cfg.alpha };
         let want_hidden = depth.is_some() || self.cfg.hidden_weight > 0.0;
         let want_attn = depth.is_none() && self.cfg.attn_weight > 0.0;
         // Attention maps only of the matched layers: [b, heads, t, t] each.
@@ -706,7 +858,7 @@ impl Trainer {
                 None => t,
             })
         };
-        if depth.is_none() && (self.cfg.alpha > 0.0 || self.cfg.beta > 0.0) {
+        if depth.is_none() && (alpha > 0.0 || self.cfg.beta > 0.0) {
             let hs = batch.at_loss_positions(&s_out.hidden);
             let leaf = hs.detach().set_requires_grad(true);
             let rows = if self.cfg.teacher_logits.is_some() && self.cfg.beta > 0.0 {
@@ -717,7 +869,7 @@ impl Trainer {
                 TeacherRows::None
             };
             let w = LogitLossWeights {
-                alpha: self.cfg.alpha,
+                alpha,
                 beta: self.cfg.beta,
                 temperature: self.cfg.temperature,
                 divergence: self.cfg.divergence,
@@ -731,7 +883,7 @@ impl Trainer {
             } else {
                 chunked_logit_losses_autograd(model, &leaf, &batch.targets, &rows, &w, n_loss / scale, true)
             };
-            sums.ce = s.ce;
+            sums.ce = if on_policy { 0.0 } else { s.ce };
             sums.kd = s.kd;
             let g = leaf.grad();
             if g.defined() {
@@ -805,7 +957,7 @@ impl Trainer {
         }
         let mut sums = LossSums::default();
         for b in &batches {
-            sums += self.micro_step(b, self.phase(step), n_loss.max(1) as f64, n_valid.max(1) as f64)?;
+            sums += self.micro_step(b, self.phase(step), n_loss.max(1) as f64, n_valid.max(1) as f64, false)?;
         }
         if let Some(sc) = self.scaler {
             self.opt.scale_grads(1.0 / sc.scale);
@@ -837,15 +989,15 @@ impl Trainer {
         }
         for step in self.start_step..self.cfg.steps {
             let depth = self.phase(step);
-            let batches = self.micro_batches(&mut sampler, step);
-            let n_loss: i64 = batches.iter().map(TrainBatch::loss_tokens).sum();
-            let n_valid: i64 = batches.iter().map(TrainBatch::valid_tokens).sum();
-            let mut sums = LossSums::default();
             if let Some(copy) = &self.compute_copy {
                 copy.refresh();
             }
-            for b in &batches {
-                sums += self.micro_step(b, depth, n_loss.max(1) as f64, n_valid.max(1) as f64)?;
+            let (batches, policy, sampled) = self.sampled_batches(&mut sampler, step)?;
+            let n_loss: i64 = batches.iter().map(TrainBatch::loss_tokens).sum();
+            let n_valid: i64 = batches.iter().map(TrainBatch::valid_tokens).sum();
+            let mut sums = LossSums::default();
+            for (b, &on) in batches.iter().zip(&policy) {
+                sums += self.micro_step(b, depth, n_loss.max(1) as f64, n_valid.max(1) as f64, on)?;
             }
             if let Some(sc) = self.scaler {
                 self.opt.scale_grads(1.0 / sc.scale);
@@ -914,6 +1066,9 @@ impl Trainer {
                 seconds: start.elapsed().as_secs_f64(),
                 eval_perplexity: None,
                 eval_teacher_kl: None,
+                on_policy: policy.iter().filter(|&&on| on).count() as f64 / policy.len() as f64,
+                sampled_tokens: sampled.mean_tokens(),
+                sample_seconds: sampled.seconds,
             };
             let eval_now = (self.cfg.eval_every > 0 && done % self.cfg.eval_every == 0) || done == self.cfg.steps;
             if eval_now {

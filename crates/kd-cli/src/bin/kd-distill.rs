@@ -2,7 +2,7 @@
 //! alpha * CE + beta * KD + gamma_h * L_hidden + gamma_a * L_attn.
 use clap::Parser;
 use distillery::train::losses::{Divergence, HiddenMetric};
-use distillery::train::trainer::{DistillConfig, LayerMap, TrainSchedule, Trainer};
+use distillery::train::trainer::{DistillConfig, LayerMap, OnPolicy, TrainSchedule, Trainer};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -31,6 +31,7 @@ struct Args {
     /// forward-kl, reverse-kl, jsd, skew-kl or tvd.
     #[arg(long, default_value = "forward-kl")]
     divergence: String,
+    /// The JSD's beta, as TRL's generalized_jsd_loss: 0 is forward KL, 1 reverse KL.
     #[arg(long, default_value_t = 0.5)]
     jsd_beta: f64,
     #[arg(long, default_value_t = 0.1)]
@@ -64,6 +65,20 @@ struct Args {
     /// 512 MiB (GPU) per fp32 [rows, vocab] tensor, so memory stays flat as the vocabulary grows.
     #[arg(long, default_value_t = 0)]
     chunk: i64,
+    /// On-policy distillation (GKD's lambda): the probability that a micro-batch's completions
+    /// are sampled from the current student and scored by the teacher (0: never).
+    #[arg(long, default_value_t = 0.0)]
+    on_policy: f64,
+    /// The other micro-batches use completions the teacher samples on the fly (sequence-level KD).
+    #[arg(long)]
+    seq_kd: bool,
+    /// Sampling temperature of on-policy and --seq-kd completions (0: greedy).
+    #[arg(long, default_value_t = 1.0)]
+    gen_temperature: f64,
+    #[arg(long)]
+    gen_top_p: Option<f64>,
+    #[arg(long, default_value_t = 64)]
+    gen_max_new_tokens: usize,
     #[command(flatten)]
     run: kd_cli::LoopArgs,
 }
@@ -87,6 +102,13 @@ fn main() {
             schedule: a.schedule,
             phase_steps: a.phase_steps,
             chunk: a.chunk,
+            on_policy: OnPolicy {
+                lambda: a.on_policy,
+                seq_kd: a.seq_kd,
+                temperature: a.gen_temperature,
+                top_p: a.gen_top_p,
+                max_new_tokens: a.gen_max_new_tokens,
+            },
             ..base
         };
         let mut trainer = Trainer::setup(cfg, a.run.resume)?;
