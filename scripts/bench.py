@@ -311,7 +311,7 @@ def main():
         "",
         f"Teacher: Llama, hidden {t['hidden_size']}, {t['num_hidden_layers']} layers, vocabulary {t['vocab_size']}. "
         f"Student: hidden {s['hidden_size']}, {s['num_hidden_layers']} layers. Batch {shapes['batch']}, "
-        f"sequence {shapes['seq']}, {'bf16 autocast' if a.gpu else 'fp32'}.",
+        f"sequence {shapes['seq']}, {'bf16 (Distillery: a bf16 compute copy with fp32 masters; PyTorch: bf16 autocast)' if a.gpu else 'fp32'}.",
         "",
         f"Each side ran {shapes['repeats']} time(s), alternating; tokens/s is the median over runs (a run's "
         "step time is the median over its steps after warm-up), the range is the lowest and highest ratio of one "
@@ -351,7 +351,7 @@ def main():
     if not a.gpu:
         lines += ["", "## GPU case", "",
                   "`python scripts/bench.py --gpu --out docs/BENCHMARKS-gpu.md` runs the same comparison with a "
-                  "Llama-3.2-3B-shaped teacher and a Llama-3.2-1B-shaped student (random weights, bf16 autocast, "
+                  "Llama-3.2-3B-shaped teacher and a Llama-3.2-1B-shaped student (random weights, bf16, "
                   "sequence 1024, vocabulary 128256) at the largest power-of-two batch both sides fit, generation at "
                   "batch 32, GPU memory sampled with nvidia-smi, and the distillation step's model FLOPs utilisation. "
                   "No session so far has had a GPU, so it has not been run: no GPU figure is claimed."]
