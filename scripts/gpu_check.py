@@ -92,7 +92,7 @@ def main():
     # Reduced-precision gradients against fp32 at Llama 3's vocabulary.
     probe = next((b for b in [BIN / "mixed_precision", *sorted((ROOT / "target" / "release" / "deps").glob("mixed_precision-*"))]
                   if b.is_file() and os.access(b, os.X_OK)), None)
-    lines += ["", "## First-step gradients, bf16 and f16 against fp32, vocabulary 128256", ""]
+    lines += ["", "## First-step gradients, bf16 and f16 against fp32 (vocabulary 128256 on a GPU)", ""]
     if probe is None:
         failed.append("the mixed_precision test binary is missing (make gpu-bin)")
         lines.append("Not run: no mixed_precision test binary.")
