@@ -5,8 +5,10 @@
 # Run:  make sweep                      (this file through `make pipeline PIPELINE=...`)
 #       make sweep RUN=runs/sweep2 SEEDS="0 1 2" STEPS=400   (any variable below)
 # Strategies: ce (CE only), kd (logits KD), kd-cos (KD plus hidden cosine matching), and
-# chain (teacher -> TA at the middle size -> the smallest size, kd-chain). On-policy
-# distillation joins as a strategy once kd-distill has it.
+# chain (teacher -> TA at the middle size -> the smallest size, kd-chain), and, when asked
+# (STRATEGIES="ce kd kd-cos on"), on: GKD's mix, half the micro-batches on the student's own
+# samples scored with JSD(0.5), trained on the transfer set's prompts (on-policy batches need
+# prompts, so the corpus passages are left out for it).
 # Budget on 2 CPU cores: at most 45 minutes (docs/RESULTS.md has the measured figure).
 #
 # Larger configuration, for a GPU and a real teacher (same targets; the shapes must fit the
@@ -36,6 +38,9 @@ SHAPE_8x   ?= --layers 2 --hidden 80 --heads 2 --kv-heads 1 --intermediate 192
 FLAGS_ce     = --alpha 1 --beta 0
 FLAGS_kd     = --alpha 0.5 --beta 0.5 --temperature 2 --divergence forward-kl
 FLAGS_kd-cos = $(FLAGS_kd) --hidden-weight 1 --hidden-metric cosine
+FLAGS_on     = --alpha 0.5 --beta 0.5 --temperature 1 --on-policy 0.5 --divergence jsd --jsd-beta 0.5 --gen-temperature 1 --gen-top-p 0.95 --gen-max-new-tokens $(GEN_TOKENS)
+# A strategy's training data, when not train.jsonl.
+DATA_on      = $(RUN)/transfer.jsonl
 PROMPTS_N  ?= 128
 CORPUS_N   ?= 600
 CALIB_N    ?= 64
@@ -89,7 +94,7 @@ $(RUN)/train.jsonl: $(RUN)/transfer.jsonl
 	cat $(RUN)/transfer.jsonl $(D)/corpus.jsonl > $@.tmp && mv $@.tmp $@
 generate: $(RUN)/train.jsonl
 
-TRAIN = --data $(RUN)/train.jsonl --steps $(STEPS) --batch-size $(BATCH) --seq-len $(SEQ_LEN) --lr $(LR) --warmup 20 --save-every $(SAVE_EVERY) --dtype $(DTYPE) $(COMMON)
+TRAIN = --steps $(STEPS) --batch-size $(BATCH) --seq-len $(SEQ_LEN) --lr $(LR) --warmup 20 --save-every $(SAVE_EVERY) --dtype $(DTYPE) $(COMMON)
 EVAL_ARGS = --teacher $(TEACHER) --data $(D)/heldout.jsonl --mc $(D)/eval_mc.jsonl --cloze $(D)/eval_cloze.jsonl --speed $(COMMON)
 # Generations (for the side-by-side samples) from the teacher and the seed-0 models only.
 GEN_ARGS = --generate $(D)/gen.jsonl --max-new-tokens 32
@@ -104,7 +109,7 @@ $(foreach z,$(SIZES),$(eval $(call size_rules,$(z))))
 # $(1) strategy, $(2) size, $(3) seed.
 define model_rules
 $(M)/$(1)-$(2)-s$(3)/model.safetensors: $(RUN)/train.jsonl $(M)/init-$(2)/model.safetensors
-	$(DISTILL_CMD) $(if $(filter ce,$(1)),,--teacher $(TEACHER)) --student $(M)/init-$(2) --out $(M)/$(1)-$(2)-s$(3) $(FLAGS_$(1)) $(TRAIN) --seed $(3) --resume
+	$(DISTILL_CMD) $(if $(filter ce,$(1)),,--teacher $(TEACHER)) --student $(M)/init-$(2) --out $(M)/$(1)-$(2)-s$(3) $(FLAGS_$(1)) --data $(or $(DATA_$(1)),$(RUN)/train.jsonl) $(TRAIN) --seed $(3) --resume
 $(E)/$(1)-$(2)-s$(3).json: $(M)/$(1)-$(2)-s$(3)/model.safetensors
 	$(EVAL_CMD) --model $(M)/$(1)-$(2)-s$(3) --name $(1)-$(2)-s$(3) --strategy $(1) --out $$@ $(EVAL_ARGS) $(if $(filter 0,$(3)),$(GEN_ARGS))
 endef
