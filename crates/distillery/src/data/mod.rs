@@ -4,4 +4,5 @@
 pub mod encode;
 pub mod examples;
 pub mod records;
+pub mod shard;
 pub mod teacher_logits;

@@ -26,8 +26,18 @@ pub fn sidecar_path(jsonl: &Path) -> PathBuf {
     jsonl.with_file_name(format!("{name}.logits.safetensors"))
 }
 
-pub fn bytes_per_row(k: i64) -> i64 {
-    k * 4 + k * 2 + 2
+/// The summary's figures for a written sidecar: its format, size and bytes per stored token
+/// (the whole file, header included, over its rows).
+pub fn sidecar_stats(path: &Path, rows: i64, k: i64) -> Result<Value> {
+    let bytes = std::fs::metadata(path).with_context(|| format!("reading the size of {}", path.display()))?.len();
+    Ok(json!({
+        "file": path.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "format": "safetensors",
+        "k": k,
+        "rows": rows,
+        "bytes": bytes,
+        "bytes_per_token": (rows > 0).then(|| bytes as f64 / rows as f64),
+    }))
 }
 
 /// Top-K rows as stored: `indices` `[n, K]` int32, `logprobs` `[n, K]` f16, `tail_logmass`

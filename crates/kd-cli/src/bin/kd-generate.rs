@@ -3,6 +3,7 @@
 use anyhow::Context;
 use clap::Parser;
 use distillery::base::lock::OutputLock;
+use distillery::data::shard::Shard;
 use distillery::model::tokenizer::chat_template;
 use distillery::stages::transfer::{generate, score, TransferOptions};
 use distillery::teacher::LocalTeacher;
@@ -58,6 +59,10 @@ struct Args {
     /// not redone, and the output is the same as an uninterrupted run's.
     #[arg(long)]
     resume: bool,
+    /// Take shard I of N (I from 0): the prompts' I-th contiguous block of N, each record
+    /// sampled with the same seed as in an unsharded run; kd-merge joins the shards.
+    #[arg(long, value_name = "I/N")]
+    shard: Option<Shard>,
     #[command(flatten)]
     runtime: kd_cli::Runtime,
 }
@@ -80,10 +85,12 @@ fn main() {
             ignore_eos: a.ignore_eos,
             store_logits: a.store_logits,
             resume: a.resume,
+            shard: a.shard.unwrap_or(Shard::WHOLE),
         };
         o.validate(a.score)?;
         let _lock = OutputLock::acquire(&o.out)?;
         let records = distillery::data::records::read_jsonl_numbered(&o.prompts)?;
+        o.shard.range(records.len())?;
         let (device, kind) = a.runtime.resolve()?;
         let (model, files, tok) = distillery::model::load(&a.teacher, device, kind)?;
         let teacher = LocalTeacher::new(model, files, tok)?;
