@@ -65,15 +65,15 @@ def test_generate_shards_join_to_the_unsharded_run(trained_llama, tmp_path):
     assert summary["outputs"] == 14 and summary["logits"]["bytes_per_token"] > 0
 
 
-def test_score_shards_join_to_the_unsharded_run(trained_llama, tmp_path):
+def test_score_shards_join_to_the_unsharded_run_with_compact_logits(trained_llama, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", RECS)
 
     def run(out, flags):
         run_bin("kd-generate", "--teacher", trained_llama, "--prompts", data, "--out", out, "--score",
-                "--store-logits", 5, "--batch-size", 2, "--device", "cpu", *flags)
+                "--store-logits", 5, "--logits-format", "compact", "--batch-size", 2, "--device", "cpu", *flags)
 
     for _, whole, joined, _ in _shards(tmp_path, run):
-        _same_files(whole, joined, ["", ".logits.safetensors", ".summary.json"])
+        _same_files(whole, joined, ["", ".logits.topk", ".summary.json"])
 
 
 def test_filter_shards_join_to_the_unsharded_run(trained_llama, tmp_path):

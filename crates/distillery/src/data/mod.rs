@@ -6,3 +6,4 @@ pub mod examples;
 pub mod records;
 pub mod shard;
 pub mod teacher_logits;
+pub mod topk_compact;

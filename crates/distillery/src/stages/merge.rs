@@ -12,7 +12,8 @@ use crate::base::io::write_json_atomic;
 use crate::base::lock::OutputLock;
 use crate::data::records::{full_text, parse_strict, write_lines, Record};
 use crate::data::shard::summary_path;
-use crate::data::teacher_logits::{sidecar_path, sidecar_stats, LogitsWriter, TopRows};
+use crate::data::teacher_logits::{sidecar_path_for, sidecar_stats, LogitsFormat, LogitsWriter, TopRows};
+use crate::data::topk_compact::CompactFile;
 use crate::stages::eval::metrics::{EvalMetrics, RecordSums};
 use crate::stages::filter::selection::{select, Rules, SCORE_NAMES};
 use anyhow::{bail, ensure, Context, Result};
@@ -153,7 +154,7 @@ pub fn run(out: &Path, shards: &[PathBuf]) -> Result<String> {
 
 /// The `teacher_logits` pointer of a record line, and the line with it replaced by `new`
 /// (the rest of the line stays byte for byte).
-fn repoint(line: &str, new: &Value) -> Result<String> {
+pub(crate) fn repoint(line: &str, new: &Value) -> Result<String> {
     let rec: Value = parse_strict(line).context("malformed JSON")?;
     let old = rec.get("teacher_logits").context("no `teacher_logits` pointer")?;
     let needle = format!("\"teacher_logits\":{}", serde_json::to_string(old)?);
@@ -175,18 +176,42 @@ fn generate(out: &Path, parts: &[Part]) -> Result<String> {
     let lines = in_order(parts, parts.iter().enumerate().map(|(s, p)| Ok(p.lines()?.into_iter().map(|l| (s, l)).collect())).collect::<Result<_>>()?)?;
     let tokens: usize = parts.iter().map(|p| p.summary["tokens"].as_u64().unwrap_or(0) as usize).sum();
     let mut joined = Vec::with_capacity(lines.len());
+    let format = match settings["logits_format"].as_str() {
+        Some(f) => f.parse::<LogitsFormat>()?,
+        None => LogitsFormat::Safetensors,
+    };
     let logits = match k {
         Some(k) => {
-            let sidecars: Vec<TopRows> = parts.iter().map(|p| TopRows::read(&sidecar_path(&p.path))).collect::<Result<_>>()?;
-            let file = sidecar_path(out);
+            let file = sidecar_path_for(out, format);
             let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let mut writer = LogitsWriter::new(k);
+            let mut writer = LogitsWriter::with_format(k, format);
+            let paths: Vec<PathBuf> = parts.iter().map(|p| sidecar_path_for(&p.path, format)).collect();
+            let mut dense: Vec<Option<TopRows>> = (0..parts.len()).map(|_| None).collect();
+            let mut compact: Vec<Option<CompactFile>> = (0..parts.len()).map(|_| None).collect();
             for (s, line) in &lines {
                 let ctx = || format!("{}: record {}", parts[*s].path.display(), id_in(line));
                 let (row, n) = pointer_rows(line).with_context(ctx)?;
-                let have = sidecars[*s].rows();
-                ensure!(row >= 0 && n >= 0 && row + n <= have, "{}: its rows {row}..{} are outside the shard's sidecar ({have} rows)", ctx(), row + n);
-                let mut p = writer.push_rows(sidecars[*s].narrow(row, n));
+                let mut p = match format {
+                    LogitsFormat::Safetensors => {
+                        if dense[*s].is_none() {
+                            dense[*s] = Some(TopRows::read(&paths[*s])?);
+                        }
+                        let rows = dense[*s].as_ref().unwrap();
+                        let have = rows.rows();
+                        ensure!(row >= 0 && n >= 0 && row + n <= have, "{}: its rows {row}..{} are outside the shard's sidecar ({have} rows)", ctx(), row + n);
+                        writer.push_rows(rows.narrow(row, n))
+                    }
+                    LogitsFormat::Compact => {
+                        if compact[*s].is_none() {
+                            compact[*s] = Some(CompactFile::open(&paths[*s])?);
+                        }
+                        let c = compact[*s].as_mut().unwrap();
+                        ensure!(row >= 0 && n >= 0, "{}: negative rows", ctx());
+                        let b = c.find(row as u64, n as u64).with_context(ctx)?;
+                        let raw = c.block(b).with_context(ctx)?;
+                        writer.push_block(n as u32, raw)?
+                    }
+                };
                 p["file"] = json!(name);
                 joined.push(repoint(line, &p).with_context(ctx)?);
             }

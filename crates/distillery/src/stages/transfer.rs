@@ -9,7 +9,7 @@ use crate::data::records::{id_of, prompt_of, write_jsonl, Record};
 use crate::data::shard::{summary_path, Shard};
 use crate::base::io::{file_fingerprint, write_json_atomic};
 use crate::base::journal::Journal;
-use crate::data::teacher_logits::{sidecar_path, sidecar_stats, LogitsWriter, TopRows};
+use crate::data::teacher_logits::{sidecar_path_for, sidecar_stats, size_line, LogitsFormat, LogitsWriter, TopRows};
 use crate::model::decode::Sampling;
 use crate::model::tokenizer::{apply_chat_template, Tok};
 use crate::model::ModelFiles;
@@ -33,6 +33,8 @@ pub struct TransferOptions {
     pub chat_template: Option<String>,
     pub ignore_eos: bool,
     pub store_logits: Option<i64>,
+    /// How the sidecar stores the rows (`<out>.logits.safetensors` or `<out>.logits.topk`).
+    pub logits_format: LogitsFormat,
     /// Continue from the journal of an interrupted run (`<out>.journal/`).
     pub resume: bool,
     /// The block of the prompts this run takes ([`Shard::WHOLE`] for all of them).
@@ -72,6 +74,7 @@ fn fingerprint(o: &TransferOptions, mode: &str, teacher: &dyn Teacher) -> Result
         "chat_template": o.chat_template,
         "ignore_eos": o.ignore_eos,
         "store_logits": o.store_logits,
+        "logits_format": o.logits_format.name(),
         "shard": o.shard.to_string(),
     }))
 }
@@ -101,7 +104,7 @@ fn write_summary(
     tokens: usize,
 ) -> Result<Option<f64>> {
     let logits = match o.store_logits {
-        Some(k) => Some(sidecar_stats(&sidecar_path(&o.out), tokens as i64, k)?),
+        Some(k) => Some(sidecar_stats(&sidecar_path_for(&o.out, o.logits_format), tokens as i64, k)?),
         None => None,
     };
     let per_token = logits.as_ref().and_then(|l| l["bytes_per_token"].as_f64());
@@ -240,10 +243,10 @@ impl TransferOptions {
 
 /// The sidecar from every job's rows in job order, written before the JSONL; returns each
 /// job's pointer.
-fn write_sidecar(rows: Vec<Option<TopRows>>, k: i64, out: &Path) -> Result<Vec<Value>> {
-    let file = sidecar_path(out);
+fn write_sidecar(rows: Vec<Option<TopRows>>, k: i64, out: &Path, format: LogitsFormat) -> Result<Vec<Value>> {
+    let file = sidecar_path_for(out, format);
     let file_name = file.file_name().unwrap().to_string_lossy().into_owned();
-    let mut writer = LogitsWriter::new(k);
+    let mut writer = LogitsWriter::with_format(k, format);
     let mut pointers = vec![];
     for r in rows {
         let mut p = writer.push_rows(r.unwrap_or_else(|| TopRows::empty(k)));
@@ -304,7 +307,7 @@ pub fn generate(
     let completions = done.completions;
     let mut rows = done.rows;
     let pointers = match o.store_logits {
-        Some(k) => Some(write_sidecar(mine.iter().map(|&j| rows[j].take()).collect(), k, &o.out)?),
+        Some(k) => Some(write_sidecar(mine.iter().map(|&j| rows[j].take()).collect(), k, &o.out, o.logits_format)?),
         None => None,
     };
     let teacher_info = json!({
@@ -349,7 +352,7 @@ pub fn generate(
         o.out.display()
     );
     if let (Some(k), Some(b)) = (o.store_logits, per_token) {
-        line += &format!("\nteacher logits: top-{k}, {b:.1} bytes per stored token -> {}", sidecar_path(&o.out).display());
+        line += &format!("\nteacher logits: top-{k}, {} -> {}", size_line(o.logits_format, k, b), sidecar_path_for(&o.out, o.logits_format).display());
     }
     Ok(line)
 }
@@ -372,7 +375,7 @@ pub fn score(o: &TransferOptions, numbered: &[(usize, Record)], teacher: &dyn Te
     let order: Vec<usize> = o.shard.batch_block(numbered.len(), o.batch_size)?.collect();
     let done = run_jobs(o, teacher, &prompts, Some(&completions), &order, None, &mut journal, "score")?;
     let mut rows = done.rows;
-    let pointers = write_sidecar(order.iter().map(|&i| rows[i].take()).collect(), k, &o.out)?;
+    let pointers = write_sidecar(order.iter().map(|&i| rows[i].take()).collect(), k, &o.out, o.logits_format)?;
     let mut out = Vec::with_capacity(order.len());
     for (at, &i) in order.iter().enumerate() {
         let mut rec = numbered[i].1.clone();
@@ -386,9 +389,9 @@ pub fn score(o: &TransferOptions, numbered: &[(usize, Record)], teacher: &dyn Te
     write_jsonl(&o.out, &out)?;
     journal.finish()?;
     Ok(format!(
-        "scored {} records, {rows} positions, top-{k} at {:.1} bytes per stored token -> {}",
+        "scored {} records, {rows} positions, top-{k} at {} -> {}",
         out.len(),
-        per_token.unwrap_or(f64::NAN),
-        sidecar_path(&o.out).display()
+        size_line(o.logits_format, k, per_token.unwrap_or(f64::NAN)),
+        sidecar_path_for(&o.out, o.logits_format).display()
     ))
 }

@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::Parser;
 use distillery::base::lock::OutputLock;
 use distillery::data::shard::Shard;
+use distillery::data::teacher_logits::LogitsFormat;
 use distillery::model::tokenizer::chat_template;
 use distillery::stages::transfer::{generate, score, TransferOptions};
 use distillery::teacher::LocalTeacher;
@@ -55,6 +56,11 @@ struct Args {
     /// `<out>.logits.safetensors` (kd-distill --teacher-logits reads it).
     #[arg(long)]
     store_logits: Option<i64>,
+    /// The sidecar's format: safetensors (`<out>.logits.safetensors`, 6K + 2 bytes a token)
+    /// or compact (`<out>.logits.topk`: Rice-coded ids, log-probabilities to 1/16 nat,
+    /// about 100 bytes a token at K = 64; docs/FORMATS.md).
+    #[arg(long, default_value = "safetensors")]
+    logits_format: LogitsFormat,
     /// Continue an interrupted run from its journal (`<out>.journal/`): finished batches are
     /// not redone, and the output is the same as an uninterrupted run's.
     #[arg(long)]
@@ -84,6 +90,7 @@ fn main() {
             chat_template: None,
             ignore_eos: a.ignore_eos,
             store_logits: a.store_logits,
+            logits_format: a.logits_format,
             resume: a.resume,
             shard: a.shard.unwrap_or(Shard::WHOLE),
         };
