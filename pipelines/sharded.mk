@@ -39,7 +39,7 @@ $(D)/.ready: $(wildcard $(CORPUS)/*.jsonl.gz)
 data: $(D)/.ready
 
 # One target per shard; kd-merge needs them all.
-GEN_FLAGS = --teacher $(TEACHER) --prompts $(D)/prompts.jsonl --max-new-tokens $(GEN_TOKENS) --temperature 1.0 --top-p 0.95 --seed $(SEED) --store-logits $(TOPK) --batch-size $(BATCH) $(COMMON)
+GEN_FLAGS = --teacher $(TEACHER) --prompts $(D)/prompts.jsonl --max-new-tokens $(GEN_TOKENS) --temperature 1.0 --top-p 0.95 --seed $(SEED) --store-logits $(TOPK) --logits-format compact --batch-size $(BATCH) $(COMMON)
 $(RUN)/shards/transfer.%.jsonl: $(D)/.ready
 	mkdir -p $(RUN)/shards
 	$(BIN)/kd-generate $(GEN_FLAGS) --out $@ --shard $*/$(SHARDS) --resume
@@ -67,6 +67,6 @@ check: $(RUN)/eval.json
 	$(BIN)/kd-generate $(GEN_FLAGS) --out $(RUN)/whole/transfer.jsonl
 	$(BIN)/kd-filter $(subst $(RUN)/transfer.jsonl,$(RUN)/whole/transfer.jsonl,$(FILTER_FLAGS)) --out $(RUN)/whole/filtered.jsonl
 	$(BIN)/kd-eval $(EVAL_FLAGS) --out $(RUN)/whole/eval.json
-	for f in transfer.jsonl transfer.jsonl.logits.safetensors transfer.jsonl.summary.json filtered.jsonl filtered.jsonl.summary.json eval.items.json; do \
+	for f in transfer.jsonl transfer.jsonl.logits.topk transfer.jsonl.summary.json filtered.jsonl filtered.jsonl.summary.json eval.items.json; do \
 	  cmp $(RUN)/whole/$$f $(RUN)/$$f || exit 1; done
 	@echo "check: the joined shards equal the unsharded run byte for byte"
