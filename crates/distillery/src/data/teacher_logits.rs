@@ -41,7 +41,7 @@ pub fn sidecar_path_for(jsonl: &Path, format: LogitsFormat) -> PathBuf {
 pub enum LogitsFormat {
     /// `indices` int32, `logprobs` float16, `tail_logmass` float16 tensors: 6K + 2 bytes a row.
     Safetensors,
-    /// [`crate::data::topk_compact`]: about 12 bits per entry.
+    /// [`crate::data::topk_compact`]: about 14 bits per entry on a 4k vocabulary.
     Compact,
 }
 

@@ -1,6 +1,6 @@
 //! The compact top-K sidecar (`kd-generate --store-logits K --logits-format compact`,
-//! `<out>.logits.topk`): about 100 bytes per token at K = 64 on a 4k vocabulary, against
-//! 386 for the safetensors sidecar. Layout (docs/FORMATS.md; `scripts/read_topk.py` reads
+//! `<out>.logits.topk`): about 111 bytes per token at K = 64 on a 4k vocabulary, against
+//! 386 for the safetensors sidecar (docs/BENCHMARKS.md). Layout (docs/FORMATS.md; `scripts/read_topk.py` reads
 //! it):
 //!
 //! ```text
