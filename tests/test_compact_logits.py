@@ -118,3 +118,15 @@ def test_offline_kd_from_compact_trains_like_uncompressed(trained_llama, narrow_
                 "--bootstrap-samples", 10, "--device", "cpu")
         kl[fmt] = json.loads((tmp_path / f"{fmt}.json").read_text())["teacher_kl"]
     assert abs(kl["compact"] - kl["safetensors"]) / kl["safetensors"] < 0.02, kl
+
+
+def test_kd_logits_converts_to_the_same_bytes_kd_generate_writes(both, tmp_path):
+    d, _ = both
+    out = tmp_path / "new.jsonl"
+    p = run_bin("kd-logits", "convert", "--data", d / "old.jsonl", "--out", out, "--format", "compact")
+    assert "compact" in p.stdout and "rows/s" in p.stdout
+    # The same rows encode to the same file, and the records differ only in their pointers' file name.
+    assert (tmp_path / "new.jsonl.logits.topk").read_bytes() == (d / "new.jsonl.logits.topk").read_bytes()
+    assert out.read_bytes() == (d / "new.jsonl").read_bytes()
+    rows = sum(r["teacher_logits"]["rows"] for r in read_jsonl(out))
+    assert f"read {rows} rows" in run_bin("kd-logits", "read", "--data", out).stdout
