@@ -11,6 +11,7 @@ row is `(ids, logprobs, tail_logmass)`, ids most likely first. A corrupt or cut-
 raises ValueError naming the block and its rows.
 """
 import argparse
+import bisect
 import json
 import os
 import struct
@@ -61,7 +62,7 @@ def decode_rows(payload, n, k, step):
         for _ in range(k):
             ident += bits.rice(rg) + 1
             ids.append(ident)
-        qmax, rw = bits.get(16), None
+        qmax = bits.get(16)
         rw = bits.get(5)
         entries = []
         for i in ids:
@@ -99,6 +100,7 @@ class TopKFile:
         if index[:1] != b"I" or len(index) != 1 + 20 * count:
             raise ValueError(f"{path}: corrupt index")
         self.blocks = [struct.unpack("<QQI", index[1 + 20 * i:21 + 20 * i]) for i in range(count)]
+        self.starts = [first for _, first, _ in self.blocks]
 
     def _block(self, offset, label):
         self.f.seek(offset)
@@ -115,8 +117,13 @@ class TopKFile:
         """A record's rows by its pointer (`row`, `rows`): random access through the index."""
         if n == 0:
             return []
-        for b, (offset, first, count) in enumerate(self.blocks):
-            if first == row and count == n:
+        b = bisect.bisect_left(self.starts, row)
+        # Blocks of zero rows share their start with the next one: take the one that fits.
+        for b in range(b, len(self.blocks)):
+            offset, first, count = self.blocks[b]
+            if first != row:
+                break
+            if count == n:
                 label = f"record block {b} (rows {row}..{row + n})"
                 got, payload = self._block(offset, label)
                 try:
