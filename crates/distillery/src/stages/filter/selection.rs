@@ -259,6 +259,21 @@ mod tests {
     }
 
     #[test]
+    fn rules_survive_a_shard_manifest() {
+        let rules = Rules {
+            min_tokens: Some(3),
+            max_tokens: None,
+            dedup: Dedup::Near(0.75),
+            bounds: vec![Bound::parse("teacher_entropy=2.5", false).unwrap(), Bound::parse("tokens=4", true).unwrap()],
+            fractions: vec![Fraction::parse("teacher_confidence:top:0.7").unwrap()],
+        };
+        let back = Rules::from_json(&rules.to_json()).unwrap();
+        assert_eq!((back.min_tokens, back.max_tokens, back.dedup), (Some(3), None, Dedup::Near(0.75)));
+        assert_eq!(back.bounds, rules.bounds);
+        assert_eq!(back.fractions, rules.fractions);
+    }
+
+    #[test]
     fn parses_rules_and_names_bad_ones() {
         assert_eq!(
             Bound::parse("teacher_confidence=0.4", true).unwrap(),
