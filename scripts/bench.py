@@ -357,7 +357,18 @@ def main():
                   "No session so far has had a GPU, so it has not been run: no GPU figure is claimed."]
     text = "\n".join(lines) + "\n"
     print(text)
-    Path(a.out).write_text(text)
+    Path(a.out).write_text(text + kept_sections(Path(a.out), text))
+
+
+def kept_sections(path, text):
+    """Sections of the existing file that other benchmark scripts wrote (their `## ` headings
+    are not among this script's), kept after the new text instead of being overwritten."""
+    if not path.exists():
+        return ""
+    ours = {line for line in text.splitlines() if line.startswith("## ")}
+    old = path.read_text().split("\n## ")[1:]
+    keep = ["## " + sec.rstrip("\n") for sec in old if "## " + sec.splitlines()[0] not in ours]
+    return "".join("\n" + sec + "\n" for sec in keep)
 
 
 if __name__ == "__main__":

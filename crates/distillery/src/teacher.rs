@@ -249,7 +249,8 @@ impl StoredTeacher {
             .get(record)
             .and_then(Option::as_ref)
             .with_context(|| format!("record {record} has no stored teacher logits (`teacher_logits`)"))?;
-        let (indices, logprobs, tail_logmass) = self.reader.borrow_mut().rows(pointer)?;
+        let (indices, logprobs, tail_logmass) =
+            self.reader.borrow_mut().rows(pointer).with_context(|| format!("record {record}'s stored teacher logits"))?;
         Ok((SparseTeacher { indices, logprobs, tail_logmass }, *from))
     }
 }

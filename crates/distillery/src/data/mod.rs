@@ -4,4 +4,6 @@
 pub mod encode;
 pub mod examples;
 pub mod records;
+pub mod shard;
 pub mod teacher_logits;
+pub mod topk_compact;

@@ -127,6 +127,20 @@ pub fn read_jsonl_numbered(path: &Path) -> Result<Vec<(usize, Record)>> {
     Ok(records)
 }
 
+/// Writes lines atomically, each followed by a newline: kd-merge copies records this way,
+/// byte for byte, without parsing and printing them again.
+pub fn write_lines(path: &Path, lines: &[&str]) -> Result<()> {
+    write_via_temp(path, |tmp| {
+        let mut w = BufWriter::new(std::fs::File::create(tmp)?);
+        for l in lines {
+            w.write_all(l.as_bytes())?;
+            w.write_all(b"\n")?;
+        }
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        Ok(())
+    })
+}
+
 /// Writes records atomically, one compact JSON object per line.
 pub fn write_jsonl(path: &Path, records: &[Record]) -> Result<()> {
     write_via_temp(path, |tmp| {

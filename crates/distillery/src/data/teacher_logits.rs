@@ -12,22 +12,97 @@
 //! "row": first_row, "rows": n, "k": K}`. Row `i` is the distribution that predicts
 //! `completion_ids[i]` (or, for scored corpus text, token `i + 1`). At K = 32 a row takes
 //! 32 * 4 + 32 * 2 + 2 = 194 bytes.
+//!
+//! `--logits-format compact` writes `<out>.logits.topk` instead ([`crate::data::topk_compact`]:
+//! Rice-coded sorted ids and log-probabilities quantised to 1/16 nat, one checksummed block per
+//! record, an index for random access). Readers tell the two apart by the file's first bytes.
 use crate::model::checkpoint::{read_safetensors, write_safetensors};
 use crate::base::io::write_via_temp;
-use anyhow::{bail, Context, Result};
+use crate::data::topk_compact::{self, is_compact, CompactFile, PlainRows};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
-/// The sidecar file written beside a JSONL output.
+/// The sidecar file written beside a JSONL output (the safetensors format's name).
 pub fn sidecar_path(jsonl: &Path) -> PathBuf {
-    let name = jsonl.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    jsonl.with_file_name(format!("{name}.logits.safetensors"))
+    sidecar_path_for(jsonl, LogitsFormat::Safetensors)
 }
 
+/// The sidecar file of `format` beside a JSONL output.
+pub fn sidecar_path_for(jsonl: &Path, format: LogitsFormat) -> PathBuf {
+    let name = jsonl.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    jsonl.with_file_name(format!("{name}.logits.{}", format.suffix()))
+}
+
+/// How a sidecar stores its rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsFormat {
+    /// `indices` int32, `logprobs` float16, `tail_logmass` float16 tensors: 6K + 2 bytes a row.
+    Safetensors,
+    /// [`crate::data::topk_compact`]: about 14 bits per entry on a 4k vocabulary.
+    Compact,
+}
+
+impl std::str::FromStr for LogitsFormat {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<LogitsFormat> {
+        match s {
+            "safetensors" => Ok(LogitsFormat::Safetensors),
+            "compact" => Ok(LogitsFormat::Compact),
+            o => bail!("logits format `{o}`: must be safetensors or compact"),
+        }
+    }
+}
+
+impl LogitsFormat {
+    pub fn name(self) -> &'static str {
+        match self {
+            LogitsFormat::Safetensors => "safetensors",
+            LogitsFormat::Compact => "compact",
+        }
+    }
+
+    pub fn suffix(self) -> &'static str {
+        match self {
+            LogitsFormat::Safetensors => "safetensors",
+            LogitsFormat::Compact => "topk",
+        }
+    }
+
+    /// The format of an existing sidecar, from its first bytes.
+    pub fn of_file(path: &Path) -> Result<LogitsFormat> {
+        Ok(if is_compact(path)? { LogitsFormat::Compact } else { LogitsFormat::Safetensors })
+    }
+}
+
+/// Bytes of one row in the safetensors sidecar (its header aside).
 pub fn bytes_per_row(k: i64) -> i64 {
     k * 4 + k * 2 + 2
+}
+
+/// How kd-generate reports a sidecar's size: the file's bytes per stored token, and for the
+/// safetensors format its fixed row size.
+pub fn size_line(format: LogitsFormat, k: i64, per_token: f64) -> String {
+    match format {
+        LogitsFormat::Safetensors => format!("{} bytes per token ({per_token:.1} bytes per stored token, header included)", bytes_per_row(k)),
+        LogitsFormat::Compact => format!("{per_token:.1} bytes per stored token (compact)"),
+    }
+}
+
+/// The summary's figures for a written sidecar: its format, size and bytes per stored token
+/// (the whole file, header included, over its rows).
+pub fn sidecar_stats(path: &Path, rows: i64, k: i64) -> Result<Value> {
+    let bytes = std::fs::metadata(path).with_context(|| format!("reading the size of {}", path.display()))?.len();
+    Ok(json!({
+        "file": path.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "format": LogitsFormat::of_file(path)?.name(),
+        "k": k,
+        "rows": rows,
+        "bytes": bytes,
+        "bytes_per_token": (rows > 0).then(|| bytes as f64 / rows as f64),
+    }))
 }
 
 /// Top-K rows as stored: `indices` `[n, K]` int32, `logprobs` `[n, K]` f16, `tail_logmass`
@@ -75,6 +150,28 @@ impl TopRows {
         TopRows { indices: pick(|r| &r.indices), logprobs: pick(|r| &r.logprobs), tail_logmass: pick(|r| &r.tail_logmass) }
     }
 
+    /// The rows as plain vectors (ids, float16 log-probabilities as f32, tail as f32).
+    pub fn to_plain(&self) -> PlainRows {
+        let k = self.indices.size().get(1).copied().unwrap_or(0) as usize;
+        let flat = |t: &Tensor, kind: Kind| t.reshape([-1]).to_kind(kind);
+        PlainRows {
+            k,
+            ids: Vec::<i64>::try_from(flat(&self.indices, Kind::Int64)).unwrap_or_default(),
+            logprobs: Vec::<f32>::try_from(flat(&self.logprobs, Kind::Float)).unwrap_or_default(),
+            tail: Vec::<f32>::try_from(flat(&self.tail_logmass, Kind::Float)).unwrap_or_default(),
+        }
+    }
+
+    /// Stored rows from plain vectors (the stored dtypes: int32 ids, float16 values).
+    pub fn from_plain(p: &PlainRows) -> TopRows {
+        let (n, k) = (p.rows() as i64, p.k as i64);
+        TopRows {
+            indices: Tensor::from_slice(&p.ids).reshape([n, k]).to_kind(Kind::Int),
+            logprobs: Tensor::from_slice(&p.logprobs).reshape([n, k]).to_kind(Kind::Half),
+            tail_logmass: Tensor::from_slice(&p.tail).to_kind(Kind::Half),
+        }
+    }
+
     pub fn narrow(&self, start: i64, n: i64) -> TopRows {
         TopRows { indices: self.indices.narrow(0, start, n), logprobs: self.logprobs.narrow(0, start, n), tail_logmass: self.tail_logmass.narrow(0, start, n) }
     }
@@ -109,25 +206,48 @@ fn check_shapes(path: &Path, idx: &Tensor, lp: &Tensor, tail: &Tensor) -> Result
     Ok(())
 }
 
+/// One record's rows in a [`LogitsWriter`]: decoded, or a compact block copied as it is.
+enum Part {
+    Rows(TopRows),
+    Block(u32, Vec<u8>),
+}
+
 /// Builds a sidecar from rows pushed in record order, then writes it atomically.
 pub struct LogitsWriter {
     k: i64,
-    parts: Vec<TopRows>,
+    format: LogitsFormat,
+    parts: Vec<Part>,
     rows: i64,
 }
 
 impl LogitsWriter {
     pub fn new(k: i64) -> LogitsWriter {
-        LogitsWriter { k, parts: vec![], rows: 0 }
+        LogitsWriter::with_format(k, LogitsFormat::Safetensors)
+    }
+
+    pub fn with_format(k: i64, format: LogitsFormat) -> LogitsWriter {
+        LogitsWriter { k, format, parts: vec![], rows: 0 }
+    }
+
+    fn pointer(&mut self, n: i64) -> Value {
+        let pointer = json!({"row": self.rows, "rows": n, "k": self.k});
+        self.rows += n;
+        pointer
     }
 
     /// Adds a record's rows; returns its pointer JSON (without the file name, which callers add).
     pub fn push_rows(&mut self, rows: TopRows) -> Value {
-        let n = rows.rows();
-        let pointer = json!({"row": self.rows, "rows": n, "k": self.k});
-        self.rows += n;
-        self.parts.push(rows);
+        let pointer = self.pointer(rows.rows());
+        self.parts.push(Part::Rows(rows));
         pointer
+    }
+
+    /// Adds a compact file's block as it is (kd-merge): `raw` from [`CompactFile::block`].
+    pub fn push_block(&mut self, rows: u32, raw: Vec<u8>) -> Result<Value> {
+        ensure!(self.format == LogitsFormat::Compact, "a compact block goes into a compact sidecar only");
+        let pointer = self.pointer(rows as i64);
+        self.parts.push(Part::Block(rows, raw));
+        Ok(pointer)
     }
 
     pub fn rows(&self) -> i64 {
@@ -135,17 +255,50 @@ impl LogitsWriter {
     }
 
     pub fn write(&self, path: &Path) -> Result<()> {
-        let all = TopRows::cat(&self.parts, self.k);
-        write_via_temp(path, |tmp| all.write_to(tmp))
+        match self.format {
+            LogitsFormat::Safetensors => {
+                let rows: Vec<TopRows> = self
+                    .parts
+                    .iter()
+                    .map(|p| match p {
+                        Part::Rows(r) => Ok(r.shallow_clone()),
+                        Part::Block(..) => bail!("a compact block cannot go into a safetensors sidecar"),
+                    })
+                    .collect::<Result<_>>()?;
+                let all = TopRows::cat(&rows, self.k);
+                write_via_temp(path, |tmp| all.write_to(tmp))
+            }
+            LogitsFormat::Compact => {
+                let blocks: Vec<(u32, Vec<u8>)> = self
+                    .parts
+                    .iter()
+                    .map(|p| match p {
+                        Part::Rows(r) => {
+                            let payload = topk_compact::encode_rows(&r.to_plain(), topk_compact::DEFAULT_STEP);
+                            (r.rows() as u32, topk_compact::block_bytes(r.rows() as u32, &payload))
+                        }
+                        Part::Block(n, raw) => (*n, raw.clone()),
+                    })
+                    .collect();
+                write_via_temp(path, |tmp| topk_compact::write_file(tmp, self.k as usize, topk_compact::DEFAULT_STEP, &blocks))
+            }
+        }
     }
 }
 
-/// Reads sidecars on demand (one per file name) and serves rows as fp32/int64 tensors.
+/// One open sidecar of a [`LogitsReader`].
+enum Loaded {
+    Dense(Tensor, Tensor, Tensor),
+    Compact(CompactFile),
+}
+
+/// Reads sidecars on demand (one per file name, either format) and serves rows as
+/// fp32/int64 tensors. A compact sidecar is read block by block, never whole.
 pub struct LogitsReader {
     dir: PathBuf,
     /// When set, every pointer reads this file whatever its `file` says.
     only: Option<PathBuf>,
-    files: HashMap<String, (Tensor, Tensor, Tensor)>,
+    files: HashMap<String, Loaded>,
 }
 
 impl LogitsReader {
@@ -168,27 +321,45 @@ impl LogitsReader {
         };
         let row = pointer.get("row").and_then(Value::as_i64).context("`teacher_logits.row` missing")?;
         let n = pointer.get("rows").and_then(Value::as_i64).context("`teacher_logits.rows` missing")?;
+        ensure!(row >= 0 && n >= 0, "teacher_logits rows {row}..{} are negative", row.saturating_add(n));
         if !self.files.contains_key(file) {
             let path = self.dir.join(file);
-            let tensors: HashMap<String, Tensor> = read_safetensors(&path)
-                .with_context(|| format!("reading teacher logits {}", path.display()))?
-                .into_iter()
-                .collect();
-            let get = |k: &str| {
-                tensors.get(k).map(|t| t.shallow_clone()).with_context(|| format!("{}: no `{k}` tensor", path.display()))
+            let loaded = if is_compact(&path)? {
+                Loaded::Compact(CompactFile::open(&path)?)
+            } else {
+                let tensors: HashMap<String, Tensor> = read_safetensors(&path)
+                    .with_context(|| format!("reading teacher logits {}", path.display()))?
+                    .into_iter()
+                    .collect();
+                let get = |k: &str| {
+                    tensors.get(k).map(|t| t.shallow_clone()).with_context(|| format!("{}: no `{k}` tensor", path.display()))
+                };
+                let (idx, lp, tail) = (get("indices")?, get("logprobs")?, get("tail_logmass")?);
+                check_shapes(&path, &idx, &lp, &tail)?;
+                Loaded::Dense(idx, lp, tail)
             };
-            let (idx, lp, tail) = (get("indices")?, get("logprobs")?, get("tail_logmass")?);
-            check_shapes(&path, &idx, &lp, &tail)?;
-            self.files.insert(file.to_string(), (idx, lp, tail));
+            self.files.insert(file.to_string(), loaded);
         }
-        let (idx, lp, tail) = &self.files[file];
-        if row < 0 || n < 0 || row.checked_add(n).map_or(true, |end| end > idx.size()[0]) {
-            bail!("teacher_logits rows {row}..{} are outside {file} ({} rows)", row.saturating_add(n), idx.size()[0]);
+        match self.files.get_mut(file).expect("inserted above") {
+            Loaded::Dense(idx, lp, tail) => {
+                if row.checked_add(n).map_or(true, |end| end > idx.size()[0]) {
+                    bail!("teacher_logits rows {row}..{} are outside {file} ({} rows)", row.saturating_add(n), idx.size()[0]);
+                }
+                Ok((
+                    idx.narrow(0, row, n).to_kind(Kind::Int64),
+                    lp.narrow(0, row, n).to_kind(Kind::Float),
+                    tail.narrow(0, row, n).to_kind(Kind::Float),
+                ))
+            }
+            Loaded::Compact(c) => {
+                let k = c.k as i64;
+                let p = if n == 0 { PlainRows { k: c.k, ids: vec![], logprobs: vec![], tail: vec![] } } else { c.rows(c.find(row as u64, n as u64)?)? };
+                Ok((
+                    Tensor::from_slice(&p.ids).reshape([n, k]),
+                    Tensor::from_slice(&p.logprobs).reshape([n, k]),
+                    Tensor::from_slice(&p.tail),
+                ))
+            }
         }
-        Ok((
-            idx.narrow(0, row, n).to_kind(Kind::Int64),
-            lp.narrow(0, row, n).to_kind(Kind::Float),
-            tail.narrow(0, row, n).to_kind(Kind::Float),
-        ))
     }
 }

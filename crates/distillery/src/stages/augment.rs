@@ -5,13 +5,14 @@
 //! generate with the teacher, seeded per record, operation and copy.
 use crate::model::decode::Sampling;
 use crate::teacher::Teacher;
-use crate::data::records::{id_of, str_field, Record};
+use crate::data::records::{id_of, str_field, write_jsonl, Record};
+use crate::data::shard::{summary_path, Shard};
 use crate::base::rng::{stream, SplitMix64, Stream};
 use crate::base::progress::Progress;
 use crate::model::tokenizer::Tok;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
-use crate::base::io::file_fingerprint;
+use crate::base::io::{file_fingerprint, write_json_atomic};
 use crate::base::journal::Journal;
 use std::cell::{Cell, RefCell};
 use std::path::Path;
@@ -191,6 +192,8 @@ pub struct AugmentOptions {
     pub batch_size: usize,
     /// Recorded in resampled records' `teacher` field.
     pub teacher_name: Option<String>,
+    /// The block of the input's records this run augments (seeds stay those of the whole file).
+    pub shard: Shard,
 }
 
 impl AugmentOptions {
@@ -240,6 +243,7 @@ impl AugmentOptions {
             "seed": self.seed,
             "batch_size": self.batch_size,
             "teacher": self.teacher_name,
+            "shard": self.shard.to_string(),
         }))
     }
 }
@@ -353,6 +357,44 @@ enum Pending {
     Completion { temperature: f64 },
 }
 
+/// kd-augment's summary (kd-merge builds a joined run's with the same function).
+pub fn summary_value(input: usize, originals: usize, new: usize, ops: &[&str]) -> Value {
+    json!({"stage": "kd-augment", "input": input, "originals": originals, "new": new, "ops": ops})
+}
+
+/// Writes kd-augment's output: the originals of this run's block of records (unless
+/// `no_originals`), then the new records, and `<out>.summary.json` (a shard's with its
+/// manifest, which tells kd-merge where its originals end).
+pub fn write_output(
+    o: &AugmentOptions,
+    records: &[(usize, Record)],
+    data: &Path,
+    made: Vec<Record>,
+    no_originals: bool,
+    out_path: &Path,
+) -> Result<String> {
+    let block = o.shard.range(records.len())?;
+    let n_new = made.len();
+    let mut out: Vec<Record> = if no_originals { vec![] } else { records[block.clone()].iter().map(|(_, r)| r.clone()).collect() };
+    let originals = out.len();
+    out.extend(made);
+    ensure!(!out.is_empty(), "nothing to write: no records were augmented and --no-originals is set");
+    let ops: Vec<&str> = o.ops.iter().map(|op| op.name()).collect();
+    let mut summary = summary_value(block.len(), originals, n_new, &ops);
+    if o.shard != Shard::WHOLE {
+        let mut settings = o.fingerprint(data)?;
+        let settings_map = settings.as_object_mut().expect("an object");
+        settings_map.remove("shard");
+        settings_map.remove("data");
+        settings_map.insert("no_originals".into(), json!(no_originals));
+        summary["shard"] = o.shard.manifest("kd-augment", data, settings, records.len())?;
+        summary["shard"]["originals"] = json!(originals);
+    }
+    write_json_atomic(&summary_path(out_path), &summary)?;
+    write_jsonl(out_path, &out)?;
+    Ok(format!("{} new records from {} ({}) -> {}", n_new, block.len(), ops.join(","), out_path.display()))
+}
+
 /// New records for `records` (with their line numbers in `source`, for errors), ordered by
 /// record, then operation, then copy. Teacher operations need `teacher`.
 pub fn augment(records: &[(usize, Record)], source: &Path, o: &AugmentOptions, teacher: Option<&AugmentTeacher>) -> Result<Vec<Record>> {
@@ -366,7 +408,9 @@ pub fn augment(records: &[(usize, Record)], source: &Path, o: &AugmentOptions, t
         (None, false) => None,
     };
     let mut pick = stream(o.seed, Stream::AugmentPick);
-    let chosen: Vec<bool> = records.iter().map(|_| pick.next_f64() < o.fraction).collect();
+    let block = o.shard.range(records.len())?;
+    // Drawn for every record of the file, so that a shard chooses as an unsharded run does.
+    let chosen: Vec<bool> = records.iter().enumerate().map(|(ri, _)| pick.next_f64() < o.fraction && block.contains(&ri)).collect();
     let mut made: Vec<((usize, usize, usize), Record)> = vec![];
     for (op_idx, &op) in o.ops.iter().enumerate() {
         let mut jobs: Vec<Job> = vec![];
@@ -458,6 +502,7 @@ mod tests {
             temperatures: vec![1.0],
             max_new_tokens: 8,
             seed: 7,
+            shard: Shard::WHOLE,
             batch_size: 4,
             teacher_name: None,
         }

@@ -6,5 +6,7 @@ pub mod eval;
 pub mod export;
 pub mod filter;
 pub mod init;
+pub mod logits;
+pub mod merge;
 pub mod report;
 pub mod transfer;

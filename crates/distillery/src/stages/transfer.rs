@@ -6,9 +6,10 @@ use crate::base::progress::Progress;
 use crate::base::rng::{stream, Stream, SplitMix64};
 use crate::data::encode::{record_tokens, Layout};
 use crate::data::records::{id_of, prompt_of, write_jsonl, Record};
-use crate::base::io::file_fingerprint;
+use crate::data::shard::{summary_path, Shard};
+use crate::base::io::{file_fingerprint, write_json_atomic};
 use crate::base::journal::Journal;
-use crate::data::teacher_logits::{bytes_per_row, sidecar_path, LogitsWriter, TopRows};
+use crate::data::teacher_logits::{sidecar_path_for, sidecar_stats, size_line, LogitsFormat, LogitsWriter, TopRows};
 use crate::model::decode::Sampling;
 use crate::model::tokenizer::{apply_chat_template, Tok};
 use crate::model::ModelFiles;
@@ -32,8 +33,12 @@ pub struct TransferOptions {
     pub chat_template: Option<String>,
     pub ignore_eos: bool,
     pub store_logits: Option<i64>,
+    /// How the sidecar stores the rows (`<out>.logits.safetensors` or `<out>.logits.topk`).
+    pub logits_format: LogitsFormat,
     /// Continue from the journal of an interrupted run (`<out>.journal/`).
     pub resume: bool,
+    /// The block of the prompts this run takes ([`Shard::WHOLE`] for all of them).
+    pub shard: Shard,
 }
 
 impl TransferOptions {
@@ -69,7 +74,61 @@ fn fingerprint(o: &TransferOptions, mode: &str, teacher: &dyn Teacher) -> Result
         "chat_template": o.chat_template,
         "ignore_eos": o.ignore_eos,
         "store_logits": o.store_logits,
+        "logits_format": o.logits_format.name(),
+        "shard": o.shard.to_string(),
     }))
+}
+
+/// The settings a shard's manifest carries: those that change the output (the batch size
+/// included: it decides the batches; not the device), so that kd-merge refuses shards made
+/// differently.
+fn shard_settings(o: &TransferOptions, mode: &str, teacher: &dyn Teacher) -> Result<Value> {
+    let mut v = fingerprint(o, mode, teacher)?;
+    for k in ["device", "shard", "prompts"] {
+        v.as_object_mut().expect("an object").remove(k);
+    }
+    Ok(v)
+}
+
+/// `<out>.summary.json`: what kd-generate made, with the sidecar's size per stored token;
+/// a shard's summary adds its manifest under `shard`. No timings, so that the same run gives
+/// the same file.
+#[allow(clippy::too_many_arguments)]
+fn write_summary(
+    o: &TransferOptions,
+    mode: &str,
+    teacher: &dyn Teacher,
+    numbered: &[(usize, Record)],
+    positions: &[usize],
+    total: usize,
+    tokens: usize,
+) -> Result<Option<f64>> {
+    let logits = match o.store_logits {
+        Some(k) => Some(sidecar_stats(&sidecar_path_for(&o.out, o.logits_format), tokens as i64, k)?),
+        None => None,
+    };
+    let per_token = logits.as_ref().and_then(|l| l["bytes_per_token"].as_f64());
+    let mut summary = summary_value(mode, teacher.name(), positions.len(), tokens, logits);
+    if o.shard != Shard::WHOLE {
+        let mut manifest = o.shard.manifest("kd-generate", &o.prompts, shard_settings(o, mode, teacher)?, numbered.len())?;
+        manifest["positions"] = json!(positions);
+        manifest["total"] = json!(total);
+        summary["shard"] = manifest;
+    }
+    write_json_atomic(&summary_path(&o.out), &summary)?;
+    Ok(per_token)
+}
+
+/// kd-generate's summary (kd-merge builds a joined run's with the same function).
+pub fn summary_value(mode: &str, teacher: &str, outputs: usize, tokens: usize, logits: Option<Value>) -> Value {
+    json!({
+        "stage": "kd-generate",
+        "mode": mode,
+        "teacher": teacher,
+        "outputs": outputs,
+        "tokens": tokens,
+        "logits": logits,
+    })
 }
 
 /// What the teacher made for each job: completion ids and, with stored logits, their rows.
@@ -97,8 +156,8 @@ fn run_jobs(
     if let Some(k) = k {
         ensure!(k >= 1 && k <= teacher.vocab_size(), "--store-logits must be in 1..={}", teacher.vocab_size());
     }
-    let n = prompts.len();
-    let mut done = Done { completions: vec![vec![]; n], rows: (0..n).map(|_| None).collect() };
+    let n = order.len();
+    let mut done = Done { completions: vec![vec![]; prompts.len()], rows: (0..prompts.len()).map(|_| None).collect() };
     // Read back what earlier runs finished.
     let restored = journal.restored();
     for (range, extra) in journal.restored_parts() {
@@ -175,7 +234,8 @@ fn run_jobs(
 }
 
 impl TransferOptions {
-    /// The sampling stream of job `j` (record `j / samples`, sample `j % samples`).
+    /// The sampling stream of job `j` (record `j / samples`, sample `j % samples`); jobs are
+    /// counted over the whole prompts file whatever the shard.
     fn stream_of(&self, j: usize) -> Stream {
         Stream::Generate { record: j / self.samples, sample: j % self.samples }
     }
@@ -183,10 +243,10 @@ impl TransferOptions {
 
 /// The sidecar from every job's rows in job order, written before the JSONL; returns each
 /// job's pointer.
-fn write_sidecar(rows: Vec<Option<TopRows>>, k: i64, out: &Path) -> Result<Vec<Value>> {
-    let file = sidecar_path(out);
+fn write_sidecar(rows: Vec<Option<TopRows>>, k: i64, out: &Path, format: LogitsFormat) -> Result<Vec<Value>> {
+    let file = sidecar_path_for(out, format);
     let file_name = file.file_name().unwrap().to_string_lossy().into_owned();
-    let mut writer = LogitsWriter::new(k);
+    let mut writer = LogitsWriter::with_format(k, format);
     let mut pointers = vec![];
     for r in rows {
         let mut p = writer.push_rows(r.unwrap_or_else(|| TopRows::empty(k)));
@@ -226,6 +286,10 @@ pub fn generate(
     // Similar lengths together keep padding low; outputs are put back in input order.
     let mut order: Vec<usize> = (0..jobs.len()).collect();
     order.sort_by_key(|&j| std::cmp::Reverse(jobs[j].3.len()));
+    // A shard runs its block of those batches; its outputs keep job order.
+    let order = order[o.shard.batch_block(order.len(), o.batch_size)?].to_vec();
+    let mut mine = order.clone();
+    mine.sort_unstable();
     let sampling = Sampling {
         max_new_tokens: o.max_new_tokens,
         temperature: o.temperature,
@@ -241,8 +305,9 @@ pub fn generate(
     let done = run_jobs(o, teacher, &prompts, None, &order, Some((&sampling, &stop)), &mut journal, "generate")?;
     let gen_secs = started.elapsed().as_secs_f64();
     let completions = done.completions;
+    let mut rows = done.rows;
     let pointers = match o.store_logits {
-        Some(k) => Some(write_sidecar(done.rows, k, &o.out)?),
+        Some(k) => Some(write_sidecar(mine.iter().map(|&j| rows[j].take()).collect(), k, &o.out, o.logits_format)?),
         None => None,
     };
     let teacher_info = json!({
@@ -253,8 +318,9 @@ pub fn generate(
         "max_new_tokens": o.max_new_tokens,
         "seed": o.seed,
     });
-    let mut out: Vec<Record> = Vec::with_capacity(jobs.len());
-    for (j, (idx, s, prompt, ids)) in jobs.iter().enumerate() {
+    let mut out: Vec<Record> = Vec::with_capacity(mine.len());
+    for (at, &j) in mine.iter().enumerate() {
+        let (idx, s, prompt, ids) = &jobs[j];
         let mut rec = numbered[*idx].1.clone();
         let parent = id_of(&rec).to_string();
         if o.samples > 1 {
@@ -269,14 +335,15 @@ pub fn generate(
         rec.insert("source".into(), Value::from("teacher"));
         rec.insert("teacher".into(), teacher_info.clone());
         if let Some(p) = &pointers {
-            rec.insert("teacher_logits".into(), p[j].clone());
+            rec.insert("teacher_logits".into(), p[at].clone());
         }
         out.push(rec);
     }
     // The sidecar was written first: a JSONL whose pointers lead nowhere never exists.
+    let tokens: usize = mine.iter().map(|&j| completions[j].len()).sum();
+    let per_token = write_summary(o, "generate", teacher, numbered, &mine, jobs.len(), tokens)?;
     write_jsonl(&o.out, &out)?;
     journal.finish()?;
-    let tokens: usize = completions.iter().map(Vec::len).sum();
     let mut line = format!(
         "{}: {} completions, {tokens} new tokens in {gen_secs:.2}s ({:.1} tokens/s) -> {}",
         teacher.name(),
@@ -284,8 +351,8 @@ pub fn generate(
         tokens as f64 / gen_secs.max(1e-9),
         o.out.display()
     );
-    if let Some(k) = o.store_logits {
-        line += &format!("\nteacher logits: top-{k}, {} bytes per token -> {}", bytes_per_row(k), sidecar_path(&o.out).display());
+    if let (Some(k), Some(b)) = (o.store_logits, per_token) {
+        line += &format!("\nteacher logits: top-{k}, {} -> {}", size_line(o.logits_format, k, b), sidecar_path_for(&o.out, o.logits_format).display());
     }
     Ok(line)
 }
@@ -304,24 +371,27 @@ pub fn score(o: &TransferOptions, numbered: &[(usize, Record)], teacher: &dyn Te
         completions.push(t.completion().to_vec());
     }
     let mut journal = Journal::open(&o.out, fingerprint(o, "score", teacher)?, o.resume)?;
-    let order: Vec<usize> = (0..numbered.len()).collect();
+    // Batches are runs of records in file order; a shard takes its block of them.
+    let order: Vec<usize> = o.shard.batch_block(numbered.len(), o.batch_size)?.collect();
     let done = run_jobs(o, teacher, &prompts, Some(&completions), &order, None, &mut journal, "score")?;
-    let pointers = write_sidecar(done.rows, k, &o.out)?;
-    let mut out = Vec::with_capacity(numbered.len());
-    for (i, (_, rec)) in numbered.iter().enumerate() {
-        let mut rec = rec.clone();
+    let mut rows = done.rows;
+    let pointers = write_sidecar(order.iter().map(|&i| rows[i].take()).collect(), k, &o.out, o.logits_format)?;
+    let mut out = Vec::with_capacity(order.len());
+    for (at, &i) in order.iter().enumerate() {
+        let mut rec = numbered[i].1.clone();
         rec.insert("prompt_ids".into(), json!(prompts[i]));
         rec.insert("completion_ids".into(), json!(completions[i]));
-        rec.insert("teacher_logits".into(), pointers[i].clone());
+        rec.insert("teacher_logits".into(), pointers[at].clone());
         out.push(rec);
     }
+    let rows: usize = order.iter().map(|&i| completions[i].len()).sum();
+    let per_token = write_summary(o, "score", teacher, numbered, &order, numbered.len(), rows)?;
     write_jsonl(&o.out, &out)?;
     journal.finish()?;
-    let rows: usize = completions.iter().map(Vec::len).sum();
     Ok(format!(
-        "scored {} records, {rows} positions, top-{k} at {} bytes per token -> {}",
+        "scored {} records, {rows} positions, top-{k} at {} -> {}",
         out.len(),
-        bytes_per_row(k),
-        sidecar_path(&o.out).display()
+        size_line(o.logits_format, k, per_token.unwrap_or(f64::NAN)),
+        sidecar_path_for(&o.out, o.logits_format).display()
     ))
 }

@@ -1,12 +1,13 @@
 //! kd-augment: new records from existing ones, each tagged `source: augment:<op>` with its
 //! `parent`. Word operations (delete, swap, mask) need no model; teacher operations
 //! (infill, paraphrase, backtranslate, resample) generate with `--teacher`.
-use anyhow::{bail, ensure};
+use anyhow::bail;
 use clap::Parser;
 use distillery::base::journal::Journal;
 use distillery::base::lock::OutputLock;
-use distillery::data::records::{read_jsonl_numbered, write_jsonl, Record};
-use distillery::stages::augment::{augment, AugmentOp, AugmentOptions, AugmentTeacher, Templates};
+use distillery::data::records::read_jsonl_numbered;
+use distillery::data::shard::Shard;
+use distillery::stages::augment::{augment, write_output, AugmentOp, AugmentOptions, AugmentTeacher, Templates};
 use distillery::teacher::LocalTeacher;
 use std::path::PathBuf;
 
@@ -57,6 +58,10 @@ struct Args {
     /// generations are not redone, and the output is the same as an uninterrupted run's.
     #[arg(long)]
     resume: bool,
+    /// Augment shard I of N (I from 0): the input's I-th contiguous block of N records, with
+    /// the seeds of an unsharded run; kd-merge joins the shards.
+    #[arg(long, value_name = "I/N")]
+    shard: Option<Shard>,
     #[command(flatten)]
     runtime: kd_cli::Runtime,
 }
@@ -77,6 +82,7 @@ fn main() {
             seed: a.seed,
             batch_size: a.batch_size,
             teacher_name: a.teacher.clone(),
+            shard: a.shard.unwrap_or(Shard::WHOLE),
         };
         // Every check that needs no data or model comes before loading either.
         opts.validate()?;
@@ -88,6 +94,7 @@ fn main() {
         }
         let _lock = OutputLock::acquire(&a.out)?;
         let numbered = read_jsonl_numbered(&a.data)?;
+        opts.shard.range(numbered.len())?;
         let teacher = match &a.teacher {
             Some(t) if opts.needs_teacher() => {
                 let (device, kind) = a.runtime.resolve()?;
@@ -101,15 +108,10 @@ fn main() {
             None => None,
         };
         let made = augment(&numbered, &a.data, &opts, gen.as_ref())?;
-        let n_new = made.len();
-        let mut out: Vec<Record> = if a.no_originals { vec![] } else { numbered.iter().map(|(_, r)| r.clone()).collect() };
-        out.extend(made);
-        ensure!(!out.is_empty(), "nothing to write: no records were augmented and --no-originals is set");
-        write_jsonl(&a.out, &out)?;
+        let summary = write_output(&opts, &numbered, &a.data, made, a.no_originals, &a.out)?;
         if let Some(g) = gen {
             g.into_journal().finish()?;
         }
-        let ops: Vec<&str> = a.ops.iter().map(|o| o.name()).collect();
-        Ok(format!("{} new records from {} ({}) -> {}", n_new, numbered.len(), ops.join(","), a.out.display()))
+        Ok(summary)
     });
 }

@@ -73,6 +73,10 @@ struct Args {
     /// (`<out>.journal/`); the result is the same as an uninterrupted run's.
     #[arg(long)]
     resume: bool,
+    /// Evaluate shard I of N (I from 0) of --data: its I-th contiguous block of N records;
+    /// kd-merge recombines the shards' token-weighted metrics exactly.
+    #[arg(long, value_name = "I/N")]
+    shard: Option<distillery::data::shard::Shard>,
     #[command(flatten)]
     runtime: kd_cli::Runtime,
 }
@@ -105,6 +109,7 @@ fn main() {
             device,
             kind,
             resume: a.resume,
+            shard: a.shard.unwrap_or(distillery::data::shard::Shard::WHOLE),
         })
     });
 }

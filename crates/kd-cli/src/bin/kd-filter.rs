@@ -58,6 +58,11 @@ struct Args {
     /// scored are not scored again. The selection rules may differ from the first run's.
     #[arg(long)]
     resume: bool,
+    /// Score shard I of N (I from 0): the I-th contiguous block of N of the scoring batches.
+    /// A shard writes every record of its block with its scores (no selection) and kd-merge
+    /// applies the rules to the joined shards.
+    #[arg(long, value_name = "I/N")]
+    shard: Option<distillery::data::shard::Shard>,
     #[command(flatten)]
     runtime: kd_cli::Runtime,
 }
@@ -82,6 +87,7 @@ fn options(a: &Args) -> Result<FilterOptions> {
         batch_size: a.batch_size,
         student_name: a.student.clone(),
         resume: a.resume,
+        shard: a.shard.unwrap_or(distillery::data::shard::Shard::WHOLE),
     })
 }
 
@@ -93,6 +99,7 @@ fn main() {
         let _lock = distillery::base::lock::OutputLock::acquire(&o.out)?;
         // Bad input fails before any model loads.
         let records = distillery::data::records::read_jsonl_numbered(&o.data)?;
+        o.shard.batch_block(records.len(), o.batch_size)?;
         let (device, kind) = a.runtime.resolve()?;
         let (model, files, tok) = distillery::model::load(&a.teacher, device, kind)?;
         let student = a.student.as_deref().map(|s| distillery::model::load(s, device, kind)).transpose()?;

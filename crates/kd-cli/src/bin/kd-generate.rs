@@ -3,6 +3,8 @@
 use anyhow::Context;
 use clap::Parser;
 use distillery::base::lock::OutputLock;
+use distillery::data::shard::Shard;
+use distillery::data::teacher_logits::LogitsFormat;
 use distillery::model::tokenizer::chat_template;
 use distillery::stages::transfer::{generate, score, TransferOptions};
 use distillery::teacher::LocalTeacher;
@@ -54,10 +56,19 @@ struct Args {
     /// `<out>.logits.safetensors` (kd-distill --teacher-logits reads it).
     #[arg(long)]
     store_logits: Option<i64>,
+    /// The sidecar's format: safetensors (`<out>.logits.safetensors`, 6K + 2 bytes a token)
+    /// or compact (`<out>.logits.topk`: Rice-coded ids, log-probabilities to 1/16 nat,
+    /// about 111 bytes a token at K = 64 on a 4k vocabulary; docs/FORMATS.md).
+    #[arg(long, default_value = "safetensors")]
+    logits_format: LogitsFormat,
     /// Continue an interrupted run from its journal (`<out>.journal/`): finished batches are
     /// not redone, and the output is the same as an uninterrupted run's.
     #[arg(long)]
     resume: bool,
+    /// Take shard I of N (I from 0): the prompts' I-th contiguous block of N, each record
+    /// sampled with the same seed as in an unsharded run; kd-merge joins the shards.
+    #[arg(long, value_name = "I/N")]
+    shard: Option<Shard>,
     #[command(flatten)]
     runtime: kd_cli::Runtime,
 }
@@ -79,11 +90,14 @@ fn main() {
             chat_template: None,
             ignore_eos: a.ignore_eos,
             store_logits: a.store_logits,
+            logits_format: a.logits_format,
             resume: a.resume,
+            shard: a.shard.unwrap_or(Shard::WHOLE),
         };
         o.validate(a.score)?;
         let _lock = OutputLock::acquire(&o.out)?;
         let records = distillery::data::records::read_jsonl_numbered(&o.prompts)?;
+        o.shard.range(records.len())?;
         let (device, kind) = a.runtime.resolve()?;
         let (model, files, tok) = distillery::model::load(&a.teacher, device, kind)?;
         let teacher = LocalTeacher::new(model, files, tok)?;

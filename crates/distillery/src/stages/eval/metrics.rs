@@ -46,11 +46,11 @@ pub struct RecordSums {
 impl RecordSums {
     /// A journal entry for one record, floats as bit patterns so that a resumed run
     /// continues from exactly the same values.
-    fn to_json(&self, record: usize) -> Value {
+    pub fn to_json(&self, record: usize) -> Value {
         json!([record, self.nll.to_bits(), self.kl.to_bits(), self.agree.to_bits(), self.teacher_nll.to_bits(), self.count])
     }
 
-    fn from_json(v: &Value) -> Option<(usize, RecordSums)> {
+    pub fn from_json(v: &Value) -> Option<(usize, RecordSums)> {
         let a = v.as_array()?;
         let bits = |i: usize| a.get(i).and_then(Value::as_u64).map(f64::from_bits);
         Some((
@@ -158,23 +158,31 @@ pub fn evaluate(
     if let Some(p) = &progress {
         p.finish();
     }
-    // Totals in record order: the same figures whatever the batching.
-    let sums = per_record.iter().fold(RecordSums::default(), |a, r| RecordSums {
-        nll: a.nll + r.nll,
-        kl: a.kl + r.kl,
-        agree: a.agree + r.agree,
-        teacher_nll: a.teacher_nll + r.teacher_nll,
-        count: a.count + r.count,
-    });
-    let c = sums.count as f64;
-    Ok(EvalMetrics {
-        records: refs.len(),
-        tokens: sums.count,
-        nll: sums.nll / c,
-        perplexity: (sums.nll / c).exp(),
-        teacher_kl: teacher.map(|_| sums.kl / c),
-        top1_agreement: teacher.map(|_| sums.agree / c),
-        teacher_perplexity: teacher.map(|_| (sums.teacher_nll / c).exp()),
-        per_record,
-    })
+    Ok(EvalMetrics::from_records(per_record, teacher.is_some()))
+}
+
+impl EvalMetrics {
+    /// The token-weighted metrics of per-record sums, totalled in record order: the same
+    /// figures whatever the batching, and what kd-merge recombines shards with.
+    pub fn from_records(per_record: Vec<RecordSums>, with_teacher: bool) -> EvalMetrics {
+        let sums = per_record.iter().fold(RecordSums::default(), |a, r| RecordSums {
+            nll: a.nll + r.nll,
+            kl: a.kl + r.kl,
+            agree: a.agree + r.agree,
+            teacher_nll: a.teacher_nll + r.teacher_nll,
+            count: a.count + r.count,
+        });
+        let c = sums.count as f64;
+        let with = |v: f64| with_teacher.then_some(v);
+        EvalMetrics {
+            records: per_record.len(),
+            tokens: sums.count,
+            nll: sums.nll / c,
+            perplexity: (sums.nll / c).exp(),
+            teacher_kl: with(sums.kl / c),
+            top1_agreement: with(sums.agree / c),
+            teacher_perplexity: with((sums.teacher_nll / c).exp()),
+            per_record,
+        }
+    }
 }

@@ -14,11 +14,12 @@ use crate::base::lock::OutputLock;
 use crate::base::stats::{bootstrap_ratio_ci, wilson_interval, BOOTSTRAP_SEED};
 use crate::data::encode::{read_tokenized, Layout};
 use crate::data::records::{id_of, read_jsonl, str_field, Record};
+use crate::data::shard::Shard;
 use crate::model::checkpoint::kind_name;
 use crate::model::tokenizer::SpecialTokens;
 use crate::teacher::{LocalTeacher, Teacher};
 use anyhow::{ensure, Result};
-use metrics::evaluate;
+use metrics::{evaluate, EvalMetrics, RecordSums};
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -54,6 +55,8 @@ pub struct EvalOptions {
     pub kind: Kind,
     /// Continue the perplexity pass of an interrupted run from its journal.
     pub resume: bool,
+    /// The block of --data records this run evaluates (perplexity pass only).
+    pub shard: Shard,
 }
 
 fn limited(path: &Path, limit: Option<usize>) -> Result<Vec<Record>> {
@@ -71,6 +74,12 @@ pub fn run(o: &EvalOptions) -> Result<String> {
         o.data.is_some() || o.mc.is_some() || o.cloze.is_some() || o.generate.is_some() || o.speed,
         "nothing to evaluate: give --data, --mc, --cloze, --generate or --speed"
     );
+    if o.shard != Shard::WHOLE {
+        ensure!(
+            o.data.is_some() && o.mc.is_none() && o.cloze.is_none() && o.generate.is_none() && !o.speed && o.csv.is_none(),
+            "--shard splits the perplexity pass over --data only: run --mc, --cloze, --generate, --speed and --csv unsharded"
+        );
+    }
     let _lock = OutputLock::acquire(&o.out)?;
     // Read every input before the expensive model loads, so bad input fails fast.
     let mc = o.mc.as_deref().map(|p| limited(p, o.limit)).transpose()?;
@@ -109,8 +118,24 @@ pub fn run(o: &EvalOptions) -> Result<String> {
 
     if let Some(data) = &o.data {
         let (numbered, toks) = read_tokenized(data, &tok, Layout::Whole, o.max_length)?;
-        let seqs: Vec<Vec<i64>> = toks.into_iter().map(|t| t.ids).collect();
-        let ids: Vec<String> = numbered.iter().zip(&seqs).filter(|(_, s)| s.len() >= 2).map(|((_, r), _)| id_of(r).to_string()).collect();
+        let n_input = numbered.len();
+        let mut seqs: Vec<Vec<i64>> = toks.into_iter().map(|t| t.ids).collect();
+        let mut ids: Vec<String> = numbered.iter().zip(&seqs).filter(|(_, s)| s.len() >= 2).map(|((_, r), _)| id_of(r).to_string()).collect();
+        // A shard evaluates its block of the unsharded run's length-sorted batches (the
+        // records passed in file order, so that evaluate() sorts them into the same batches).
+        let total = ids.len();
+        let positions: Vec<usize> = if o.shard == Shard::WHOLE {
+            (0..ids.len()).collect()
+        } else {
+            seqs.retain(|s| s.len() >= 2);
+            let mut order: Vec<usize> = (0..seqs.len()).collect();
+            order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
+            let mut mine = order[o.shard.batch_block(order.len(), o.batch_size)?].to_vec();
+            mine.sort_unstable();
+            seqs = mine.iter().map(|&i| std::mem::take(&mut seqs[i])).collect();
+            ids = mine.iter().map(|&i| std::mem::take(&mut ids[i])).collect();
+            mine
+        };
         speed_prompt = seqs.iter().find(|s| s.len() >= 2).map(|s| s[..s.len().min(4)].to_vec());
         let t0 = Instant::now();
         let fingerprint = json!({
@@ -122,6 +147,7 @@ pub fn run(o: &EvalOptions) -> Result<String> {
             "max_length": o.max_length,
             "device": device_name(o.device),
             "dtype": kind_name(o.kind),
+            "shard": o.shard.to_string(),
         });
         let mut journal = Journal::open(&o.out, fingerprint, o.resume)?;
         let e = evaluate(&model, teacher.as_ref().map(|t| t as &dyn Teacher), &seqs, o.batch_size, true, Some(&mut journal))?;
@@ -130,21 +156,25 @@ pub fn run(o: &EvalOptions) -> Result<String> {
         m.insert("perplexity_seconds".into(), json!(secs));
         m.insert("perplexity_tokens_per_second".into(), json!((e.tokens + e.records as i64) as f64 / secs.max(1e-9)));
         m.insert("data".into(), json!(data.display().to_string()));
-        if let Value::Object(obj) = serde_json::to_value(&e)? {
-            m.extend(obj);
+        items.insert("records".into(), perplexity_entries(&mut m, &e, &ids, b)?);
+        if o.shard != Shard::WHOLE {
+            let settings = json!({
+                "model": o.model,
+                "teacher": o.teacher,
+                "max_length": o.max_length,
+                "dtype": kind_name(o.kind),
+                "name": name,
+                "strategy": o.strategy,
+                "bootstrap_samples": b,
+                "batch_size": o.batch_size,
+            });
+            let mut manifest = o.shard.manifest("kd-eval", data, settings, n_input)?;
+            let sums: Vec<Value> = e.per_record.iter().enumerate().map(|(i, r)| r.to_json(i)).collect();
+            manifest["per_record"] = json!({"ids": ids, "sums": sums});
+            manifest["positions"] = json!(positions);
+            manifest["total"] = json!(total);
+            m.insert("shard".into(), manifest);
         }
-        let col = |f: fn(&metrics::RecordSums) -> f64| e.per_record.iter().map(f).collect::<Vec<f64>>();
-        let (nll, count) = (col(|r| r.nll), col(|r| r.count as f64));
-        m.insert("perplexity_ci95".into(), json!(bootstrap_ratio_ci(&nll, &count, b, BOOTSTRAP_SEED, f64::exp)));
-        let mut recs = json!({"ids": ids, "tokens": count, "nll": nll});
-        if teacher.is_some() {
-            let (kl, agree) = (col(|r| r.kl), col(|r| r.agree));
-            m.insert("teacher_kl_ci95".into(), json!(bootstrap_ratio_ci(&kl, &count, b, BOOTSTRAP_SEED, |x| x)));
-            m.insert("top1_agreement_ci95".into(), json!(bootstrap_ratio_ci(&agree, &count, b, BOOTSTRAP_SEED, |x| x)));
-            recs["kl"] = json!(kl);
-            recs["agree"] = json!(agree);
-        }
-        items.insert("records".into(), recs);
         summary.push(format!("perplexity {:.4} over {} tokens ({} records)", e.perplexity, e.tokens, e.records));
         if let (Some(kl), Some(a)) = (e.teacher_kl, e.top1_agreement) {
             summary.push(format!("teacher KL {kl:.4}, top-1 agreement {:.2}%", 100.0 * a));
@@ -247,6 +277,26 @@ pub fn run(o: &EvalOptions) -> Result<String> {
         append_csv_row(csv, &value)?;
     }
     Ok(format!("{}: {}", name, summary.join(", ")))
+}
+
+/// The token-weighted metrics of `e` and their intervals into `m`; returns the items file's
+/// `records` entry. kd-merge calls it on the recombined sums of the shards.
+pub fn perplexity_entries(m: &mut Map<String, Value>, e: &EvalMetrics, ids: &[String], b: usize) -> Result<Value> {
+    if let Value::Object(obj) = serde_json::to_value(e)? {
+        m.extend(obj);
+    }
+    let col = |f: fn(&RecordSums) -> f64| e.per_record.iter().map(f).collect::<Vec<f64>>();
+    let (nll, count) = (col(|r| r.nll), col(|r| r.count as f64));
+    m.insert("perplexity_ci95".into(), json!(bootstrap_ratio_ci(&nll, &count, b, BOOTSTRAP_SEED, f64::exp)));
+    let mut recs = json!({"ids": ids, "tokens": count, "nll": nll});
+    if e.teacher_kl.is_some() {
+        let (kl, agree) = (col(|r| r.kl), col(|r| r.agree));
+        m.insert("teacher_kl_ci95".into(), json!(bootstrap_ratio_ci(&kl, &count, b, BOOTSTRAP_SEED, |x| x)));
+        m.insert("top1_agreement_ci95".into(), json!(bootstrap_ratio_ci(&agree, &count, b, BOOTSTRAP_SEED, |x| x)));
+        recs["kl"] = json!(kl);
+        recs["agree"] = json!(agree);
+    }
+    Ok(recs)
 }
 
 /// `<out>.items.json` beside `<out>.json`: the per-item outcomes.

@@ -14,7 +14,8 @@ use crate::model::tokenizer::Tok;
 use crate::teacher::Teacher;
 use anyhow::{bail, ensure, Result};
 use scoring::{score, Scored};
-use selection::{histogram, score_value, select, Rules, SCORE_NAMES};
+use selection::{histogram, score_value, select, Outcome, Rules, SCORE_NAMES};
+use crate::data::shard::Shard;
 use serde_json::{json, Map, Value};
 use std::path::PathBuf;
 
@@ -31,6 +32,10 @@ pub struct FilterOptions {
     pub student_name: Option<String>,
     /// Continue from the journal of an interrupted run (`<out>.journal/`).
     pub resume: bool,
+    /// The block of --data's scoring batches this run scores. A shard writes every record of its block with
+    /// its scores (no selection: duplicates and fractions look at the whole set) and a
+    /// manifest; kd-merge joins the shards and applies the rules.
+    pub shard: Shard,
 }
 
 /// Checks that need no model: run before anything is loaded.
@@ -38,12 +43,20 @@ pub fn check(o: &FilterOptions, has_student: bool) -> Result<()> {
     if !has_student && o.rules.needs_student() {
         bail!("kl_teacher_student and ce_gap need --student");
     }
+    if o.shard != Shard::WHOLE {
+        ensure!(o.summary.is_none(), "--shard writes its summary beside --out, where kd-merge finds it: leave out --summary");
+        ensure!(o.scored_out.is_none(), "--shard writes every scored record of its block to --out: leave out --scored-out");
+    }
     Ok(())
 }
 
 /// Scores, selects and writes; returns the summary line.
 pub fn run(o: &FilterOptions, numbered: &[(usize, Record)], teacher: &dyn Teacher, tok: &Tok, student: Option<&CausalLm>) -> Result<String> {
     check(o, student.is_some())?;
+    let all = numbered;
+    // Scoring batches are runs of records in file order: a shard takes its block of them.
+    let block = o.shard.batch_block(all.len(), o.batch_size)?;
+    let numbered = &all[block.clone()];
     if let Some(s) = student {
         ensure!(s.config.vocab_size == teacher.vocab_size(), "student and teacher vocabularies differ");
     }
@@ -61,12 +74,12 @@ pub fn run(o: &FilterOptions, numbered: &[(usize, Record)], teacher: &dyn Teache
         "max_length": o.max_length,
         "batch_size": o.batch_size,
         "worst_tokens": o.worst_tokens,
+        "shard": o.shard.to_string(),
     });
     let mut journal = Journal::open(&o.out, fingerprint, o.resume)?;
     let all_scores = score(teacher, student, &seqs, o.batch_size, o.worst_tokens, &mut journal)?;
     let value = |i: usize, k: &str| score_value(&all_scores[i], k);
     let lengths: Vec<usize> = seqs.iter().map(|s| s.ids.len()).collect();
-    let outcome = select(&o.rules, &lengths, &texts, value);
     let mut scored: Vec<Record> = Vec::with_capacity(n);
     for (i, (_, rec)) in numbered.iter().enumerate() {
         let mut rec = rec.clone();
@@ -88,30 +101,36 @@ pub fn run(o: &FilterOptions, numbered: &[(usize, Record)], teacher: &dyn Teache
         }
         scored.push(rec);
     }
-    let kept: Vec<Record> = scored.iter().zip(&outcome.kept).filter(|(_, a)| **a).map(|(r, _)| r.clone()).collect();
-    let mut hists = Map::new();
-    for k in SCORE_NAMES {
-        let vals: Vec<f64> = (0..n).map(|i| value(i, k)).filter(|v| !v.is_nan()).collect();
-        if !vals.is_empty() {
-            hists.insert(k.to_string(), histogram(&vals));
-        }
+    if o.shard != Shard::WHOLE {
+        let settings = json!({
+            "teacher": teacher.name(),
+            "student": o.student_name,
+            "max_length": o.max_length,
+            "worst_tokens": o.worst_tokens,
+            "batch_size": o.batch_size,
+            "rules": o.rules.to_json(),
+        });
+        let mut manifest = o.shard.manifest("kd-filter", &o.data, settings, all.len())?;
+        // Lengths and scores (as bit patterns, exact) are what the rules read.
+        let per_record: Vec<Value> = (0..n)
+            .map(|i| json!([lengths[i], SCORE_NAMES.iter().map(|k| value(i, k).to_bits()).collect::<Vec<u64>>()]))
+            .collect();
+        manifest["per_record"] = json!(per_record);
+        manifest["positions"] = json!(block.collect::<Vec<_>>());
+        manifest["total"] = json!(all.len());
+        let summary = json!({"input": n, "scored": n, "shard": manifest});
+        write_json_atomic(&crate::data::shard::summary_path(&o.out), &summary)?;
+        write_jsonl(&o.out, &scored)?;
+        journal.finish()?;
+        return Ok(format!("shard {}: scored {n} records -> {} (kd-merge selects)", o.shard, o.out.display()));
     }
-    let summary = json!({
-        "input": n,
-        "kept": kept.len(),
-        "removed": outcome.removed,
-        "selected_by": outcome.selected_by,
-        "histograms": hists,
-        "teacher": teacher.name(),
-        "student": o.student_name,
-    });
+    let outcome = select(&o.rules, &lengths, &texts, value);
+    let kept: Vec<Record> = scored.iter().zip(&outcome.kept).filter(|(_, a)| **a).map(|(r, _)| r.clone()).collect();
+    let summary = summary_json(&outcome, value, n, teacher.name(), o.student_name.as_deref());
     if let Some(p) = &o.scored_out {
         write_jsonl(p, &scored)?;
     }
-    let summary_path = o.summary.clone().unwrap_or_else(|| {
-        let name = o.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        o.out.with_file_name(format!("{name}.summary.json"))
-    });
+    let summary_path = o.summary.clone().unwrap_or_else(|| crate::data::shard::summary_path(&o.out));
     write_json_atomic(&summary_path, &summary)?;
     if kept.is_empty() {
         bail!(
@@ -125,4 +144,25 @@ pub fn run(o: &FilterOptions, numbered: &[(usize, Record)], teacher: &dyn Teache
     write_jsonl(&o.out, &kept)?;
     journal.finish()?;
     Ok(format!("kept {} of {n} records -> {} (removed: {})", kept.len(), o.out.display(), serde_json::to_string(&summary["removed"])?))
+}
+
+/// The summary of a selection over `n` scored records: counts, what each rule removed and
+/// chose, and the histograms of every score (kd-merge builds a joined run's the same way).
+pub fn summary_json(outcome: &Outcome, value: impl Fn(usize, &str) -> f64, n: usize, teacher: &str, student: Option<&str>) -> Value {
+    let mut hists = Map::new();
+    for k in SCORE_NAMES {
+        let vals: Vec<f64> = (0..n).map(|i| value(i, k)).filter(|v| !v.is_nan()).collect();
+        if !vals.is_empty() {
+            hists.insert(k.to_string(), histogram(&vals));
+        }
+    }
+    json!({
+        "input": n,
+        "kept": outcome.kept.iter().filter(|&&k| k).count(),
+        "removed": outcome.removed,
+        "selected_by": outcome.selected_by,
+        "histograms": hists,
+        "teacher": teacher,
+        "student": student,
+    })
 }

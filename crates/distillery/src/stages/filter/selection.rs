@@ -112,6 +112,40 @@ pub struct Rules {
 }
 
 impl Rules {
+    /// The rules as their command-line specs (a sharded run's manifest carries them, and
+    /// kd-merge applies them to the joined shards).
+    pub fn to_json(&self) -> Value {
+        let dedup = match self.dedup {
+            Dedup::None => json!("none"),
+            Dedup::Exact => json!("exact"),
+            Dedup::Near(t) => json!(format!("near:{t}")),
+        };
+        json!({
+            "min_tokens": self.min_tokens,
+            "max_tokens": self.max_tokens,
+            "dedup": dedup,
+            "bounds": self.bounds.iter().map(|b| json!([b.at_least, format!("{}={}", b.score, b.value)])).collect::<Vec<_>>(),
+            "fractions": self.fractions.iter().map(Fraction::label).collect::<Vec<_>>(),
+        })
+    }
+
+    /// Reads back [`Rules::to_json`].
+    pub fn from_json(v: &Value) -> Result<Rules> {
+        let size = |k: &str| v[k].as_u64().map(|n| n as usize);
+        let dedup = match v["dedup"].as_str().context("rules without `dedup`")? {
+            d if d.starts_with("near:") => Dedup::Near(d[5..].parse().context("bad near-duplicate threshold")?),
+            d => Dedup::parse(d, 0.0)?,
+        };
+        let mut bounds = vec![];
+        for b in v["bounds"].as_array().context("rules without `bounds`")? {
+            let at_least = b[0].as_bool().context("a bound without its direction")?;
+            bounds.push(Bound::parse(b[1].as_str().context("a bound without its spec")?, at_least)?);
+        }
+        let fractions = v["fractions"].as_array().context("rules without `fractions`")?;
+        let fractions = fractions.iter().map(|f| Fraction::parse(f.as_str().unwrap_or_default())).collect::<Result<_>>()?;
+        Ok(Rules { min_tokens: size("min_tokens"), max_tokens: size("max_tokens"), dedup, bounds, fractions })
+    }
+
     /// Whether a rule reads a score that only exists with a student model.
     pub fn needs_student(&self) -> bool {
         let student_score = |k: &str| k == "kl_teacher_student" || k == "ce_gap";
@@ -222,6 +256,21 @@ mod tests {
 
     fn texts(n: usize) -> Vec<String> {
         (0..n).map(|i| format!("record {i}")).collect()
+    }
+
+    #[test]
+    fn rules_survive_a_shard_manifest() {
+        let rules = Rules {
+            min_tokens: Some(3),
+            max_tokens: None,
+            dedup: Dedup::Near(0.75),
+            bounds: vec![Bound::parse("teacher_entropy=2.5", false).unwrap(), Bound::parse("tokens=4", true).unwrap()],
+            fractions: vec![Fraction::parse("teacher_confidence:top:0.7").unwrap()],
+        };
+        let back = Rules::from_json(&rules.to_json()).unwrap();
+        assert_eq!((back.min_tokens, back.max_tokens, back.dedup), (Some(3), None, Dedup::Near(0.75)));
+        assert_eq!(back.bounds, rules.bounds);
+        assert_eq!(back.fractions, rules.fractions);
     }
 
     #[test]
