@@ -48,11 +48,13 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def start(self):
+        # The log goes to a file: a pipe nobody reads fills up and stops the server.
+        self.log = open(Path(self.gguf).with_suffix(f".{self.port}.log"), "ab")
         self.proc = subprocess.Popen([str(llamacpp.build() / "llama-server"), "-m", str(self.gguf), "--host", "127.0.0.1",
                                       "--port", str(self.port), "-c", "2048", "-np", "4", "-t", "2", "--no-warmup"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     stdout=subprocess.DEVNULL, stderr=self.log)
         for _ in range(600):
-            assert self.proc.poll() is None, "llama-server exited: " + self.proc.stderr.read().decode()[-2000:]
+            assert self.proc.poll() is None, "llama-server exited: " + Path(self.log.name).read_text()[-2000:]
             try:
                 if json.load(urllib.request.urlopen(self.url + "/health", timeout=2)).get("status") == "ok":
                     return self
@@ -108,13 +110,14 @@ def outputs(out):
 
 
 def same_outputs(a, b):
-    """Equal records; equal stored ids; logprobs equal to float16 rounding (llama.cpp may
-    batch requests differently between runs, which moves the last bits)."""
+    """Equal records; equal stored ids; logprobs equal up to one float16 step (llama.cpp
+    batches concurrent requests differently from run to run, which moves the last bits)."""
     assert a[0] == b[0]
     if a[1] is None:
         return b[1] is None
     assert torch.equal(a[1]["indices"], b[1]["indices"])
-    assert (a[1]["logprobs"].float() - b[1]["logprobs"].float()).abs().max() <= 2e-3
+    # One float16 step at most (2^-10 relative).
+    assert torch.allclose(a[1]["logprobs"].float(), b[1]["logprobs"].float(), rtol=2e-3, atol=1e-3)
     return True
 
 
