@@ -15,6 +15,8 @@ TEACHER    ?= data/demo-teacher
 TEACHER_TOKENIZER ?= $(TEACHER)
 # Empty: a llama-server for $(RUN)/teacher-f32.gguf, started for the generate stage only.
 TEACHER_URL ?=
+# 1: generate with the teacher in this process instead (the local-teacher comparison run).
+LOCAL_TEACHER ?=
 CORPUS     ?= data/kjv
 DEVICE     ?= cpu
 DTYPE      ?= auto
@@ -68,7 +70,11 @@ $(RUN)/student-init/model.safetensors: $(D)/.ready
 init: $(RUN)/student-init/model.safetensors
 
 GENERATE = $(BIN)/kd-generate $(SERVED) --prompts $(D)/prompts.jsonl --out $(RUN)/transfer.jsonl --max-new-tokens $(GEN_TOKENS) --temperature 1.0 --top-p 0.95 --seed $(SEED) --batch-size 64 --store-logits $(TOP_K) --resume
-ifeq ($(TEACHER_URL),)
+ifeq ($(LOCAL_TEACHER),1)
+# The comparison run (docs/RESULTS.md): the same stages with the teacher in this process.
+$(RUN)/transfer.jsonl: $(D)/.ready
+	$(BIN)/kd-generate --teacher $(TEACHER) --prompts $(D)/prompts.jsonl --out $@ --max-new-tokens $(GEN_TOKENS) --temperature 1.0 --top-p 0.95 --seed $(SEED) --batch-size 64 --store-logits $(TOP_K) --resume $(COMMON)
+else ifeq ($(TEACHER_URL),)
 $(RUN)/transfer.jsonl: $(D)/.ready $(RUN)/teacher-f32.gguf
 	$(PYTHON) scripts/llamacpp.py build > /dev/null
 	LLAMA_PARALLEL=$(IN_FLIGHT) $(PYTHON) scripts/llamacpp.py with-server $(RUN)/teacher-f32.gguf '$(GENERATE) --teacher-url $$TEACHER_URL'
