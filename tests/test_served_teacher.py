@@ -194,6 +194,14 @@ def test_the_probe_names_what_is_wrong(teacher, server, tmp_path):
     recs = write_jsonl(tmp_path / "t.jsonl", [{"id": "t0", "text": "The quick brown fox."}])
     res = run_bin("kd-generate", *served_args(server.url, hf, recs, tmp_path / "s.jsonl", "--score", "--store-logits", 4), check=False)
     assert res.returncode == 1 and "Only no echo is supported" in res.stderr, res.stderr
+    # kd-filter and kd-eval score given text too: refused by the probe, before any work.
+    res = run_bin("kd-filter", "--teacher-url", server.url, "--teacher-tokenizer", hf, "--data", recs, "--out", tmp_path / "f.jsonl",
+                  check=False)
+    assert res.returncode == 1 and "Only no echo is supported" in res.stderr, res.stderr
+    res = run_bin("kd-eval", "--model", hf, "--teacher-url", server.url, "--teacher-tokenizer", hf, "--data", recs,
+                  "--out", tmp_path / "e.json", "--device", "cpu", check=False)
+    assert res.returncode == 1 and "Only no echo is supported" in res.stderr, res.stderr
+    assert not (tmp_path / "f.jsonl").exists() and not (tmp_path / "e.json").exists()
     # Nobody listening: named, after the retries.
     res = run_bin("kd-generate", *served_args(f"http://127.0.0.1:{free_port()}", hf, prompts, tmp_path / "n.jsonl",
                                               "--teacher-retries", 1), check=False)
@@ -333,3 +341,17 @@ def test_a_killed_and_restarted_server_and_a_killed_stage_lose_nothing(teacher, 
         assert len(read_jsonl(out)) == 160 and not Path(str(out) + ".journal").exists()
     finally:
         srv.kill()
+
+
+def test_kd_augment_resamples_through_the_server(teacher, server, tmp_path):
+    hf, _ = teacher
+    prompts = prompts_file(tmp_path / "p.jsonl", 4)
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.jsonl"
+        run_bin("kd-augment", "--data", prompts, "--out", out, "--ops", "resample", "--teacher-url", server.url,
+                "--teacher-tokenizer", hf, "--seed", 3)
+        outs.append(out.read_text())
+    new = [r for r in map(json.loads, outs[0].splitlines()) if r.get("source") == "augment:resample"]
+    assert len(new) >= 4 and all(r["completion"] for r in new)
+    assert outs[0] == outs[1], "the same seed gave other resamples"
