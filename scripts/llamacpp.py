@@ -7,6 +7,7 @@ PyPI, the build cached.
     python3 scripts/llamacpp.py build          # prints the folder holding the binaries
     python3 scripts/llamacpp.py convert HF_DIR OUT.gguf f32|f16|bf16|q8_0
     python3 scripts/llamacpp.py answer MODEL.gguf PROMPTS.jsonl N   # greedy chat answers via llama-server
+    python3 scripts/llamacpp.py with-server MODEL.gguf 'CMD ...'    # CMD with $TEACHER_URL set to a llama-server
 
 Cache: $DISTILLERY_CACHE (default ~/.cache/distillery)/llama.cpp/<version>.
 """
@@ -102,13 +103,14 @@ def convert(hf_dir, out, outtype):
     runpy.run_path(str(src / "convert_hf_to_gguf.py"), run_name="__main__")
 
 
-def serve(gguf, port, ctx=2048):
-    """A llama-server on 127.0.0.1 for `gguf`, once it answers /health."""
+def serve(gguf, port, ctx=2048, parallel=1):
+    """A llama-server on 127.0.0.1 for `gguf`, once it answers /health. `parallel` slots share
+    the `ctx` tokens of context."""
     import socket
     import time
 
     server = subprocess.Popen([str(build() / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                               "-c", str(ctx), "-t", str(os.cpu_count() or 2), "--no-warmup"],
+                               "-c", str(ctx), "-np", str(parallel), "-t", str(os.cpu_count() or 2), "--no-warmup"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:
@@ -120,6 +122,29 @@ def serve(gguf, port, ctx=2048):
             time.sleep(0.2)
     server.kill()
     raise SystemExit("llama-server did not start")
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def with_server(gguf, command):
+    """Runs `command` (a shell line) with TEACHER_URL pointing at a llama-server for `gguf` on
+    127.0.0.1 (slots and context from LLAMA_PARALLEL, default 16, and LLAMA_CTX, default
+    256 tokens per slot); the server is stopped afterwards. Exits with the command's status."""
+    parallel = int(os.environ.get("LLAMA_PARALLEL", "16"))
+    port = free_port()
+    server = serve(gguf, port, ctx=parallel * int(os.environ.get("LLAMA_CTX", "256")), parallel=parallel)
+    try:
+        rc = subprocess.run(command, shell=True, env={**os.environ, "TEACHER_URL": f"http://127.0.0.1:{port}"}).returncode
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    sys.exit(rc)
 
 
 def answer(gguf, prompts, n):
@@ -152,6 +177,8 @@ if __name__ == "__main__":
         print(build())
     elif cmd == "convert":
         convert(*sys.argv[2:5])
+    elif cmd == "with-server":
+        with_server(sys.argv[2], " ".join(sys.argv[3:]))
     elif cmd == "answer":
         answer(*sys.argv[2:5])
     else:

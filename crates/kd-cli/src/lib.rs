@@ -56,6 +56,57 @@ impl Runtime {
     }
 }
 
+/// A teacher behind an OpenAI-compatible server instead of a local model.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ServedArgs {
+    /// Base URL of a server holding the teacher (vLLM, SGLang, llama.cpp's llama-server),
+    /// e.g. http://127.0.0.1:8000; used instead of --teacher. An API key, if the server
+    /// wants one, is read from DISTILLERY_TEACHER_API_KEY (or OPENAI_API_KEY).
+    #[arg(long, requires = "teacher_tokenizer")]
+    pub teacher_url: Option<String>,
+    /// The served model's tokenizer: a tokenizer.json directory, a Hugging Face model
+    /// directory or hub id, or a .gguf. Gives the ids and chat template; checked against the
+    /// server's tokenizer at start.
+    #[arg(long)]
+    pub teacher_tokenizer: Option<String>,
+    /// auto (from the server's /v1/models), llamacpp, vllm or sglang.
+    #[arg(long, default_value = "auto")]
+    pub teacher_engine: String,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub teacher_concurrency: usize,
+    /// Seconds a request may take before it is retried.
+    #[arg(long, default_value_t = 600.0)]
+    pub teacher_timeout: f64,
+    /// Retries of a request answered 408/429/5xx, timed out or cut off (backoff 0.25 s
+    /// doubling to 8 s), before the stage fails (finished work is kept for --resume).
+    #[arg(long, default_value_t = 10)]
+    pub teacher_retries: usize,
+    /// Top-K the server returns per position when scoring given text.
+    #[arg(long, default_value_t = 20)]
+    pub teacher_top_k: usize,
+}
+
+impl ServedArgs {
+    /// Connects to the server (capability probe included), when --teacher-url is given.
+    pub fn connect(&self, top_k: Option<usize>, scoring: bool) -> Result<Option<distillery::teacher::served::ServedTeacher>> {
+        use distillery::teacher::engine::Engine;
+        use distillery::teacher::served::{ServedOptions, ServedTeacher};
+        let Some(url) = &self.teacher_url else { return Ok(None) };
+        anyhow::ensure!(self.teacher_timeout > 0.0, "--teacher-timeout must be positive");
+        let opts = ServedOptions {
+            url: url.clone(),
+            tokenizer: self.teacher_tokenizer.clone().unwrap_or_default(),
+            engine: Engine::parse(&self.teacher_engine)?,
+            concurrency: self.teacher_concurrency,
+            timeout: std::time::Duration::from_secs_f64(self.teacher_timeout),
+            retries: self.teacher_retries,
+            score_top_k: self.teacher_top_k,
+        };
+        Ok(Some(ServedTeacher::connect(opts, top_k, scoring)?))
+    }
+}
+
 /// Training-loop flags shared by kd-distill and kd-finetune.
 #[derive(clap::Args)]
 pub struct LoopArgs {

@@ -13,7 +13,7 @@ use crate::data::teacher_logits::{sidecar_path_for, sidecar_stats, size_line, Lo
 use crate::model::decode::Sampling;
 use crate::model::tokenizer::{apply_chat_template, Tok};
 use crate::model::ModelFiles;
-use crate::teacher::{Predictions, Query, Teacher};
+use crate::teacher::{top_rows_of, Teacher};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
@@ -185,38 +185,34 @@ fn run_jobs(
     ensure!(skip % o.batch_size == 0 || skip == n, "the journal ends inside a batch; remove it to start over");
     let mut progress = Progress::new(label, (n - skip) as u64);
     let mut part: Vec<TopRows> = vec![];
+    let mut new_tokens = 0usize;
+    let started = std::time::Instant::now();
     for (b, batch) in order.chunks(o.batch_size).enumerate().skip(skip / o.batch_size) {
-        let outs = match (sampling, given) {
+        let ps: Vec<Vec<i64>> = batch.iter().map(|&j| prompts[j].clone()).collect();
+        let (outs, rows) = match (sampling, given) {
             (Some((sampling, stop)), _) => {
-                let ps: Vec<Vec<i64>> = batch.iter().map(|&j| prompts[j].clone()).collect();
                 let mut rngs: Vec<SplitMix64> = batch.iter().map(|&j| stream(o.seed, o.stream_of(j))).collect();
-                teacher.generate(&ps, sampling, &mut rngs, stop)?
+                teacher.generate_top(&ps, sampling, &mut rngs, stop, k, o.batch_size)?
             }
-            (None, Some(given)) => batch.iter().map(|&j| given[j].clone()).collect(),
+            (None, Some(given)) => {
+                let outs: Vec<Vec<i64>> = batch.iter().map(|&j| given[j].clone()).collect();
+                let rows = k.map(|k| top_rows_of(teacher, &ps, &outs, k, o.batch_size)).transpose()?;
+                (outs, rows)
+            }
             (None, None) => unreachable!("scoring mode passes its completions"),
         };
-        if let Some(k) = k {
-            let seqs: Vec<Vec<i64>> = batch.iter().zip(&outs).map(|(&j, c)| prompts[j].iter().chain(c).copied().collect()).collect();
-            let queries: Vec<Query> = seqs.iter().zip(batch).map(|(s, &j)| Query { record: j, ids: s, from: prompts[j].len() }).collect();
-            let mut chunks: Vec<Vec<TopRows>> = (0..batch.len()).map(|_| vec![]).collect();
-            teacher.predict(&queries, o.batch_size, &mut |q, _off, pred| {
-                let Predictions::Dense(lp) = pred else { bail!("storing top-{k} logits needs the teacher's full distributions") };
-                // A long completion comes in several chunks, in order.
-                chunks[q].push(TopRows::from_logprobs(&lp, k));
-                Ok(())
-            })?;
-            for (q, &j) in batch.iter().enumerate() {
-                let rows = TopRows::cat(&chunks[q], k);
-                ensure!(rows.rows() == outs[q].len() as i64, "the teacher returned {} rows for a completion of {} tokens", rows.rows(), outs[q].len());
-                part.push(rows.shallow_clone());
-                done.rows[j] = Some(rows);
+        if let Some(rows) = rows {
+            for (&j, r) in batch.iter().zip(rows) {
+                part.push(r.shallow_clone());
+                done.rows[j] = Some(r);
             }
         }
+        new_tokens += outs.iter().map(Vec::len).sum::<usize>();
         for (&j, out) in batch.iter().zip(outs) {
             journal.push(json!({"job": j, "ids": out}).to_string());
             done.completions[j] = out;
         }
-        progress.inc(batch.len() as u64, "");
+        progress.inc(batch.len() as u64, &format!("{:.1} tokens/s", new_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)));
         let last = (b + 1) * o.batch_size >= n;
         if journal.due() || last {
             match k {

@@ -21,8 +21,8 @@ struct Args {
     /// Operations: delete, swap, mask, infill, paraphrase, backtranslate, resample.
     #[arg(long, value_delimiter = ',', required = true)]
     ops: Vec<AugmentOp>,
-    /// Needed by infill, paraphrase, backtranslate and resample.
-    #[arg(long)]
+    /// Needed by infill, paraphrase, backtranslate and resample (or --teacher-url).
+    #[arg(long, conflicts_with = "teacher_url")]
     teacher: Option<String>,
     /// New records per input record and operation (resample: per temperature).
     #[arg(long, default_value_t = 1)]
@@ -64,6 +64,8 @@ struct Args {
     shard: Option<Shard>,
     #[command(flatten)]
     runtime: kd_cli::Runtime,
+    #[command(flatten)]
+    served: kd_cli::ServedArgs,
 }
 
 fn main() {
@@ -86,8 +88,8 @@ fn main() {
         };
         // Every check that needs no data or model comes before loading either.
         opts.validate()?;
-        if opts.needs_teacher() && a.teacher.is_none() {
-            bail!("ops {} need --teacher", AugmentOp::teacher_ops());
+        if opts.needs_teacher() && a.teacher.is_none() && a.served.teacher_url.is_none() {
+            bail!("ops {} need --teacher (or --teacher-url)", AugmentOp::teacher_ops());
         }
         if opts.needs_templates() {
             opts.templates = Some(Templates::load(&a.templates)?);
@@ -103,9 +105,11 @@ fn main() {
             }
             _ => None,
         };
-        let gen = match &teacher {
-            Some(t) => Some(AugmentTeacher::new(t, &t.tok, t.special.eos.clone(), Journal::open(&a.out, opts.fingerprint(&a.data)?, a.resume)?)),
-            None => None,
+        let served = if opts.needs_teacher() { a.served.connect(None, false)? } else { None };
+        let gen = match (&teacher, &served) {
+            (Some(t), _) => Some(AugmentTeacher::new(t, &t.tok, t.special.eos.clone(), Journal::open(&a.out, opts.fingerprint(&a.data)?, a.resume)?)),
+            (None, Some(t)) => Some(AugmentTeacher::new(t, &t.tok, t.special.eos.clone(), Journal::open(&a.out, opts.fingerprint(&a.data)?, a.resume)?)),
+            (None, None) => None,
         };
         let made = augment(&numbered, &a.data, &opts, gen.as_ref())?;
         let summary = write_output(&opts, &numbered, &a.data, made, a.no_originals, &a.out)?;

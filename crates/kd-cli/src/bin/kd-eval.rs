@@ -19,7 +19,7 @@ struct Args {
     #[arg(long)]
     out: PathBuf,
     /// Teacher model: adds `teacher_kl`, `top1_agreement` and teacher generations.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "teacher_url")]
     teacher: Option<String>,
     /// Multiple-choice records (`prompt`, `choices`, `label`).
     #[arg(long)]
@@ -79,12 +79,17 @@ struct Args {
     shard: Option<distillery::data::shard::Shard>,
     #[command(flatten)]
     runtime: kd_cli::Runtime,
+    /// A served teacher (instead of --teacher) gives `teacher_kl` and `top1_agreement`
+    /// from its top-K (--teacher-top-k): the bucketed approximations of docs/FORMATS.md.
+    #[command(flatten)]
+    served: kd_cli::ServedArgs,
 }
 
 fn main() {
     kd_cli::run("kd-eval", || {
         let a = Args::parse();
         let (device, kind) = a.runtime.resolve()?;
+        let served = a.served.connect(None, true)?;
         run(&EvalOptions {
             model: a.model,
             teacher: a.teacher,
@@ -110,6 +115,7 @@ fn main() {
             kind,
             resume: a.resume,
             shard: a.shard.unwrap_or(distillery::data::shard::Shard::WHOLE),
+            served,
         })
     });
 }

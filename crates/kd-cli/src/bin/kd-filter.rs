@@ -10,8 +10,9 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(about = "Score records with the teacher (and student) and select a transfer set")]
 struct Args {
-    #[arg(long)]
-    teacher: String,
+    /// Teacher model directory or hub id (or --teacher-url).
+    #[arg(long, required_unless_present = "teacher_url", conflicts_with = "teacher_url")]
+    teacher: Option<String>,
     #[arg(long)]
     data: PathBuf,
     /// Kept records, each with its `scores`.
@@ -65,6 +66,10 @@ struct Args {
     shard: Option<distillery::data::shard::Shard>,
     #[command(flatten)]
     runtime: kd_cli::Runtime,
+    /// A served teacher scores with its top-K (--teacher-top-k): the scores are then the
+    /// bucketed approximations of docs/FORMATS.md.
+    #[command(flatten)]
+    served: kd_cli::ServedArgs,
 }
 
 fn options(a: &Args) -> Result<FilterOptions> {
@@ -101,7 +106,11 @@ fn main() {
         let records = distillery::data::records::read_jsonl_numbered(&o.data)?;
         o.shard.batch_block(records.len(), o.batch_size)?;
         let (device, kind) = a.runtime.resolve()?;
-        let (model, files, tok) = distillery::model::load(&a.teacher, device, kind)?;
+        if let Some(t) = a.served.connect(None, true)? {
+            let student = a.student.as_deref().map(|s| distillery::model::load(s, device, kind)).transpose()?;
+            return run(&o, &records, &t, &t.tok, student.as_ref().map(|s| &s.0));
+        }
+        let (model, files, tok) = distillery::model::load(a.teacher.as_deref().unwrap(), device, kind)?;
         let student = a.student.as_deref().map(|s| distillery::model::load(s, device, kind)).transpose()?;
         let teacher = LocalTeacher::new(model, files, tok)?;
         run(&o, &records, &teacher, &teacher.tok, student.as_ref().map(|s| &s.0))

@@ -13,9 +13,9 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(about = "Generate teacher completions for JSONL prompts")]
 struct Args {
-    /// Teacher model directory or hub id.
-    #[arg(long)]
-    teacher: String,
+    /// Teacher model directory or hub id (or --teacher-url).
+    #[arg(long, required_unless_present = "teacher_url", conflicts_with = "teacher_url")]
+    teacher: Option<String>,
     /// JSONL records with `prompt` (or `text`, used as the prompt).
     #[arg(long)]
     prompts: PathBuf,
@@ -71,6 +71,8 @@ struct Args {
     shard: Option<Shard>,
     #[command(flatten)]
     runtime: kd_cli::Runtime,
+    #[command(flatten)]
+    served: kd_cli::ServedArgs,
 }
 
 fn main() {
@@ -98,15 +100,30 @@ fn main() {
         let _lock = OutputLock::acquire(&o.out)?;
         let records = distillery::data::records::read_jsonl_numbered(&o.prompts)?;
         o.shard.range(records.len())?;
+        let k = a.store_logits.map(|k| k.max(0) as usize);
+        if let Some(t) = a.served.connect(if a.score { None } else { k }, a.score)? {
+            if a.score {
+                anyhow::ensure!(k <= Some(a.served.teacher_top_k), "--score --store-logits {}: above --teacher-top-k {}", k.unwrap(), a.served.teacher_top_k);
+                return score(&o, &records, &t, &t.tok);
+            }
+            if a.chat_template {
+                let tpl = chat_template(&t.files)?;
+                o.chat_template = Some(tpl.with_context(|| format!("--chat-template: tokenizer `{}` has no chat template", t.files.name))?);
+            }
+            let (eos, pad) = (t.special.eos.clone(), t.special.pad.unwrap_or(0));
+            let summary = generate(&o, &records, &t, &t.tok, &t.files, &eos, pad)?;
+            return Ok(format!("{summary}\nteacher server: {}", t.describe()));
+        }
+        let name = a.teacher.as_deref().unwrap();
         let (device, kind) = a.runtime.resolve()?;
-        let (model, files, tok) = distillery::model::load(&a.teacher, device, kind)?;
+        let (model, files, tok) = distillery::model::load(name, device, kind)?;
         let teacher = LocalTeacher::new(model, files, tok)?;
         if a.score {
             return score(&o, &records, &teacher, &teacher.tok);
         }
         if a.chat_template {
             let t = chat_template(&teacher.files)?;
-            o.chat_template = Some(t.with_context(|| format!("--chat-template: model `{}` has no chat template", a.teacher))?);
+            o.chat_template = Some(t.with_context(|| format!("--chat-template: model `{name}` has no chat template"))?);
         }
         let (eos, pad) = (teacher.special.eos.clone(), teacher.special.pad.unwrap_or(0));
         generate(&o, &records, &teacher, &teacher.tok, &teacher.files, &eos, pad)

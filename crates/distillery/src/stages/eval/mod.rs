@@ -57,6 +57,9 @@ pub struct EvalOptions {
     pub resume: bool,
     /// The block of --data records this run evaluates (perplexity pass only).
     pub shard: Shard,
+    /// A teacher behind a server (instead of `teacher`): KL and agreement from its top-K,
+    /// the bucketed approximations of docs/FORMATS.md.
+    pub served: Option<crate::teacher::served::ServedTeacher>,
 }
 
 fn limited(path: &Path, limit: Option<usize>) -> Result<Vec<Record>> {
@@ -93,12 +96,18 @@ pub fn run(o: &EvalOptions) -> Result<String> {
         }
         None => None,
     };
+    let teacher_ref: Option<&dyn Teacher> = match (&teacher, &o.served) {
+        (Some(t), _) => Some(t),
+        (None, Some(s)) => Some(s),
+        (None, None) => None,
+    };
+    let teacher_name = o.teacher.clone().or_else(|| o.served.as_ref().map(|s| format!("{} (served)", s.name())));
     let start = Instant::now();
     let mut m = Map::new();
     let name = o.name.clone().unwrap_or_else(|| o.model.clone());
     m.insert("name".into(), json!(name));
     m.insert("model".into(), json!(o.model));
-    m.insert("teacher".into(), json!(o.teacher));
+    m.insert("teacher".into(), json!(teacher_name));
     m.insert("params".into(), json!(model.param_count()));
     m.insert("bytes_on_disk".into(), json!(files_bytes(&files.weights)));
     m.insert("device".into(), json!(device_name(o.device)));
@@ -142,7 +151,7 @@ pub fn run(o: &EvalOptions) -> Result<String> {
             "stage": "kd-eval perplexity",
             "data": file_fingerprint(data)?,
             "model": o.model,
-            "teacher": o.teacher,
+            "teacher": teacher_name,
             "batch_size": o.batch_size,
             "max_length": o.max_length,
             "device": device_name(o.device),
@@ -150,7 +159,7 @@ pub fn run(o: &EvalOptions) -> Result<String> {
             "shard": o.shard.to_string(),
         });
         let mut journal = Journal::open(&o.out, fingerprint, o.resume)?;
-        let e = evaluate(&model, teacher.as_ref().map(|t| t as &dyn Teacher), &seqs, o.batch_size, true, Some(&mut journal))?;
+        let e = evaluate(&model, teacher_ref, &seqs, o.batch_size, true, Some(&mut journal))?;
         finished_journal = Some(journal);
         let secs = t0.elapsed().as_secs_f64();
         m.insert("perplexity_seconds".into(), json!(secs));

@@ -3,10 +3,13 @@
 //! Generation (kd-generate, kd-augment), scoring (kd-filter), stored logits (kd-generate
 //! `--store-logits`), evaluation (kd-eval's teacher KL and agreement) and offline
 //! distillation talk to a [`Teacher`]. [`LocalTeacher`] is a model in this process;
-//! [`StoredTeacher`] serves the top-k log-probabilities a run stored earlier. A teacher behind
-//! an inference server is one more implementation, not a fork of every stage.
+//! [`StoredTeacher`] serves the top-k log-probabilities a run stored earlier;
+//! [`served::ServedTeacher`] is a model behind an inference server (vLLM, SGLang, llama.cpp).
+pub mod engine;
+pub mod served;
+
 use crate::base::batch::{chunk_rows, pad_right, row_chunks};
-use crate::data::teacher_logits::LogitsReader;
+use crate::data::teacher_logits::{LogitsReader, TopRows};
 use crate::model::decode::{generate_until, Sampling};
 use crate::model::tokenizer::{SpecialTokens, Tok};
 use crate::model::{CausalLm, ModelFiles};
@@ -150,6 +153,26 @@ pub trait Teacher {
         stop: &dyn Fn(&[i64]) -> bool,
     ) -> Result<Vec<Vec<i64>>>;
 
+    /// Completions as [`Teacher::generate`] gives them and, with `k`, the top-`k` rows
+    /// (temperature 1) predicting every completion token. A server returns both from one
+    /// request; the default scores the completions afterwards with [`Teacher::predict`].
+    fn generate_top(
+        &self,
+        prompts: &[Vec<i64>],
+        sampling: &Sampling,
+        rngs: &mut [SplitMix64],
+        stop: &dyn Fn(&[i64]) -> bool,
+        k: Option<i64>,
+        batch: usize,
+    ) -> Result<(Vec<Vec<i64>>, Option<Vec<TopRows>>)> {
+        let outs = self.generate(prompts, sampling, rngs, stop)?;
+        let rows = match k {
+            Some(k) => Some(top_rows_of(self, prompts, &outs, k, batch)?),
+            None => None,
+        };
+        Ok((outs, rows))
+    }
+
     /// Teacher-forced predictions of every query's targets, handed to `sink(query index,
     /// first target row, predictions)` in order, a bounded chunk of rows at a time.
     /// `batch` sequences share a forward pass where the teacher runs one.
@@ -160,6 +183,35 @@ pub trait Teacher {
     fn local(&self) -> Option<&CausalLm> {
         None
     }
+}
+
+/// The stored top-`k` rows predicting each `completions[i]` after `prompts[i]`, from the
+/// teacher's full distributions or from a top-K of at least `k`.
+pub fn top_rows_of<T: Teacher + ?Sized>(teacher: &T, prompts: &[Vec<i64>], completions: &[Vec<i64>], k: i64, batch: usize) -> Result<Vec<TopRows>> {
+    let seqs: Vec<Vec<i64>> = prompts.iter().zip(completions).map(|(p, c)| p.iter().chain(c).copied().collect()).collect();
+    let queries: Vec<Query> = seqs.iter().zip(prompts).enumerate().map(|(j, (s, p))| Query { record: j, ids: s, from: p.len() }).collect();
+    let mut chunks: Vec<Vec<TopRows>> = (0..prompts.len()).map(|_| vec![]).collect();
+    teacher.predict(&queries, batch, &mut |q, _off, pred| {
+        // A long completion comes in several chunks, in order.
+        chunks[q].push(match pred {
+            Predictions::Dense(lp) => TopRows::from_logprobs(&lp, k),
+            Predictions::TopK(s) => {
+                ensure!(s.indices.size()[1] >= k, "the teacher returned its top-{}, {k} were asked for", s.indices.size()[1]);
+                let (top, pos) = s.logprobs.topk(k, -1, true, true);
+                let idx = s.indices.gather(1, &pos, false);
+                let tail = top.logsumexp(-1, false).exp().neg().g_add_scalar(1.0).clamp_min(1e-30).log();
+                TopRows { indices: idx.to_kind(Kind::Int), logprobs: top.to_kind(Kind::Half), tail_logmass: tail.to_kind(Kind::Half) }
+            }
+        });
+        Ok(())
+    })?;
+    let mut out = vec![];
+    for (q, c) in chunks.iter().enumerate() {
+        let rows = TopRows::cat(c, k);
+        ensure!(rows.rows() == completions[q].len() as i64, "the teacher returned {} rows for a completion of {} tokens", rows.rows(), completions[q].len());
+        out.push(rows);
+    }
+    Ok(out)
 }
 
 /// A model loaded in this process.

@@ -1,0 +1,357 @@
+"""A teacher behind a real llama.cpp server (`llama-server`, built from the llama-cpp-python
+sdist by scripts/llamacpp.py, serving an F32 GGUF of a tiny teacher on 127.0.0.1):
+kd-generate's completions equal the server's own answers, their ids decode to its text, the
+top-K agree with the same weights run locally, and faults (500s, answers slower than the
+timeout, a killed and restarted server, a killed stage) lose and duplicate nothing."""
+import http.server
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tiny
+from conftest import BIN, ROOT, read_jsonl, run_bin, train_tiny, write_jsonl
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import llamacpp  # noqa: E402
+
+pytestmark = pytest.mark.llamacpp
+
+PROMPTS = [
+    "The quick brown", "A teacher model", "In the beginning", "It was the best", "Numbers like 12345",
+    "Knowledge distillation", "The lazy dog", "A smaller student", "Soft targets from", "The student learns",
+]
+K = 20
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """llama-server for one GGUF on a fixed port; can be killed and started again."""
+
+    def __init__(self, gguf, port=None):
+        self.gguf, self.port, self.proc = gguf, port or free_port(), None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        # The log goes to a file: a pipe nobody reads fills up and stops the server.
+        self.log = open(Path(self.gguf).with_suffix(f".{self.port}.log"), "ab")
+        self.proc = subprocess.Popen([str(llamacpp.build() / "llama-server"), "-m", str(self.gguf), "--host", "127.0.0.1",
+                                      "--port", str(self.port), "-c", "2048", "-np", "4", "-t", "2", "--no-warmup"],
+                                     stdout=subprocess.DEVNULL, stderr=self.log)
+        for _ in range(600):
+            assert self.proc.poll() is None, "llama-server exited: " + Path(self.log.name).read_text()[-2000:]
+            try:
+                if json.load(urllib.request.urlopen(self.url + "/health", timeout=2)).get("status") == "ok":
+                    return self
+            except Exception:
+                time.sleep(0.1)
+        raise AssertionError("llama-server did not start")
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+    def post(self, path, body):
+        req = urllib.request.Request(self.url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        return json.load(urllib.request.urlopen(req, timeout=120))
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """A tiny llama teacher trained on the tiny corpus (so that it writes text, not stray
+    bytes) with plain RoPE, and its F32 GGUF."""
+    d = tmp_path_factory.mktemp("served")
+    hf = str(d / "hf")
+    train_tiny("llama", hf, steps=100, seed=3)
+    cfg = json.loads((Path(hf) / "config.json").read_text())
+    cfg.pop("rope_scaling", None)
+    cfg.pop("rope_parameters", None)
+    cfg["rope_theta"] = 10000.0
+    (Path(hf) / "config.json").write_text(json.dumps(cfg))
+    gguf = d / "teacher-f32.gguf"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "llamacpp.py"), "convert", hf, str(gguf), "f32"], check=True, capture_output=True)
+    return hf, gguf
+
+
+@pytest.fixture(scope="module")
+def server(teacher):
+    s = Server(teacher[1]).start()
+    yield s
+    s.kill()
+
+
+def prompts_file(path, n=len(PROMPTS)):
+    return write_jsonl(path, [{"id": f"p{i}", "prompt": PROMPTS[i % len(PROMPTS)] + (f" {i}" if i >= len(PROMPTS) else "")} for i in range(n)])
+
+
+def served_args(url, hf, prompts, out, *extra):
+    return ["--teacher-url", url, "--teacher-tokenizer", hf, "--prompts", prompts, "--out", out, *map(str, extra)]
+
+
+def outputs(out):
+    """The JSONL and the sidecar's tensors of a kd-generate run."""
+    side = Path(str(out) + ".logits.safetensors")
+    return Path(out).read_text(), (load_file(str(side)) if side.exists() else None)
+
+
+def same_outputs(a, b):
+    """Equal records; equal stored ids; logprobs equal up to one float16 step (llama.cpp
+    batches concurrent requests differently from run to run, which moves the last bits)."""
+    assert a[0] == b[0]
+    if a[1] is None:
+        return b[1] is None
+    assert torch.equal(a[1]["indices"], b[1]["indices"])
+    # One float16 step at most (2^-10 relative).
+    assert torch.allclose(a[1]["logprobs"].float(), b[1]["logprobs"].float(), rtol=2e-3, atol=1e-3)
+    return True
+
+
+def test_generation_equals_the_server_s_answers_and_the_local_teacher(teacher, server, tmp_path):
+    hf, _ = teacher
+    prompts = prompts_file(tmp_path / "p.jsonl")
+    out = tmp_path / "served.jsonl"
+    res = run_bin("kd-generate", *served_args(server.url, hf, prompts, out, "--max-new-tokens", 24, "--store-logits", K,
+                                             "--teacher-concurrency", 4))
+    assert "llama.cpp" in res.stderr and "agrees with --teacher-tokenizer" in res.stderr, res.stderr
+    recs = read_jsonl(out)
+    assert [r["id"] for r in recs] == [f"p{i}" for i in range(len(PROMPTS))]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf)
+    for r in recs:
+        assert r["prompt_ids"] == tok(r["prompt"]).input_ids
+        raw = server.post("/completion", {"prompt": r["prompt_ids"], "n_predict": 24, "temperature": 0, "top_k": 0, "top_p": 1,
+                                          "min_p": 0, "cache_prompt": False, "return_tokens": True})
+        assert r["completion_ids"] == raw["tokens"], r["id"]
+        assert tok.decode(r["completion_ids"], skip_special_tokens=True) == r["completion"]
+        # The server's text is the decoded ids, up to the EOS it does not print.
+        assert r["completion"] == tok.decode([t for t in raw["tokens"] if t != tok.eos_token_id], skip_special_tokens=True)
+        assert raw["content"].startswith(r["completion"]) or r["completion"].startswith(raw["content"]), (raw["content"], r["completion"])
+    # The same weights run here: the same greedy answers and the same top-K.
+    local = tmp_path / "local.jsonl"
+    run_bin("kd-generate", "--teacher", hf, "--prompts", prompts, "--out", local, "--max-new-tokens", 24, "--store-logits", K,
+            "--device", "cpu")
+    lrecs = read_jsonl(local)
+    assert [r["completion_ids"] for r in lrecs] == [r["completion_ids"] for r in recs]
+    s, l = outputs(out)[1], outputs(local)[1]
+    assert s["indices"].shape == l["indices"].shape and s["indices"].shape[0] > 100
+    top1 = (s["indices"][:, 0] == l["indices"][:, 0]).float().mean().item()
+    # KL(local || served) over the tokens in both top-K (near-ties at rank K may swap) plus
+    # one bucket for the rest of each distribution.
+    kls = []
+    for i in range(s["indices"].shape[0]):
+        ms = {int(t): float(v) for t, v in zip(s["indices"][i], s["logprobs"][i])}
+        ml = {int(t): float(v) for t, v in zip(l["indices"][i], l["logprobs"][i])}
+        both = [t for t in ml if t in ms]
+        assert len(both) >= K - 2, (i, sorted(ml), sorted(ms))
+        p = torch.tensor([ml[t] for t in both], dtype=torch.float64).exp()
+        q = torch.tensor([ms[t] for t in both], dtype=torch.float64).exp()
+        p = torch.cat([p, (1 - p.sum()).clamp(min=1e-12)[None]])
+        q = torch.cat([q, (1 - q.sum()).clamp(min=1e-12)[None]])
+        kls.append((p * (p / q).log()).sum().item())
+    kl = sum(kls) / len(kls)
+    print(f"served vs local: top-1 agreement {top1:.4f}, mean KL {kl:.2e}, rows {s['indices'].shape[0]}")
+    assert top1 >= 0.99 and kl < 1e-4, (top1, kl)
+
+
+def test_sampling_is_seeded_per_record_whatever_the_concurrency(teacher, server, tmp_path):
+    hf, _ = teacher
+    prompts = prompts_file(tmp_path / "p.jsonl")
+    runs = {}
+    for name, seed, conc in [("a", 7, 1), ("b", 7, 4), ("c", 8, 4)]:
+        out = tmp_path / f"{name}.jsonl"
+        run_bin("kd-generate", *served_args(server.url, hf, prompts, out, "--max-new-tokens", 16, "--temperature", 0.9,
+                                            "--top-p", 0.95, "--seed", seed, "--teacher-concurrency", conc))
+        runs[name] = [r["completion_ids"] for r in read_jsonl(out)]
+    assert runs["a"] == runs["b"]
+    assert runs["a"] != runs["c"]
+
+
+def test_the_probe_names_what_is_wrong(teacher, server, tmp_path):
+    hf, _ = teacher
+    prompts = prompts_file(tmp_path / "p.jsonl")
+    # Another tokenizer: the ids would mean other tokens.
+    other = tmp_path / "other"
+    tiny.build_tokenizer(str(other), vocab_size=280)
+    res = run_bin("kd-generate", *served_args(server.url, other, prompts, tmp_path / "o.jsonl"), check=False)
+    assert res.returncode == 1 and "give different ids for the probe text" in res.stderr, res.stderr
+    # Scoring given text: llama.cpp's server refuses echo.
+    recs = write_jsonl(tmp_path / "t.jsonl", [{"id": "t0", "text": "The quick brown fox."}])
+    res = run_bin("kd-generate", *served_args(server.url, hf, recs, tmp_path / "s.jsonl", "--score", "--store-logits", 4), check=False)
+    assert res.returncode == 1 and "Only no echo is supported" in res.stderr, res.stderr
+    # kd-filter and kd-eval score given text too: refused by the probe, before any work.
+    res = run_bin("kd-filter", "--teacher-url", server.url, "--teacher-tokenizer", hf, "--data", recs, "--out", tmp_path / "f.jsonl",
+                  check=False)
+    assert res.returncode == 1 and "Only no echo is supported" in res.stderr, res.stderr
+    res = run_bin("kd-eval", "--model", hf, "--teacher-url", server.url, "--teacher-tokenizer", hf, "--data", recs,
+                  "--out", tmp_path / "e.json", "--device", "cpu", check=False)
+    assert res.returncode == 1 and "Only no echo is supported" in res.stderr, res.stderr
+    assert not (tmp_path / "f.jsonl").exists() and not (tmp_path / "e.json").exists()
+    # Nobody listening: named, after the retries.
+    res = run_bin("kd-generate", *served_args(f"http://127.0.0.1:{free_port()}", hf, prompts, tmp_path / "n.jsonl",
+                                              "--teacher-retries", 1), check=False)
+    assert res.returncode == 1 and "gave up after 2 attempts" in res.stderr, res.stderr
+    assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "s.jsonl").exists()
+
+
+class FaultProxy:
+    """Forwards to the real server; answers every 3rd request 500 without forwarding it and
+    holds every 5th past the client's timeout before forwarding it."""
+
+    def __init__(self, upstream, delay):
+        self.count, self.faults = 0, 0
+        lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def handle_one(self, method):
+                with lock:
+                    proxy.count += 1
+                    n = proxy.count
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) if method == "POST" else None
+                if n % 3 == 0:
+                    proxy.faults += 1
+                    self.send_response(500)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(b'{"error": "injected fault"}')
+                    return
+                if n % 5 == 0:
+                    proxy.faults += 1
+                    time.sleep(delay)
+                req = urllib.request.Request(upstream + self.path, body, {"Content-Type": "application/json"}, method=method)
+                try:
+                    with urllib.request.urlopen(req, timeout=120) as r:
+                        data, code = r.read(), r.status
+                except urllib.error.HTTPError as e:
+                    data, code = e.read(), e.code
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def do_GET(self):
+                self.handle_one("GET")
+
+            def do_POST(self):
+                self.handle_one("POST")
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+
+
+def test_500s_and_slow_answers_are_retried_without_loss_or_duplicates(teacher, server, tmp_path):
+    hf, _ = teacher
+    prompts = prompts_file(tmp_path / "p.jsonl", 24)
+    args = ("--max-new-tokens", 16, "--store-logits", 8, "--teacher-concurrency", 4, "--batch-size", 8)
+    (tmp_path / "straight").mkdir()
+    (tmp_path / "faulty").mkdir()
+    want = tmp_path / "straight" / "out.jsonl"
+    run_bin("kd-generate", *served_args(server.url, hf, prompts, want, *args))
+    proxy = FaultProxy(server.url, delay=4)
+    try:
+        got = tmp_path / "faulty" / "out.jsonl"
+        res = run_bin("kd-generate", *served_args(proxy.url, hf, prompts, got, *args, "--teacher-timeout", 2))
+    finally:
+        proxy.close()
+    assert proxy.faults >= 5, proxy.faults
+    retried = json.loads(res.stdout.split("teacher server: ")[1])["retried_requests"]
+    assert retried >= proxy.faults - 1, (retried, proxy.faults, res.stderr)
+    assert same_outputs(outputs(got), outputs(want))
+    assert len({r["id"] for r in read_jsonl(got)}) == 24
+
+
+def wait_for_part(journal, proc, timeout=120):
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if json.loads((journal / "journal.json").read_text())["parts"]:
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        assert proc.poll() is None, f"the run ended ({proc.returncode}) before its first part:\n{proc.stderr.read()}"
+        assert time.time() < deadline, f"{journal} never committed a part"
+        time.sleep(0.005)
+
+
+def popen_generate(*args):
+    return subprocess.Popen([str(BIN / "kd-generate"), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "DISTILLERY_JOURNAL_ITEMS": "8"})
+
+
+def test_a_killed_and_restarted_server_and_a_killed_stage_lose_nothing(teacher, tmp_path):
+    hf, gguf = teacher
+    srv = Server(gguf).start()
+    try:
+        prompts = prompts_file(tmp_path / "p.jsonl", 160)
+        args = ("--max-new-tokens", 32, "--ignore-eos", "--store-logits", 4, "--teacher-concurrency", 4, "--batch-size", 8)
+        for d in ("straight", "restarted", "resumed"):
+            (tmp_path / d).mkdir()
+        want = tmp_path / "straight" / "out.jsonl"
+        run_bin("kd-generate", *served_args(srv.url, hf, prompts, want, *args))
+        # The server dies mid-run and comes back on the same port: the stage waits it out.
+        out = tmp_path / "restarted" / "out.jsonl"
+        proc = popen_generate(*served_args(srv.url, hf, prompts, out, *args))
+        wait_for_part(tmp_path / "restarted" / "out.jsonl.journal", proc)
+        assert proc.poll() is None, "the stage finished before the server could be killed; give it more work"
+        srv.kill()
+        time.sleep(1.0)
+        srv.start()
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        assert same_outputs(outputs(out), outputs(want))
+        # The stage itself is killed; --resume finishes it with the same output.
+        out = tmp_path / "resumed" / "out.jsonl"
+        proc = popen_generate(*served_args(srv.url, hf, prompts, out, *args))
+        wait_for_part(tmp_path / "resumed" / "out.jsonl.journal", proc)
+        assert proc.poll() is None, "the stage finished before it could be killed; give it more work"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not out.exists()
+        res = run_bin("kd-generate", *served_args(srv.url, hf, prompts, out, *args, "--resume"))
+        done = int(res.stderr.split("items already done")[0].rsplit(": ", 1)[1])
+        assert 8 <= done < 160, res.stderr
+        assert same_outputs(outputs(out), outputs(want))
+        assert len(read_jsonl(out)) == 160 and not Path(str(out) + ".journal").exists()
+    finally:
+        srv.kill()
+
+
+def test_kd_augment_resamples_through_the_server(teacher, server, tmp_path):
+    hf, _ = teacher
+    prompts = prompts_file(tmp_path / "p.jsonl", 4)
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.jsonl"
+        run_bin("kd-augment", "--data", prompts, "--out", out, "--ops", "resample", "--teacher-url", server.url,
+                "--teacher-tokenizer", hf, "--seed", 3)
+        outs.append(out.read_text())
+    new = [r for r in map(json.loads, outs[0].splitlines()) if r.get("source") == "augment:resample"]
+    assert len(new) >= 4 and all(r["completion"] for r in new)
+    assert outs[0] == outs[1], "the same seed gave other resamples"
