@@ -111,7 +111,8 @@ fn only_the_asked_layers_capture_attention_maps() {
     want[1] = true;
     assert_eq!(kept, want);
     assert!(max_diff(one.attentions[1].as_ref().unwrap(), all.attentions[1].as_ref().unwrap()) < 1e-5, "layer 0 ran SDPA instead of the eager path: only rounding may differ");
-    assert!(max_diff(&one.hidden, &all.hidden) < 1e-6);
+    let d = max_diff(&one.hidden, &all.hidden);
+    assert!(d < 1e-5, "eager and SDPA layers differ by {d}, more than rounding");
 }
 
 #[test]
