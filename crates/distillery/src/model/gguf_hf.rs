@@ -339,22 +339,20 @@ pub fn hf_tensors(g: &GgufFile, cfg: &ModelConfig) -> Result<HashMap<String, Ten
     let mut out = HashMap::new();
     for (name, shape, data) in values {
         let mut t = Tensor::from_slice(&data).reshape(shape.as_slice()).to_kind(Kind::Float);
-        let qk_heads = if name.contains("self_attn.q_proj.") { cfg.num_heads } else { cfg.num_kv_heads };
-        if unpermute && (name.contains("self_attn.q_proj.") || name.contains("self_attn.k_proj.")) {
+        let is_q = name.ends_with("self_attn.q_proj.weight") || name.ends_with("self_attn.q_proj.bias");
+        let is_k = name.ends_with("self_attn.k_proj.weight") || name.ends_with("self_attn.k_proj.bias");
+        if unpermute && (is_q || is_k) {
+            let heads = if is_q { cfg.num_heads } else { cfg.num_kv_heads };
             // The permutation reshapes by heads: a tensor the metadata does not describe is
             // refused here rather than failing inside libtorch.
             ensure!(
-                shape.first() == Some(&(qk_heads * cfg.head_dim)) && cfg.head_dim % 2 == 0,
-                "{}: `{name}` has {} rows, but the metadata says {qk_heads} heads of {}",
+                shape.first() == Some(&(heads * cfg.head_dim)) && cfg.head_dim % 2 == 0,
+                "{}: `{name}` has {} rows, but the metadata says {heads} heads of {}",
                 g.path.display(),
                 shape.first().unwrap_or(&0),
                 cfg.head_dim
             );
-        }
-        if unpermute && name.ends_with("self_attn.q_proj.weight") || unpermute && name.ends_with("self_attn.q_proj.bias") {
-            t = permute_qk(&t, cfg.num_heads, false);
-        } else if unpermute && (name.ends_with("self_attn.k_proj.weight") || name.ends_with("self_attn.k_proj.bias")) {
-            t = permute_qk(&t, cfg.num_kv_heads, false);
+            t = permute_qk(&t, heads, false);
         }
         // GPT-2's Conv1D weights are [in, out]; GGUF stores every matrix as Linear's [out, in].
         if gpt2 && t.dim() == 2 && (name.contains(".attn.") || name.contains(".mlp.")) {

@@ -451,6 +451,17 @@ impl std::ops::AddAssign for LossSums {
     }
 }
 
+/// What a step computed before its update.
+struct StepWork {
+    batches: Vec<TrainBatch>,
+    /// Per micro-batch: sampled from the student?
+    policy: Vec<bool>,
+    sampled: SampleStats,
+    n_loss: i64,
+    n_valid: i64,
+    sums: LossSums,
+}
+
 /// What sampling cost in one step.
 #[derive(Default)]
 struct SampleStats {
@@ -949,22 +960,30 @@ impl Trainer {
     /// compares precisions (tests/mixed_precision.rs).
     pub fn step_gradients(&mut self, step: i64) -> Result<(LossSums, Vec<(String, Tensor)>)> {
         let mut sampler = Sampler::new(self.examples.len(), self.cfg.seed);
-        let batches = self.micro_batches(&mut sampler, step);
-        let n_loss: i64 = batches.iter().map(TrainBatch::loss_tokens).sum();
-        let n_valid: i64 = batches.iter().map(TrainBatch::valid_tokens).sum();
+        let work = self.accumulate_step(&mut sampler, step)?;
+        let grads = self.opt.params().filter(|(_, p)| p.grad().defined()).map(|(n, p)| (n.to_string(), p.grad().copy())).collect();
+        self.opt.zero_grad();
+        Ok((work.sums, grads))
+    }
+
+    /// A step up to the update: the compute copy refreshed, the micro-batches (sampled where
+    /// on-policy), forward and backward of each, and the masters' gradients unscaled.
+    fn accumulate_step(&mut self, sampler: &mut Sampler, step: i64) -> Result<StepWork> {
+        let depth = self.phase(step);
         if let Some(copy) = &self.compute_copy {
             copy.refresh();
         }
+        let (batches, policy, sampled) = self.sampled_batches(sampler, step)?;
+        let n_loss: i64 = batches.iter().map(TrainBatch::loss_tokens).sum();
+        let n_valid: i64 = batches.iter().map(TrainBatch::valid_tokens).sum();
         let mut sums = LossSums::default();
-        for b in &batches {
-            sums += self.micro_step(b, self.phase(step), n_loss.max(1) as f64, n_valid.max(1) as f64, false)?;
+        for (b, &on) in batches.iter().zip(&policy) {
+            sums += self.micro_step(b, depth, n_loss.max(1) as f64, n_valid.max(1) as f64, on)?;
         }
         if let Some(sc) = self.scaler {
             self.opt.scale_grads(1.0 / sc.scale);
         }
-        let grads = self.opt.params().filter(|(_, p)| p.grad().defined()).map(|(n, p)| (n.to_string(), p.grad().copy())).collect();
-        self.opt.zero_grad();
-        Ok((sums, grads))
+        Ok(StepWork { batches, policy, sampled, n_loss, n_valid, sums })
     }
 
     /// Runs the remaining steps; writes metrics rows, checkpoints and the final student.
@@ -989,19 +1008,7 @@ impl Trainer {
         }
         for step in self.start_step..self.cfg.steps {
             let depth = self.phase(step);
-            if let Some(copy) = &self.compute_copy {
-                copy.refresh();
-            }
-            let (batches, policy, sampled) = self.sampled_batches(&mut sampler, step)?;
-            let n_loss: i64 = batches.iter().map(TrainBatch::loss_tokens).sum();
-            let n_valid: i64 = batches.iter().map(TrainBatch::valid_tokens).sum();
-            let mut sums = LossSums::default();
-            for (b, &on) in batches.iter().zip(&policy) {
-                sums += self.micro_step(b, depth, n_loss.max(1) as f64, n_valid.max(1) as f64, on)?;
-            }
-            if let Some(sc) = self.scaler {
-                self.opt.scale_grads(1.0 / sc.scale);
-            }
+            let StepWork { batches, policy, sampled, n_loss, n_valid, sums } = self.accumulate_step(&mut sampler, step)?;
             let grad_norm = self.opt.clip_grad_norm(self.cfg.clip);
             let lr = self.schedule.lr_at(step);
             let (ce, kd) = (sums.ce / n_loss.max(1) as f64, sums.kd / n_loss.max(1) as f64);
