@@ -213,6 +213,8 @@ impl LoopArgs {
             skip_nonfinite: self.skip_nonfinite,
             keep_last: self.keep_last,
             on_policy: Default::default(),
+            cross_tokenizer: None,
+            uld_top_k: 256,
         }
     }
 }

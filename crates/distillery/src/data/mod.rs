@@ -1,6 +1,7 @@
 //! The data layer: JSONL records, the one record-to-ids rule ([`encode`]), training
 //! examples and their seeded order ([`examples`]), and
 //! stored teacher logits ([`teacher_logits`]).
+pub mod align;
 pub mod encode;
 pub mod examples;
 pub mod records;

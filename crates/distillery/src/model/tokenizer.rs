@@ -55,6 +55,15 @@ impl Tok {
         self.inner.decode(&ids, skip_special_tokens).map_err(|e| anyhow::anyhow!("decoding: {e}"))
     }
 
+    /// The `tokenizers` tokenizer itself (token tables, training).
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
+    pub fn from_inner(inner: tokenizers::Tokenizer) -> Tok {
+        Tok { inner }
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -7,6 +7,7 @@ use crate::model::config::ModelConfig;
 use crate::base::io::{dir_bytes, files_bytes, write_json_atomic};
 use crate::data::encode::{read_tokenized, Layout};
 use crate::model::checkpoint::save_pretrained;
+use crate::model::token_bytes::TokenBytes;
 use crate::model::tokenizer::Tok;
 use crate::model::ModelFiles;
 use anyhow::{bail, ensure, Context, Result};
@@ -310,6 +311,131 @@ pub fn choose_pruning(teacher: &ModelConfig, student: &ModelConfig, imp: &Import
     Ok((layer_map, Keep { hidden, layers }))
 }
 
+/// How each token of a new vocabulary was given its embedding.
+#[derive(Debug, Default, Serialize)]
+pub struct VocabTransfer {
+    pub tokens: usize,
+    /// Spelled by exactly one teacher token (or the same special token).
+    pub exact: usize,
+    /// The mean of several teacher tokens' rows.
+    pub composed: usize,
+    /// Nothing maps (or no teacher rows fit the student's width): a random row.
+    pub random: usize,
+    pub embedding_params_before: i64,
+    pub embedding_params_after: i64,
+}
+
+/// The teacher tokens each token of `new` decomposes into: a special token is found by its
+/// text; any other token's text is tokenized by the teacher (when it is valid UTF-8 and the
+/// teacher spells it back exactly), else split greedily into the longest teacher pieces.
+/// Empty where nothing maps.
+pub fn decompose_vocabulary(new: &Tok, teacher: &Tok) -> Result<Vec<Vec<i64>>> {
+    let (nb, tb) = (TokenBytes::of(new)?, TokenBytes::of(teacher)?);
+    let mut by_bytes: HashMap<&[u8], i64> = HashMap::new();
+    for id in (0..tb.len() as i64).rev() {
+        if !tb.is_special(id) && !tb.piece(id).is_empty() {
+            by_bytes.insert(tb.piece(id), id);
+        }
+    }
+    let longest = by_bytes.keys().map(|k| k.len()).max().unwrap_or(0);
+    let greedy = |piece: &[u8]| -> Vec<i64> {
+        let (mut at, mut out) = (0, vec![]);
+        while at < piece.len() {
+            let Some((l, id)) = (1..=longest.min(piece.len() - at)).rev().find_map(|l| by_bytes.get(&piece[at..at + l]).map(|&id| (l, id))) else {
+                return vec![];
+            };
+            out.push(id);
+            at += l;
+        }
+        out
+    };
+    (0..nb.len() as i64)
+        .map(|id| {
+            let piece = nb.piece(id);
+            if nb.is_special(id) {
+                return Ok(std::str::from_utf8(piece).ok().and_then(|s| teacher.token_to_id(s)).into_iter().collect());
+            }
+            if let Ok(text) = std::str::from_utf8(piece) {
+                let ids = teacher.encode(text, false)?;
+                if ids.iter().flat_map(|&t| tb.piece(t).iter().copied()).eq(piece.iter().copied()) && !ids.is_empty() {
+                    return Ok(ids);
+                }
+            }
+            Ok(greedy(piece))
+        })
+        .collect()
+}
+
+/// `student` (built over the teacher's vocabulary) moved onto the vocabulary of `new`: every
+/// parameter is copied, except the embedding (and an untied output head), whose row for each
+/// new token is the mean of the rows of the teacher tokens it decomposes into (random where
+/// nothing maps). `rows_fit` is false when those rows are not the teacher's (a random
+/// student of another width): then every row is random.
+fn with_vocabulary(
+    student: CausalLm,
+    rows_from: Option<&HashMap<String, Tensor>>,
+    teacher_tok: &Tok,
+    new: &Tok,
+    seed: i64,
+) -> Result<(CausalLm, VocabTransfer)> {
+    let rows_fit = rows_from.is_some();
+    let parts = decompose_vocabulary(new, teacher_tok)?;
+    let mut cfg = student.config.clone();
+    let n = new.vocab_size() as i64;
+    cfg.vocab_size = n;
+    // Special ids follow their text into the new vocabulary.
+    let moved = |id: Option<i64>| id.and_then(|i| teacher_tok.inner().id_to_token(i as u32)).and_then(|t| new.token_to_id(&t));
+    cfg.bos_token_id = moved(cfg.bos_token_id);
+    cfg.pad_token_id = moved(cfg.pad_token_id);
+    cfg.eos_token_ids = cfg.eos_token_ids.iter().filter_map(|&e| moved(Some(e))).collect();
+    if let Some(raw) = cfg.raw.as_object_mut() {
+        raw.insert("bos_token_id".into(), json!(cfg.bos_token_id));
+        raw.insert("pad_token_id".into(), json!(cfg.pad_token_id));
+        raw.insert("eos_token_id".into(), match cfg.eos_token_ids.as_slice() { [one] => json!(one), many => json!(many) });
+    }
+    tch::manual_seed(seed);
+    let out = CausalLm::new(cfg, student.device(), student.kind(), InitMode::Random);
+    let old: HashMap<String, Tensor> = student.vs.variables().into_iter().collect();
+    let mut t = VocabTransfer { tokens: parts.len(), ..Default::default() };
+    let mapped: Vec<bool> = parts.iter().map(|p| rows_fit && !p.is_empty()).collect();
+    for p in &parts {
+        match p.len() {
+            _ if !rows_fit => t.random += 1,
+            0 => t.random += 1,
+            1 => t.exact += 1,
+            _ => t.composed += 1,
+        }
+    }
+    let flat: Vec<i64> = parts.iter().flatten().copied().collect();
+    let segment: Vec<i64> = parts.iter().enumerate().flat_map(|(i, p)| std::iter::repeat_n(i as i64, p.len())).collect();
+    let counts: Vec<f32> = parts.iter().map(|p| p.len().max(1) as f32).collect();
+    tch::no_grad(|| -> Result<()> {
+        let embed = format!("{}.weight", out.config.spec().embed);
+        for (name, mut p) in out.vs.variables() {
+            let src = old.get(&name).with_context(|| format!("parameter {name} missing from the student"))?;
+            if !(name == "lm_head.weight" || name.ends_with(&embed)) {
+                p.copy_(src);
+                continue;
+            }
+            // A vocabulary-sized matrix: embedding or untied head.
+            t.embedding_params_before += src.numel() as i64;
+            t.embedding_params_after += p.numel() as i64;
+            let Some(src) = rows_from.and_then(|m| m.get(&name)).filter(|_| !flat.is_empty()) else {
+                continue;
+            };
+            let dev = p.device();
+            let rows = src.to_kind(Kind::Float).index_select(0, &Tensor::from_slice(&flat).to_device(dev));
+            let sums = Tensor::zeros([n, src.size()[1]], (Kind::Float, dev)).index_add(0, &Tensor::from_slice(&segment).to_device(dev), &rows);
+            let mean = sums / Tensor::from_slice(&counts).to_device(dev).unsqueeze(1);
+            let keep = Tensor::from_slice(&mapped).to_device(dev).unsqueeze(1);
+            let merged = mean.to_kind(p.kind()).where_self(&keep, &p);
+            p.copy_(&merged);
+        }
+        Ok(())
+    })?;
+    Ok((out, t))
+}
+
 /// Builds a randomly initialised model (transformers-style init), seeded.
 pub fn random_student(cfg: ModelConfig, teacher: &CausalLm, seed: i64) -> CausalLm {
     tch::manual_seed(seed);
@@ -405,6 +531,13 @@ fn from_scratch(args: &InitOptions) -> Result<String> {
     Ok(format!("model {} params -> {}", model.param_count(), args.out.display()))
 }
 
+/// The files a student with its own tokenizer gets: those of `dir` (kd-tokenizer output),
+/// and nothing of the teacher's (its generation config names the teacher's token ids).
+fn tokenizer_files(dir: &std::path::Path, teacher: &ModelFiles) -> ModelFiles {
+    let side_files = crate::model::checkpoint::SIDE_FILES.iter().map(|f| dir.join(f)).filter(|p| p.is_file()).collect();
+    ModelFiles { name: dir.display().to_string(), config: teacher.config.clone(), weights: vec![], side_files }
+}
+
 /// Builds, saves and reports the student; returns the summary line.
 pub fn run(args: &InitOptions) -> Result<String> {
     let shape = args.shape.clone();
@@ -428,7 +561,7 @@ pub fn run(args: &InitOptions) -> Result<String> {
         Some(path) => {
             let c = ModelConfig::from_file(path)?;
             ensure!(
-                c.vocab_size == tcfg.vocab_size,
+                c.vocab_size == tcfg.vocab_size || args.tokenizer.is_some(),
                 "{}: vocab_size {} differs from the teacher's {}; the student must share the teacher's tokenizer",
                 path.display(),
                 c.vocab_size,
@@ -478,6 +611,24 @@ pub fn run(args: &InitOptions) -> Result<String> {
             (student, map)
         }
     };
+    // A vocabulary of the student's own (kd-tokenizer): embeddings composed from the
+    // teacher's rows (a pruned or copied student's own rows, whose widths fit).
+    let (student, vocab, save_files) = match &args.tokenizer {
+        Some(dir) => {
+            let new_files = tokenizer_files(dir, &files);
+            let new_tok = Tok::load(&new_files)?;
+            let own: HashMap<String, Tensor> = student.vs.variables().into_iter().collect();
+            let teachers: HashMap<String, Tensor> = teacher.vs.variables().into_iter().collect();
+            let rows_from = match args.init {
+                InitMethod::Random if student.config.hidden_size == tcfg.hidden_size && args.config.is_none() => Some(&teachers),
+                InitMethod::Random => None,
+                _ => Some(&own),
+            };
+            let (s, t) = with_vocabulary(student, rows_from, &tok, &new_tok, args.seed)?;
+            (s, Some(t), new_files)
+        }
+        None => (student, None, files.clone()),
+    };
     let t_params = teacher.param_count();
     let s_params = student.param_count();
     let bytes = |m: &CausalLm| m.param_count() * m.kind().elt_size_in_bytes() as i64;
@@ -493,8 +644,9 @@ pub fn run(args: &InitOptions) -> Result<String> {
         "student_weight_bytes": bytes(&student),
         "compression_ratio": t_params as f64 / s_params as f64,
         "layer_map": layer_map,
+        "vocabulary": vocab,
     });
-    save_pretrained(&student, &args.out, Some(&files), &[])?;
+    save_pretrained(&student, &args.out, Some(&save_files), &[])?;
     // Sizes on disk are known only once written; the report goes in last.
     let on_disk = dir_bytes(&args.out);
     let teacher_disk = files_bytes(&files.weights);

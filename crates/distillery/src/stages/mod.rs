@@ -9,4 +9,5 @@ pub mod init;
 pub mod logits;
 pub mod merge;
 pub mod report;
+pub mod tokenizer;
 pub mod transfer;

@@ -6,7 +6,12 @@
 //! evaluation, checkpoints) and `finish` (export the student). The training state (fp32
 //! weights, AdamW moments, projections, step) lives in `<out>/train_state/`, apart from the
 //! exported `model.safetensors`, and restores bit for bit on CPU.
+use crate::base::batch::{pad, PadSide};
+use crate::data::align::{cross_examples, CrossExample};
 use crate::data::encode::{read_tokenized, Layout};
+use crate::data::records::Record;
+use crate::model::token_bytes::TokenBytes;
+use crate::train::cross::{chunked_span_loss, CrossTokenizer, CrossWeights, SpanRows, VocabMap};
 use crate::data::examples::{build_examples, Example, Sampler, TrainBatch};
 use crate::model::checkpoint::{load_model, save_pretrained, write_safetensors, ModelFiles};
 use crate::stages::eval::metrics::{evaluate, EvalMetrics};
@@ -85,6 +90,17 @@ pub struct DistillConfig {
     /// On-policy distillation (GKD): micro-batches on the student's own samples.
     #[serde(default)]
     pub on_policy: OnPolicy,
+    /// Distillation across tokenizers (ULD or GOLD over aligned spans of text); `None`
+    /// requires the student to share the teacher's vocabulary.
+    #[serde(default)]
+    pub cross_tokenizer: Option<CrossTokenizer>,
+    /// Sorted probabilities compared per span by ULD (each side's top K).
+    #[serde(default = "default_uld_top_k")]
+    pub uld_top_k: i64,
+}
+
+fn default_uld_top_k() -> i64 {
+    256
 }
 
 /// On-policy distillation settings (Agarwal et al., GKD; TRL's `GKDTrainer`). Each
@@ -153,6 +169,20 @@ impl DistillConfig {
         }
         if (self.hidden_weight > 0.0 || self.attn_weight > 0.0 || self.schedule == TrainSchedule::Progressive) && !online {
             bail!("hidden/attention matching and the progressive schedule need a live teacher (--teacher without --teacher-logits)");
+        }
+        if let Some(kind) = self.cross_tokenizer {
+            ensure!(
+                online,
+                "--cross-tokenizer {kind} needs a local teacher (--teacher without --teacher-logits): stored and served teachers \
+                 are not supported across tokenizers yet"
+            );
+            ensure!(
+                self.hidden_weight == 0.0 && self.attn_weight == 0.0 && self.schedule != TrainSchedule::Progressive,
+                "--cross-tokenizer compares output distributions only: hidden/attention matching and the progressive schedule \
+                 pair positions, which differ between tokenizers"
+            );
+            ensure!(!self.on_policy.samples(), "--cross-tokenizer does not combine with --on-policy or --seq-kd yet");
+            ensure!(self.uld_top_k > 0, "--uld-top-k must be positive");
         }
         if self.alpha == 0.0 && self.beta == 0.0 && self.hidden_weight == 0.0 && self.attn_weight == 0.0 {
             bail!("every loss weight is zero; nothing to train");
@@ -416,6 +446,8 @@ pub struct Trainer {
     teacher: Option<LocalTeacher>,
     /// Stored top-k logits for offline KD.
     stored: Option<StoredTeacher>,
+    /// The teacher side of every example when the tokenizers differ (`--cross-tokenizer`).
+    cross: Option<CrossData>,
     examples: Vec<Example>,
     eval_seqs: Vec<Vec<i64>>,
     pairs: Vec<(usize, usize)>,
@@ -476,6 +508,13 @@ impl SampleStats {
     }
 }
 
+/// Cross-tokenizer distillation: each example's teacher ids and aligned spans, and the
+/// vocabulary map GOLD uses.
+struct CrossData {
+    examples: Vec<CrossExample>,
+    map: Option<VocabMap>,
+}
+
 /// Evaluation batches hold at least this many sequences: no gradients are kept, so they can
 /// be larger than a training micro-batch.
 const EVAL_BATCH_MIN: usize = 8;
@@ -500,10 +539,10 @@ impl Trainer {
             Some(t) => {
                 let (teacher, tfiles) = load_model(t, device, compute).with_context(|| format!("loading teacher `{t}`"))?;
                 let ttok = Tok::load(&tfiles)?;
-                if teacher.config.vocab_size != student.config.vocab_size || ttok.vocab_size() != tok.vocab_size() {
+                if cfg.cross_tokenizer.is_none() && (teacher.config.vocab_size != student.config.vocab_size || ttok.vocab_size() != tok.vocab_size()) {
                     bail!(
                         "student vocabulary ({} logits, tokenizer {}) does not match the teacher's ({} logits, tokenizer {}); \
-                         distillation needs a shared tokenizer (cross-tokenizer distillation is not supported)",
+                         to distill across tokenizers pass --cross-tokenizer uld or --cross-tokenizer gold",
                         student.config.vocab_size, tok.vocab_size(), teacher.config.vocab_size, ttok.vocab_size()
                     );
                 }
@@ -515,7 +554,30 @@ impl Trainer {
             None => None,
         };
         let all_sampled = cfg.on_policy.lambda == 1.0 || cfg.on_policy.seq_kd;
-        let examples = build_examples(&data_records, &cfg.data, &tok, cfg.seq_len, cfg.include_prompt_loss, cfg.teacher_logits.is_some(), all_sampled)?;
+        // Across tokenizers both sides read the text: stored ids are some tokenizer's, maybe
+        // the teacher's, never both.
+        let student_records: Vec<(usize, Record)> = if cfg.cross_tokenizer.is_some() {
+            data_records.iter().map(|(l, r)| (*l, r.iter().filter(|(k, _)| !k.ends_with("_ids")).map(|(k, v)| (k.clone(), v.clone())).collect())).collect()
+        } else {
+            data_records.clone()
+        };
+        let examples = build_examples(&student_records, &cfg.data, &tok, cfg.seq_len, cfg.include_prompt_loss, cfg.teacher_logits.is_some(), all_sampled)?;
+        let cross = match (cfg.cross_tokenizer, teacher.as_ref()) {
+            (Some(kind), Some(t)) => {
+                let (s_bytes, t_bytes) = (TokenBytes::of(&tok)?, TokenBytes::of(&t.tok)?);
+                let (cross_examples, unaligned) = cross_examples(&examples, &student_records, (&tok, &s_bytes), (&t.tok, &t_bytes))?;
+                if unaligned > 0 {
+                    eprintln!(
+                        "kd-distill: {unaligned} of {} examples: a tokenizer does not spell the text exactly (a normaliser rewrites it); \
+                         they train on CE alone",
+                        examples.len()
+                    );
+                }
+                let map = (kind == CrossTokenizer::Gold).then(|| VocabMap::new(&s_bytes, &t_bytes, device));
+                Some(CrossData { examples: cross_examples, map })
+            }
+            _ => None,
+        };
         if cfg.on_policy.samples() {
             let without = examples.iter().filter(|e| e.prompt_len == 0).count();
             ensure!(
@@ -576,6 +638,7 @@ impl Trainer {
             student_files,
             teacher,
             stored,
+            cross,
             examples,
             eval_seqs,
             pairs,
@@ -850,7 +913,8 @@ impl Trainer {
         };
         // The live teacher runs only when some loss term reads its output.
         let teacher_needed = want_hidden || want_attn || (depth.is_none() && self.cfg.beta > 0.0);
-        let t_out = match self.teacher.as_ref().filter(|_| self.cfg.teacher_logits.is_none() && teacher_needed) {
+        // Across tokenizers the teacher reads its own ids (below), not the student's.
+        let t_out = match self.teacher.as_ref().filter(|_| self.cfg.teacher_logits.is_none() && self.cross.is_none() && teacher_needed) {
             Some(t) => {
                 let cap = Capture { hidden_states: want_hidden, attentions: t_attn };
                 Some(tch::no_grad(|| t.model.forward_hidden(&batch.input_ids, Some(&batch.attention_mask), cap, None))?)
@@ -899,6 +963,47 @@ impl Trainer {
             let g = leaf.grad();
             if g.defined() {
                 add((hs * g).sum(Kind::Float));
+            }
+        }
+        if let (Some(cross), Some(t), None, true) = (self.cross.as_ref(), self.teacher.as_ref(), depth, self.cfg.beta > 0.0) {
+            // The teacher reads the same texts through its own tokenizer; the loss compares the
+            // two sides per aligned span.
+            let seqs: Vec<&[i64]> = batch
+                .examples
+                .iter()
+                .map(|&e| match cross.examples[e].teacher_ids.as_slice() {
+                    [] => &[0i64][..],
+                    ids => ids,
+                })
+                .collect();
+            let all: Vec<usize> = (0..seqs.len()).collect();
+            let padded = pad(&seqs, &all, 0, PadSide::Right, 2, self.device);
+            let th = tch::no_grad(|| t.model.forward_hidden(&padded.input_ids, Some(&padded.attention_mask), Capture::default(), None))?.hidden;
+            let (_, tt, th_width) = th.size3()?;
+            let t_flat = th.narrow(1, 0, tt - 1).reshape([-1, th_width]);
+            let (_, st, sh_width) = s_out.hidden.size3()?;
+            let s_flat = s_out.hidden.narrow(1, 0, st - 1).reshape([-1, sh_width]);
+            let mut spans = SpanRows { student: vec![], teacher: vec![] };
+            for (r, &e) in batch.examples.iter().enumerate() {
+                let (r, st, tt) = (r as i64, st - 1, tt - 1);
+                for g in &cross.examples[e].groups {
+                    // Token i is predicted by position i - 1.
+                    spans.student.push(g.student.iter().map(|&i| r * st + i as i64 - 1).collect());
+                    spans.teacher.push(g.teacher.iter().map(|&j| r * tt + j as i64 - 1).collect());
+                }
+            }
+            let leaf = s_flat.detach().set_requires_grad(true);
+            let w = CrossWeights {
+                kind: self.cfg.cross_tokenizer.expect("cross data implies the setting"),
+                divergence: self.cfg.divergence,
+                temperature: self.cfg.temperature,
+                top_k: self.cfg.uld_top_k,
+                chunk: self.cfg.chunk,
+            };
+            sums.kd = chunked_span_loss(model, &leaf, &t.model, &t_flat, &spans, cross.map.as_ref(), &w, self.cfg.beta * scale / n_loss, true);
+            let g = leaf.grad();
+            if g.defined() {
+                add((s_flat * g).sum(Kind::Float));
             }
         }
         if let Some(t_out) = &t_out {
@@ -951,7 +1056,8 @@ impl Trainer {
         if let Some(copy) = &self.compute_copy {
             copy.refresh();
         }
-        let teacher = self.teacher.as_ref().map(|t| t as &dyn Teacher);
+        // Teacher KL needs a shared vocabulary.
+        let teacher = self.teacher.as_ref().filter(|_| self.cross.is_none()).map(|t| t as &dyn Teacher);
         evaluate(self.forward_model(), teacher, &self.eval_seqs, self.cfg.batch_size.max(EVAL_BATCH_MIN), false, None).map(Some)
     }
 

@@ -1,6 +1,7 @@
 //! kd-distill: train a student against a teacher (live, or from stored top-k logits) with
 //! alpha * CE + beta * KD + gamma_h * L_hidden + gamma_a * L_attn.
 use clap::Parser;
+use distillery::train::cross::CrossTokenizer;
 use distillery::train::losses::{Divergence, HiddenMetric};
 use distillery::train::trainer::{DistillConfig, LayerMap, OnPolicy, TrainSchedule, Trainer};
 use std::path::PathBuf;
@@ -79,6 +80,14 @@ struct Args {
     gen_top_p: Option<f64>,
     #[arg(long, default_value_t = 64)]
     gen_max_new_tokens: usize,
+    /// Distil across tokenizers (the student's vocabulary differs from the teacher's): uld
+    /// (sorted-probability Wasserstein distance per aligned span of text) or gold (the
+    /// divergence on tokens both vocabularies spell the same, ULD on the rest).
+    #[arg(long)]
+    cross_tokenizer: Option<CrossTokenizer>,
+    /// Probabilities per side that ULD compares, largest first.
+    #[arg(long, default_value_t = 256)]
+    uld_top_k: i64,
     #[command(flatten)]
     run: kd_cli::LoopArgs,
 }
@@ -109,6 +118,8 @@ fn main() {
                 top_p: a.gen_top_p,
                 max_new_tokens: a.gen_max_new_tokens,
             },
+            cross_tokenizer: a.cross_tokenizer,
+            uld_top_k: a.uld_top_k,
             ..base
         };
         let mut trainer = Trainer::setup(cfg, a.run.resume)?;

@@ -11,7 +11,9 @@ struct Args {
     /// --tokenizer, to build a model from scratch (e.g. the demo teacher).
     #[arg(long)]
     teacher: Option<String>,
-    /// Directory whose tokenizer files the new model gets (with --config, no teacher).
+    /// Directory whose tokenizer files the new model gets. With a teacher: a vocabulary of the
+    /// student's own (kd-tokenizer output), each new token's embedding the mean of the teacher
+    /// tokens its text decomposes into; without one (and --config): a model from scratch.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     #[arg(long)]

@@ -13,7 +13,7 @@ use crate::base::journal::Journal;
 use crate::base::lock::OutputLock;
 use crate::base::stats::{bootstrap_ratio_ci, wilson_interval, BOOTSTRAP_SEED};
 use crate::data::encode::{read_tokenized, Layout};
-use crate::data::records::{id_of, read_jsonl, str_field, Record};
+use crate::data::records::{full_text, id_of, read_jsonl, str_field, Record};
 use crate::data::shard::Shard;
 use crate::model::checkpoint::kind_name;
 use crate::model::tokenizer::SpecialTokens;
@@ -71,6 +71,21 @@ fn limited(path: &Path, limit: Option<usize>) -> Result<Vec<Record>> {
 }
 
 /// Runs every requested evaluation, writes the JSON (and a CSV row); returns a summary line.
+/// Bits per byte and per character of the evaluated texts: the total loss in bits over the
+/// bytes (characters) the predicted tokens spell, comparable across tokenizers. `None` when
+/// a record has no text or its tokens do not spell it exactly (then no figure is honest).
+fn bits_per_byte(tok: &crate::model::tokenizer::Tok, texts: &[Option<String>], seqs: &[Vec<i64>], e: &EvalMetrics) -> Result<Option<(f64, f64)>> {
+    let bytes = crate::model::token_bytes::TokenBytes::of(tok)?;
+    let (mut n_bytes, mut n_chars) = (0usize, 0usize);
+    for (text, ids) in texts.iter().zip(seqs).filter(|(_, s)| s.len() >= 2) {
+        let Some((b, c)) = text.as_deref().and_then(|t| bytes.covered(ids, t, 1)) else { return Ok(None) };
+        n_bytes += b;
+        n_chars += c;
+    }
+    let bits = e.nll * e.tokens as f64 / std::f64::consts::LN_2;
+    Ok((n_bytes > 0).then(|| (bits / n_bytes as f64, bits / n_chars.max(1) as f64)))
+}
+
 pub fn run(o: &EvalOptions) -> Result<String> {
     ensure!(o.batch_size > 0, "--batch-size must be positive");
     ensure!(
@@ -96,11 +111,23 @@ pub fn run(o: &EvalOptions) -> Result<String> {
         }
         None => None,
     };
-    let teacher_ref: Option<&dyn Teacher> = match (&teacher, &o.served) {
+    let mut teacher_ref: Option<&dyn Teacher> = match (&teacher, &o.served) {
         (Some(t), _) => Some(t),
         (None, Some(s)) => Some(s),
         (None, None) => None,
     };
+    // KL and agreement compare distributions over one vocabulary; across tokenizers the
+    // comparable figure is bits per byte.
+    let mut vocab_note = None;
+    if let Some(t) = teacher_ref.filter(|t| t.vocab_size() != model.config.vocab_size) {
+        vocab_note = Some(format!(
+            "the teacher's vocabulary ({} tokens) differs from the model's ({}): teacher KL, agreement and teacher perplexity \
+             are not computed; compare bits_per_byte",
+            t.vocab_size(),
+            model.config.vocab_size
+        ));
+        teacher_ref = None;
+    }
     let teacher_name = o.teacher.clone().or_else(|| o.served.as_ref().map(|s| format!("{} (served)", s.name())));
     let start = Instant::now();
     let mut m = Map::new();
@@ -160,6 +187,17 @@ pub fn run(o: &EvalOptions) -> Result<String> {
         });
         let mut journal = Journal::open(&o.out, fingerprint, o.resume)?;
         let e = evaluate(&model, teacher_ref, &seqs, o.batch_size, true, Some(&mut journal))?;
+        if o.shard == Shard::WHOLE {
+            let texts: Vec<Option<String>> = numbered.iter().map(|(_, r)| full_text(r).ok()).collect();
+            if let Some((bpb, bpc)) = bits_per_byte(&tok, &texts, &seqs, &e)? {
+                m.insert("bits_per_byte".into(), json!(bpb));
+                m.insert("bits_per_char".into(), json!(bpc));
+                summary.push(format!("{bpb:.4} bits per byte"));
+            }
+        }
+        if let Some(note) = &vocab_note {
+            m.insert("teacher_kl_note".into(), json!(note));
+        }
         finished_journal = Some(journal);
         let secs = t0.elapsed().as_secs_f64();
         m.insert("perplexity_seconds".into(), json!(secs));
@@ -184,7 +222,7 @@ pub fn run(o: &EvalOptions) -> Result<String> {
             manifest["total"] = json!(total);
             m.insert("shard".into(), manifest);
         }
-        summary.push(format!("perplexity {:.4} over {} tokens ({} records)", e.perplexity, e.tokens, e.records));
+        summary.insert(0, format!("perplexity {:.4} over {} tokens ({} records)", e.perplexity, e.tokens, e.records));
         if let (Some(kl), Some(a)) = (e.teacher_kl, e.top1_agreement) {
             summary.push(format!("teacher KL {kl:.4}, top-1 agreement {:.2}%", 100.0 * a));
         }
