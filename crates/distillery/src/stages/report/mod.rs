@@ -285,8 +285,12 @@ pub fn run(o: &ReportOptions) -> Result<String> {
     );
     md += "Intervals are 95%: Wilson for accuracies, percentile bootstrap over held-out records for perplexity, KL and agreement \
            (see the card at the end). Speed: median over repeated rounds, range in parentheses.\n\n";
-    md += "| model | strategy | seed | params | size vs largest | bytes on disk | perplexity | teacher KL | top-1 agreement | multiple choice | cloze | ROUGE-L | ms/token (batch 1) | tokens/s (batch N) |\n";
-    md += "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    // Bits per byte compares models whose tokenizers differ (per-token perplexity does not):
+    // a column of its own when some model was measured so.
+    let bpb = rows.iter().any(|r| r.f("bits_per_byte").is_some());
+    let (bpb_head, bpb_rule) = if bpb { (" bits/byte |", "---:|") } else { ("", "") };
+    md += &format!("| model | strategy | seed | params | size vs largest | bytes on disk | perplexity |{bpb_head} teacher KL | top-1 agreement | multiple choice | cloze | ROUGE-L | ms/token (batch 1) | tokens/s (batch N) |\n");
+    md += &format!("|---|---|---:|---:|---:|---:|---:|{bpb_rule}---:|---:|---:|---:|---:|---:|---:|\n");
     let mut shape_notes = BTreeMap::new();
     for r in &rows {
         let mark = r.same_shape.as_ref().map_or(String::new(), |(first, n)| {
@@ -294,7 +298,7 @@ pub fn run(o: &ReportOptions) -> Result<String> {
             format!(" ¹ {n} of {first}'s shape")
         });
         md += &format!(
-            "| {} | {} | {} | {} | {:.2}x | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {:.2}x | {} | {} |{} {} | {} | {} | {} | {} | {} | {} |\n",
             r.name,
             r.strategy(),
             r.seed().map_or("–".into(), |s| s.to_string()),
@@ -302,6 +306,7 @@ pub fn run(o: &ReportOptions) -> Result<String> {
             largest / r.f("params").unwrap_or(1.0),
             r.v["bytes_on_disk"],
             with_ci(r, "perplexity", 2, 1.0, ""),
+            if bpb { format!(" {} |", fmt(r.f("bits_per_byte"), 4)) } else { String::new() },
             with_ci(r, "teacher_kl", 4, 1.0, ""),
             with_ci(r, "top1_agreement", 1, 100.0, "%"),
             with_ci(r, "mc_accuracy", 1, 100.0, "%"),
