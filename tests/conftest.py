@@ -37,6 +37,28 @@ def run_bin(name, *args, check=True, env=None):
     return proc
 
 
+def kill_after_checkpoint(name, args, out, min_step, timeout=120):
+    """Starts stage `name` with `args --out out`, SIGKILLs it once its training state holds
+    step `min_step` or later, and returns the step it was killed at."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen([str(BIN / name), *map(str, args), "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = out / "train_state" / "state.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["step"] >= min_step:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    return json.loads(state.read_text())["step"]
+
+
 def write_jsonl(path, records):
     with open(path, "w") as f:
         for r in records:

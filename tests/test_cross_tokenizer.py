@@ -4,9 +4,6 @@ alignment), exact resume, and kd-eval's bits per byte."""
 import csv
 import json
 import math
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import tiny
-from conftest import BIN, HELD_OUT, run_bin, write_jsonl
+from conftest import HELD_OUT, kill_after_checkpoint, run_bin, write_jsonl
 
 # Unicode split across byte-level tokens, whitespace runs, tabs and blank lines.
 EXTRA = [
@@ -274,18 +271,7 @@ def test_cross_tokenizer_resume_is_bit_exact(trained_llama, student, data, tmp_p
             "--cross-tokenizer", "gold", "--divergence", "jsd"]
     run_bin("kd-distill", *args, "--out", tmp_path / "straight")
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen([str(BIN / "kd-distill"), *map(str, args), "--out", str(interrupted)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = interrupted / "train_state" / "state.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists() and json.loads(state.read_text())["step"] >= 3:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    step = json.loads(state.read_text())["step"]
+    step = kill_after_checkpoint("kd-distill", args, interrupted, 3)
     resumed = run_bin("kd-distill", *args, "--out", interrupted, "--resume")
     assert f"resuming at step {step}" in resumed.stderr
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(interrupted / "model.safetensors")

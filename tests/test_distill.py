@@ -2,9 +2,6 @@
 offline logits, the progressive schedule, and refusals."""
 import csv
 import json
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
@@ -12,7 +9,7 @@ from safetensors.torch import load_file
 
 import reference
 import tiny
-from conftest import BIN, run_bin, read_jsonl, write_jsonl
+from conftest import kill_after_checkpoint, run_bin, read_jsonl, write_jsonl
 
 CORPUS = sorted(set(tiny.CORPUS))
 
@@ -64,20 +61,9 @@ def test_killed_run_resumes_to_bit_identical_weights(trained_llama, narrow_stude
     args = ["--steps", 300, "--save-every", 7, "--hidden-weight", 0.5, "--grad-accum", 2]
     _distill(trained_llama, narrow_student, data, tmp_path / "straight", *args)
     interrupted = tmp_path / "interrupted"
-    cmd = [str(BIN / "kd-distill"), "--teacher", trained_llama, "--student", str(narrow_student), "--data", str(data),
-           "--out", str(interrupted), "--batch-size", "4", "--lr", "3e-3", "--seed", "1", "--device", "cpu",
-           *map(str, args)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = interrupted / "train_state" / "state.json"
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        if state.exists() and json.loads(state.read_text())["step"] >= 21:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    step = json.loads(state.read_text())["step"]
+    step = kill_after_checkpoint("kd-distill", ["--teacher", trained_llama, "--student", narrow_student, "--data", data,
+                                                "--batch-size", 4, "--lr", 3e-3, "--seed", 1, "--device", "cpu", *args],
+                                 interrupted, 21, timeout=60)
     assert step < 300
     resumed = _distill(trained_llama, narrow_student, data, interrupted, *args, "--resume")
     assert f"resuming at step {step}" in resumed.stderr
