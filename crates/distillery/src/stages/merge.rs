@@ -301,6 +301,13 @@ fn eval(out: &Path, parts: &[Part]) -> Result<String> {
     m.remove("shard");
     let b = m["bootstrap"]["samples"].as_u64().context("a shard's metrics have no `bootstrap`")? as usize;
     let recs = crate::stages::eval::perplexity_entries(&mut m, &e, &ids, b)?;
+    // Bits per byte when every shard knows the text its targets spell.
+    let covered: Option<Vec<(usize, usize)>> = parts.iter().map(|p| serde_json::from_value(p.manifest["text_covered"].clone()).ok().flatten()).collect();
+    if let Some(c) = covered {
+        let (bpb, bpc) = crate::stages::eval::bits_per_byte(&e, c.iter().fold((0, 0), |a, x| (a.0 + x.0, a.1 + x.1)));
+        m.insert("bits_per_byte".into(), json!(bpb));
+        m.insert("bits_per_char".into(), json!(bpc));
+    }
     // Time and memory: the shards' total compute and the largest process.
     let total = |k: &str| parts.iter().map(|p| p.summary[k].as_f64().unwrap_or(0.0)).sum::<f64>();
     let secs = total("perplexity_seconds");

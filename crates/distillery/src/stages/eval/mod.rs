@@ -74,16 +74,22 @@ fn limited(path: &Path, limit: Option<usize>) -> Result<Vec<Record>> {
 /// Bits per byte and per character of the evaluated texts: the total loss in bits over the
 /// bytes (characters) the predicted tokens spell, comparable across tokenizers. `None` when
 /// a record has no text or its tokens do not spell it exactly (then no figure is honest).
-fn bits_per_byte(tok: &crate::model::tokenizer::Tok, texts: &[Option<String>], seqs: &[Vec<i64>], e: &EvalMetrics) -> Result<Option<(f64, f64)>> {
+fn covered_text(tok: &crate::model::tokenizer::Tok, texts: &[Option<&String>], seqs: &[Vec<i64>]) -> Result<Option<(usize, usize)>> {
     let bytes = crate::model::token_bytes::TokenBytes::of(tok)?;
     let (mut n_bytes, mut n_chars) = (0usize, 0usize);
     for (text, ids) in texts.iter().zip(seqs).filter(|(_, s)| s.len() >= 2) {
-        let Some((b, c)) = text.as_deref().and_then(|t| bytes.covered(ids, t, 1)) else { return Ok(None) };
+        let Some((b, c)) = text.and_then(|t| bytes.covered(ids, t, 1)) else { return Ok(None) };
         n_bytes += b;
         n_chars += c;
     }
+    Ok((n_bytes > 0).then_some((n_bytes, n_chars)))
+}
+
+/// Bits per byte and per character from the metrics and the text they cover (kd-merge
+/// recombines shards through the same function).
+pub fn bits_per_byte(e: &EvalMetrics, (n_bytes, n_chars): (usize, usize)) -> (f64, f64) {
     let bits = e.nll * e.tokens as f64 / std::f64::consts::LN_2;
-    Ok((n_bytes > 0).then(|| (bits / n_bytes as f64, bits / n_chars.max(1) as f64)))
+    (bits / n_bytes as f64, bits / n_chars.max(1) as f64)
 }
 
 pub fn run(o: &EvalOptions) -> Result<String> {
@@ -156,6 +162,8 @@ pub fn run(o: &EvalOptions) -> Result<String> {
         let (numbered, toks) = read_tokenized(data, &tok, Layout::Whole, o.max_length)?;
         let n_input = numbered.len();
         let mut seqs: Vec<Vec<i64>> = toks.into_iter().map(|t| t.ids).collect();
+        let full_texts: Vec<Option<String>> = numbered.iter().map(|(_, r)| full_text(r).ok()).collect();
+        let mut texts: Vec<Option<&String>> = full_texts.iter().map(Option::as_ref).collect();
         let mut ids: Vec<String> = numbered.iter().zip(&seqs).filter(|(_, s)| s.len() >= 2).map(|((_, r), _)| id_of(r).to_string()).collect();
         // A shard evaluates its block of the unsharded run's length-sorted batches (the
         // records passed in file order, so that evaluate() sorts them into the same batches).
@@ -163,12 +171,14 @@ pub fn run(o: &EvalOptions) -> Result<String> {
         let positions: Vec<usize> = if o.shard == Shard::WHOLE {
             (0..ids.len()).collect()
         } else {
+            texts = texts.into_iter().zip(&seqs).filter(|(_, s)| s.len() >= 2).map(|(t, _)| t).collect();
             seqs.retain(|s| s.len() >= 2);
             let mut order: Vec<usize> = (0..seqs.len()).collect();
             order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
             let mut mine = order[o.shard.batch_block(order.len(), o.batch_size)?].to_vec();
             mine.sort_unstable();
             seqs = mine.iter().map(|&i| std::mem::take(&mut seqs[i])).collect();
+            texts = mine.iter().map(|&i| texts[i]).collect();
             ids = mine.iter().map(|&i| std::mem::take(&mut ids[i])).collect();
             mine
         };
@@ -187,13 +197,12 @@ pub fn run(o: &EvalOptions) -> Result<String> {
         });
         let mut journal = Journal::open(&o.out, fingerprint, o.resume)?;
         let e = evaluate(&model, teacher_ref, &seqs, o.batch_size, true, Some(&mut journal))?;
-        if o.shard == Shard::WHOLE {
-            let texts: Vec<Option<String>> = numbered.iter().map(|(_, r)| full_text(r).ok()).collect();
-            if let Some((bpb, bpc)) = bits_per_byte(&tok, &texts, &seqs, &e)? {
-                m.insert("bits_per_byte".into(), json!(bpb));
-                m.insert("bits_per_char".into(), json!(bpc));
-                summary.push(format!("{bpb:.4} bits per byte"));
-            }
+        let covered = covered_text(&tok, &texts, &seqs)?;
+        if let (Some(c), true) = (covered, o.shard == Shard::WHOLE) {
+            let (bpb, bpc) = bits_per_byte(&e, c);
+            m.insert("bits_per_byte".into(), json!(bpb));
+            m.insert("bits_per_char".into(), json!(bpc));
+            summary.push(format!("{bpb:.4} bits per byte"));
         }
         if let Some(note) = &vocab_note {
             m.insert("teacher_kl_note".into(), json!(note));
@@ -220,6 +229,8 @@ pub fn run(o: &EvalOptions) -> Result<String> {
             manifest["per_record"] = json!({"ids": ids, "sums": sums});
             manifest["positions"] = json!(positions);
             manifest["total"] = json!(total);
+            // The text this shard's targets spell: kd-merge's bits per byte.
+            manifest["text_covered"] = json!(covered);
             m.insert("shard".into(), manifest);
         }
         summary.insert(0, format!("perplexity {:.4} over {} tokens ({} records)", e.perplexity, e.tokens, e.records));
