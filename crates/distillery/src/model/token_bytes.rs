@@ -113,6 +113,18 @@ impl TokenBytes {
         self.special.get(id as usize).copied().unwrap_or(false)
     }
 
+    /// The id of each spelling (the lowest id where several tokens spell the same bytes),
+    /// special tokens included or not; tokens that spell nothing are left out.
+    pub fn ids_by_bytes(&self, with_special: bool) -> HashMap<&[u8], i64> {
+        let mut map = HashMap::new();
+        for id in (0..self.len() as i64).rev() {
+            if !self.piece(id).is_empty() && (with_special || !self.is_special(id)) {
+                map.insert(self.piece(id), id);
+            }
+        }
+        map
+    }
+
     /// Where each of `ids` sits in `text`: `(start, end)` byte offsets. A special token the
     /// text does not spell at that point (BOS, EOS added by the tokenizer) gets an empty
     /// span; one leading space the tokenizer adds itself (`add_prefix_space`, SentencePiece's

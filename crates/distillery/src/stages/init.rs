@@ -331,12 +331,7 @@ pub struct VocabTransfer {
 /// Empty where nothing maps.
 pub fn decompose_vocabulary(new: &Tok, teacher: &Tok) -> Result<Vec<Vec<i64>>> {
     let (nb, tb) = (TokenBytes::of(new)?, TokenBytes::of(teacher)?);
-    let mut by_bytes: HashMap<&[u8], i64> = HashMap::new();
-    for id in (0..tb.len() as i64).rev() {
-        if !tb.is_special(id) && !tb.piece(id).is_empty() {
-            by_bytes.insert(tb.piece(id), id);
-        }
-    }
+    let by_bytes = tb.ids_by_bytes(false);
     let longest = by_bytes.keys().map(|k| k.len()).max().unwrap_or(0);
     let greedy = |piece: &[u8]| -> Vec<i64> {
         let (mut at, mut out) = (0, vec![]);

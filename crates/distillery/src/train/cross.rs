@@ -20,7 +20,6 @@ use crate::model::token_bytes::TokenBytes;
 use crate::train::losses::{divergence, Divergence};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,12 +59,7 @@ pub struct VocabMap {
 
 impl VocabMap {
     pub fn new(student: &TokenBytes, teacher: &TokenBytes, device: Device) -> VocabMap {
-        let mut by_bytes: HashMap<&[u8], i64> = HashMap::new();
-        for id in (0..teacher.len() as i64).rev() {
-            if !teacher.piece(id).is_empty() {
-                by_bytes.insert(teacher.piece(id), id);
-            }
-        }
+        let by_bytes = teacher.ids_by_bytes(true);
         let (mut s, mut t) = (vec![], vec![]);
         let mut t_used = vec![false; teacher.len()];
         let mut s_rest = vec![];
