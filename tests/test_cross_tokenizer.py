@@ -265,6 +265,76 @@ def test_first_step_loss_matches_the_reference(trained_llama, student, data, tmp
     assert abs(float(got["loss"]) - (0.3 * ce + 0.7 * kd)) <= 1e-4 * (0.3 * ce + 0.7 * kd)
 
 
+STORED_K = 8
+
+
+@pytest.fixture(scope="module")
+def stored(trained_llama, tmp_path_factory):
+    """A transfer set with the teacher's top-K rows stored (as a served teacher's would be)."""
+    d = tmp_path_factory.mktemp("xtok-stored")
+    prompts = [t[: len(t) // 3] for t in TEXTS] + [p["prompt"] for p in PAIRS]
+    path = write_jsonl(d / "prompts.jsonl", [{"id": f"q{i}", "prompt": t} for i, t in enumerate(prompts)])
+    gen = d / "transfer.jsonl"
+    run_bin("kd-generate", "--teacher", trained_llama, "--prompts", path, "--out", gen, "--max-new-tokens", 12,
+            "--temperature", 0, "--store-logits", STORED_K, "--device", "cpu")
+    return gen, d / "transfer.jsonl.logits.safetensors"
+
+
+@torch.no_grad()
+def reference_stored(teacher_dir, student_dir, gen, sidecar, kind, temperature, k):
+    """As `reference`, with the teacher's rows taken from the sidecar (its stored ids, the
+    tail mass spread evenly over the other tokens) instead of a forward pass."""
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    t_tok, s_tok = AutoTokenizer.from_pretrained(teacher_dir), AutoTokenizer.from_pretrained(student_dir)
+    s_m, t_m, s_u, t_u = vocab_match(s_tok, t_tok)
+    rows = load_file(sidecar)
+    vocab = len(t_tok)
+    ce = kd = 0.0
+    n = 0
+    for rec in map(json.loads, open(gen)):
+        s_ids, loss_from, s_ends = tokenize(s_tok, rec)
+        sl = student(torch.tensor([s_ids])).logits[0]
+        tgt = torch.tensor(s_ids[loss_from:])
+        ce += torch.nn.functional.cross_entropy(sl[loss_from - 1:-1], tgt, reduction="sum").item()
+        n += len(tgt)
+        p_ids, c_ids = rec["prompt_ids"], rec["completion_ids"]
+        t_ends = [None] * (len(p_ids) - 1) + [len(rec["prompt"].encode())]
+        t_ends += ends(t_tok, c_ids, rec["completion"], len(rec["prompt"].encode()))
+        at = rec["teacher_logits"]["row"] - len(p_ids)
+        idx, lp, tail = rows["indices"].long(), rows["logprobs"].float(), rows["tail_logmass"].float()
+        for s, t in groups(s_ends, t_ends):
+            if min(s) < loss_from or min(t) < len(p_ids):
+                continue
+            r = [at + j for j in t]
+            full = (tail[r] - math.log(vocab - STORED_K))[:, None].expand(len(r), vocab).clone().scatter(1, idx[r], lp[r])
+            lt = (full / temperature).log_softmax(-1).sum(0).log_softmax(-1)
+            ls = merged(sl, [i - 1 for i in s], temperature)
+            if kind == "uld":
+                loss = uld(ls.exp(), lt.exp(), k)
+            else:
+                a, b = ls[s_m], lt[t_m]
+                a, b = a - a.logsumexp(-1), b - b.logsumexp(-1)
+                loss = (b.exp() * (b - a)).sum() + uld(ls.exp()[s_u], lt.exp()[t_u], k)
+            kd += loss.item() * temperature ** 2
+    return ce / n, kd / n
+
+
+@pytest.mark.parametrize("kind", ["uld", "gold"])
+def test_stored_teacher_rows_across_tokenizers_match_the_reference(trained_llama, student, stored, tmp_path, kind):
+    gen, sidecar = stored
+    n = sum(1 for _ in open(gen))
+    out = tmp_path / "run"
+    # No teacher model: its stored rows and its tokenizer are all kd-distill reads of it.
+    run_bin("kd-distill", "--teacher-logits", sidecar, "--teacher-tokenizer", trained_llama, "--student", student,
+            "--data", gen, "--out", out, "--steps", 1, "--batch-size", n, "--alpha", 0.3, "--beta", 0.7,
+            "--temperature", 2.0, "--cross-tokenizer", kind, "--uld-top-k", 16, "--chunk", 5, "--device", "cpu")
+    got = rows(out / "metrics.csv")[0]
+    ce, kd = reference_stored(trained_llama, str(student), gen, sidecar, kind, 2.0, 16)
+    assert kd > 0
+    assert abs(float(got["ce"]) - ce) <= 1e-4 * ce, (got["ce"], ce)
+    assert abs(float(got["kd"]) - kd) <= 1e-4 * kd, (got["kd"], kd)
+
+
 def test_cross_tokenizer_resume_is_bit_exact(trained_llama, student, data, tmp_path):
     args = ["--teacher", trained_llama, "--student", student, "--data", data, "--batch-size", 4, "--lr", 3e-3,
             "--seed", 1, "--device", "cpu", "--steps", 40, "--save-every", 3, "--grad-accum", 2,
@@ -315,5 +385,8 @@ def test_refusals_name_the_fix(trained_llama, student, data, tmp_path):
     p = run_bin("kd-distill", "--teacher", trained_llama, "--student", student, "--data", data, "--out", tmp_path / "b",
                 "--steps", 1, "--cross-tokenizer", "uld", "--hidden-weight", 1, "--device", "cpu", check=False)
     assert p.returncode != 0 and "positions" in p.stderr
+    p = run_bin("kd-distill", "--teacher-logits", tmp_path / "x.logits.safetensors", "--student", student, "--data", data,
+                "--out", tmp_path / "c", "--steps", 1, "--cross-tokenizer", "gold", "--device", "cpu", check=False)
+    assert p.returncode != 0 and "--teacher-tokenizer" in p.stderr
     p = run_bin("kd-tokenizer", "--data", data, "--vocab-size", 100, "--out", tmp_path / "t", check=False)
     assert p.returncode != 0 and "byte symbols" in p.stderr and not (tmp_path / "t").exists()

@@ -215,6 +215,7 @@ impl LoopArgs {
             on_policy: Default::default(),
             cross_tokenizer: None,
             uld_top_k: 256,
+            teacher_tokenizer: None,
         }
     }
 }

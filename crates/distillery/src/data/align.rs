@@ -2,7 +2,7 @@
 //! offsets (cross-tokenizer distillation). Within a span each side has one or more tokens;
 //! the first token of every span is predicted, on both sides, from the same text.
 use crate::data::examples::Example;
-use crate::data::records::{text_parts, Record};
+use crate::data::records::{ids_field, text_parts, Record};
 use crate::model::token_bytes::TokenBytes;
 use crate::model::tokenizer::Tok;
 use anyhow::Result;
@@ -79,29 +79,65 @@ pub fn spell(tok: &Tok, bytes: &TokenBytes, prompt: &str, completion: Option<&st
 #[derive(Clone, Debug, Default)]
 pub struct CrossExample {
     pub teacher_ids: Vec<i64>,
+    /// The first teacher token with a prediction: 1 for a live teacher (token j is predicted
+    /// at position j - 1), the stored prompt length for stored rows (row j - prompt_len).
+    pub rows_from: usize,
     /// Spans whose student tokens are all loss targets and whose teacher tokens all have a
     /// predicting position.
     pub groups: Vec<Group>,
 }
 
-/// The teacher side of every example: the record's text tokenized by the teacher and
-/// aligned with the student's tokens. Returns them with the number of examples whose text
-/// either tokenizer does not spell exactly (they train on CE alone).
+/// A record as its stored `prompt_ids` + `completion_ids` spell it (the ids stored teacher
+/// rows were computed on). The prompt's ids may come from a chat template, so only the
+/// completion is placed token by token; the prompt counts as one span ending where the
+/// completion starts (the loss never covers it).
+pub fn spell_stored(bytes: &TokenBytes, rec: &Record) -> Result<Option<Spelled>> {
+    let (Some(p_ids), Some(c_ids)) = (ids_field(rec, "prompt_ids")?, ids_field(rec, "completion_ids")?) else { return Ok(None) };
+    let (prompt, Some(completion)) = text_parts(rec)? else { return Ok(None) };
+    let Some(c_spans) = bytes.spans(&c_ids, &completion) else { return Ok(None) };
+    if c_spans.last().is_some_and(|s| s.1 != completion.len()) {
+        return Ok(None);
+    }
+    let p = prompt.len();
+    let mut spans: Vec<(usize, usize)> = (0..p_ids.len()).map(|i| if i + 1 == p_ids.len() { (0, p) } else { (0, 0) }).collect();
+    spans.extend(c_spans.into_iter().map(|(a, b)| (a + p, b + p)));
+    Ok(Some(Spelled { prompt_len: p_ids.len(), ids: [p_ids, c_ids].concat(), spans }))
+}
+
+/// How the teacher reads a record.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum TeacherIds {
+    /// Its tokenizer on the record's text (a live teacher).
+    Tokenized,
+    /// The record's stored ids (stored teacher rows).
+    Stored,
+}
+
+/// The teacher side of every example: the record's text as the teacher reads it, aligned
+/// with the student's tokens. Returns them with the number of examples whose text either
+/// side does not spell exactly (they train on CE alone).
 pub fn cross_examples(
     examples: &[Example],
     records: &[(usize, Record)],
     student: (&Tok, &TokenBytes),
     teacher: (&Tok, &TokenBytes),
+    teacher_ids: TeacherIds,
 ) -> Result<(Vec<CrossExample>, usize)> {
     let out: Vec<Option<CrossExample>> = examples
         .par_iter()
         .map(|ex| -> Result<Option<CrossExample>> {
-            let (prompt, completion) = text_parts(&records[ex.record].1)?;
-            let (Some(s), Some(t)) = (
-                spell(student.0, student.1, &prompt, completion.as_deref())?,
-                spell(teacher.0, teacher.1, &prompt, completion.as_deref())?,
-            ) else {
+            let rec = &records[ex.record].1;
+            let (prompt, completion) = text_parts(rec)?;
+            let t = match teacher_ids {
+                TeacherIds::Tokenized => spell(teacher.0, teacher.1, &prompt, completion.as_deref())?,
+                TeacherIds::Stored => spell_stored(teacher.1, rec)?,
+            };
+            let (Some(s), Some(t)) = (spell(student.0, student.1, &prompt, completion.as_deref())?, t) else {
                 return Ok(None);
+            };
+            let rows_from = match teacher_ids {
+                TeacherIds::Tokenized => 1,
+                TeacherIds::Stored => t.prompt_len,
             };
             // The student's ids must be the example's (the same rule), cut at seq_len.
             if !s.ids.starts_with(&ex.ids) {
@@ -110,10 +146,10 @@ pub fn cross_examples(
             let first = ex.loss_from.max(1);
             let groups: Vec<Group> = align_spans(&s.spans[..ex.ids.len()], &t.spans)
                 .into_iter()
-                .filter(|g| g.student.iter().all(|&i| i >= first) && g.teacher.iter().all(|&j| j >= 1))
+                .filter(|g| g.student.iter().all(|&i| i >= first) && g.teacher.iter().all(|&j| j >= rows_from.max(1)))
                 .collect();
             let keep = groups.iter().flat_map(|g| g.teacher.iter()).max().map_or(0, |&j| j + 1);
-            Ok(Some(CrossExample { teacher_ids: t.ids[..keep].to_vec(), groups }))
+            Ok(Some(CrossExample { teacher_ids: t.ids[..keep].to_vec(), rows_from, groups }))
         })
         .collect::<Result<_>>()?;
     let unaligned = out.iter().filter(|c| c.is_none()).count();

@@ -56,6 +56,23 @@ impl SparseTeacher {
     fn rows(&self) -> i64 {
         self.indices.size()[0]
     }
+
+    /// The rows at `index` `[m]`.
+    pub fn select(&self, index: &Tensor) -> SparseTeacher {
+        SparseTeacher {
+            indices: self.indices.index_select(0, index),
+            logprobs: self.logprobs.index_select(0, index),
+            tail_logmass: self.tail_logmass.index_select(0, index),
+        }
+    }
+
+    /// `[n, vocab]` log-probabilities: the top-k as stored, the tail mass spread evenly over
+    /// the other `vocab - k` tokens (how offline KD re-tempers a stored row).
+    pub fn densify(&self, vocab: i64) -> Tensor {
+        let (n, k) = self.indices.size2().expect("[n, k] indices");
+        let per_token = &self.tail_logmass - ((vocab - k).max(1) as f64).ln();
+        per_token.unsqueeze(1).expand([n, vocab], false).contiguous().scatter(1, &self.indices, &self.logprobs)
+    }
 }
 
 /// A teacher's next-token distributions (temperature 1) at consecutive target positions.

@@ -17,6 +17,7 @@
 //! KD is.
 use crate::model::causal_lm::CausalLm;
 use crate::model::token_bytes::TokenBytes;
+use crate::teacher::SparseTeacher;
 use crate::train::losses::{divergence, Divergence};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -129,8 +130,34 @@ pub fn span_loss(ls: &Tensor, lt: &Tensor, kind: CrossTokenizer, map: Option<&Vo
     }
 }
 
-/// The spans of a micro-batch: for each, the rows (into the gathered student and teacher
-/// hidden states) of the positions that predict its tokens.
+/// Where the teacher's rows of a micro-batch come from.
+pub enum TeacherSide<'a> {
+    /// A live teacher's final hidden states `[rows, h_t]`; logits chunk by chunk.
+    Model { model: &'a CausalLm, hidden: Tensor },
+    /// Stored top-k rows (offline), spread to the teacher's `vocab` chunk by chunk.
+    TopK { rows: SparseTeacher, vocab: i64 },
+}
+
+impl TeacherSide<'_> {
+    fn vocab(&self) -> i64 {
+        match self {
+            TeacherSide::Model { model, .. } => model.config.vocab_size,
+            TeacherSide::TopK { vocab, .. } => *vocab,
+        }
+    }
+
+    /// Tempered log-probabilities `[m, vocab]` of the rows at `index`.
+    fn logprobs(&self, index: &Tensor, temperature: f64) -> Tensor {
+        let z = match self {
+            TeacherSide::Model { model, hidden } => model.logits(&hidden.index_select(0, index)).to_kind(Kind::Float),
+            TeacherSide::TopK { rows, vocab } => rows.select(index).densify(*vocab),
+        };
+        (z / temperature).log_softmax(-1, Kind::Float)
+    }
+}
+
+/// The spans of a micro-batch: for each, the rows (into the student's hidden states and the
+/// teacher's rows) of the positions that predict its tokens.
 pub struct SpanRows {
     pub student: Vec<Vec<i64>>,
     pub teacher: Vec<Vec<i64>>,
@@ -155,8 +182,7 @@ pub struct CrossWeights {
 pub fn chunked_span_loss(
     student: &CausalLm,
     s_hidden: &Tensor,
-    teacher: &CausalLm,
-    t_hidden: &Tensor,
+    teacher: &TeacherSide,
     spans: &SpanRows,
     map: Option<&VocabMap>,
     w: &CrossWeights,
@@ -164,7 +190,7 @@ pub fn chunked_span_loss(
     backward: bool,
 ) -> f64 {
     let device = s_hidden.device();
-    let vocab = student.config.vocab_size.max(teacher.config.vocab_size);
+    let vocab = student.config.vocab_size.max(teacher.vocab());
     let budget = if w.chunk > 0 { w.chunk } else { crate::base::batch::chunk_rows(0, vocab, device) }.max(1);
     let t2 = w.temperature * w.temperature;
     let mut total = 0.0;
@@ -185,10 +211,7 @@ pub fn chunked_span_loss(
         let (s_rows, s_span) = gather(&spans.student[start..end]);
         let (t_rows, t_span) = gather(&spans.teacher[start..end]);
         let n = (end - start) as i64;
-        let lt = tch::no_grad(|| {
-            let logits = teacher.logits(&t_hidden.index_select(0, &t_rows)).to_kind(Kind::Float) / w.temperature;
-            merge_spans(&logits.log_softmax(-1, Kind::Float), &t_span, n)
-        });
+        let lt = tch::no_grad(|| merge_spans(&teacher.logprobs(&t_rows, w.temperature), &t_span, n));
         let logits = student.logits(&s_hidden.index_select(0, &s_rows)).to_kind(Kind::Float) / w.temperature;
         let ls = merge_spans(&logits.log_softmax(-1, Kind::Float), &s_span, n);
         let loss = span_loss(&ls, &lt, w.kind, map, w.divergence, w.top_k).sum(Kind::Float) * t2;

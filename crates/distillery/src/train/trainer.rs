@@ -7,11 +7,11 @@
 //! weights, AdamW moments, projections, step) lives in `<out>/train_state/`, apart from the
 //! exported `model.safetensors`, and restores bit for bit on CPU.
 use crate::base::batch::{pad, PadSide};
-use crate::data::align::{cross_examples, CrossExample};
+use crate::data::align::{cross_examples, CrossExample, TeacherIds};
 use crate::data::encode::{read_tokenized, Layout};
 use crate::data::records::Record;
 use crate::model::token_bytes::TokenBytes;
-use crate::train::cross::{chunked_span_loss, CrossTokenizer, CrossWeights, SpanRows, VocabMap};
+use crate::train::cross::{chunked_span_loss, CrossTokenizer, CrossWeights, SpanRows, TeacherSide, VocabMap};
 use crate::data::examples::{build_examples, Example, Sampler, TrainBatch};
 use crate::model::checkpoint::{load_model, save_pretrained, write_safetensors, ModelFiles};
 use crate::stages::eval::metrics::{evaluate, EvalMetrics};
@@ -97,6 +97,10 @@ pub struct DistillConfig {
     /// Sorted probabilities compared per span by ULD (each side's top K).
     #[serde(default = "default_uld_top_k")]
     pub uld_top_k: i64,
+    /// The teacher's tokenizer for stored logits across tokenizers when no `teacher` model is
+    /// given (a directory, hub id or .gguf).
+    #[serde(default)]
+    pub teacher_tokenizer: Option<String>,
 }
 
 fn default_uld_top_k() -> i64 {
@@ -172,9 +176,8 @@ impl DistillConfig {
         }
         if let Some(kind) = self.cross_tokenizer {
             ensure!(
-                online,
-                "--cross-tokenizer {kind} needs a local teacher (--teacher without --teacher-logits): stored and served teachers \
-                 are not supported across tokenizers yet"
+                online || self.teacher.is_some() || self.teacher_tokenizer.is_some(),
+                "--cross-tokenizer {kind} with stored logits needs the teacher's tokenizer: --teacher-tokenizer (or --teacher)"
             );
             ensure!(
                 self.hidden_weight == 0.0 && self.attn_weight == 0.0 && self.schedule != TrainSchedule::Progressive,
@@ -182,6 +185,8 @@ impl DistillConfig {
                  pair positions, which differ between tokenizers"
             );
             ensure!(!self.on_policy.samples(), "--cross-tokenizer does not combine with --on-policy or --seq-kd yet");
+        } else {
+            ensure!(self.teacher_tokenizer.is_none(), "--teacher-tokenizer is for stored logits across tokenizers (--cross-tokenizer)");
             ensure!(self.uld_top_k > 0, "--uld-top-k must be positive");
         }
         if self.alpha == 0.0 && self.beta == 0.0 && self.hidden_weight == 0.0 && self.attn_weight == 0.0 {
@@ -513,6 +518,8 @@ impl SampleStats {
 struct CrossData {
     examples: Vec<CrossExample>,
     map: Option<VocabMap>,
+    /// Width of the teacher's rows (stored rows are spread over it).
+    teacher_vocab: i64,
 }
 
 /// Evaluation batches hold at least this many sequences: no gradients are kept, so they can
@@ -562,10 +569,22 @@ impl Trainer {
             data_records.clone()
         };
         let examples = build_examples(&student_records, &cfg.data, &tok, cfg.seq_len, cfg.include_prompt_loss, cfg.teacher_logits.is_some(), all_sampled)?;
-        let cross = match (cfg.cross_tokenizer, teacher.as_ref()) {
-            (Some(kind), Some(t)) => {
-                let (s_bytes, t_bytes) = (TokenBytes::of(&tok)?, TokenBytes::of(&t.tok)?);
-                let (cross_examples, unaligned) = cross_examples(&examples, &student_records, (&tok, &s_bytes), (&t.tok, &t_bytes))?;
+        let cross = match cfg.cross_tokenizer {
+            Some(kind) => {
+                // The teacher's tokenizer and the width of its rows: the live teacher's, or
+                // --teacher-tokenizer's for stored rows.
+                let loaded;
+                let (t_tok, t_vocab) = match (teacher.as_ref(), &cfg.teacher_tokenizer) {
+                    (_, Some(spec)) => {
+                        loaded = Tok::load(&crate::teacher::served::tokenizer_files(spec)?)?;
+                        (&loaded, loaded.vocab_size() as i64)
+                    }
+                    (Some(t), None) => (&t.tok, t.model.config.vocab_size),
+                    (None, None) => unreachable!("validate() requires a teacher or its tokenizer"),
+                };
+                let (s_bytes, t_bytes) = (TokenBytes::of(&tok)?, TokenBytes::of(t_tok)?);
+                let ids = if cfg.teacher_logits.is_some() { TeacherIds::Stored } else { TeacherIds::Tokenized };
+                let (cross_examples, unaligned) = cross_examples(&examples, &data_records, (&tok, &s_bytes), (t_tok, &t_bytes), ids)?;
                 if unaligned > 0 {
                     eprintln!(
                         "kd-distill: {unaligned} of {} examples: a tokenizer does not spell the text exactly (a normaliser rewrites it); \
@@ -574,9 +593,9 @@ impl Trainer {
                     );
                 }
                 let map = (kind == CrossTokenizer::Gold).then(|| VocabMap::new(&s_bytes, &t_bytes, device));
-                Some(CrossData { examples: cross_examples, map })
+                Some(CrossData { examples: cross_examples, map, teacher_vocab: t_vocab })
             }
-            _ => None,
+            None => None,
         };
         if cfg.on_policy.samples() {
             let without = examples.iter().filter(|e| e.prompt_len == 0).count();
@@ -936,7 +955,7 @@ impl Trainer {
         if depth.is_none() && (alpha > 0.0 || self.cfg.beta > 0.0) {
             let hs = batch.at_loss_positions(&s_out.hidden);
             let leaf = hs.detach().set_requires_grad(true);
-            let rows = if self.cfg.teacher_logits.is_some() && self.cfg.beta > 0.0 {
+            let rows = if self.cfg.teacher_logits.is_some() && self.cfg.beta > 0.0 && self.cross.is_none() {
                 TeacherRows::Offline(self.stored_rows(batch)?)
             } else if let (Some(t), Some(o)) = (self.teacher.as_ref(), t_out.as_ref()) {
                 if self.cfg.beta > 0.0 { TeacherRows::Online { model: &t.model, hidden: batch.at_loss_positions(&o.hidden) } } else { TeacherRows::None }
@@ -965,31 +984,54 @@ impl Trainer {
                 add((hs * g).sum(Kind::Float));
             }
         }
-        if let (Some(cross), Some(t), None, true) = (self.cross.as_ref(), self.teacher.as_ref(), depth, self.cfg.beta > 0.0) {
-            // The teacher reads the same texts through its own tokenizer; the loss compares the
-            // two sides per aligned span.
-            let seqs: Vec<&[i64]> = batch
-                .examples
-                .iter()
-                .map(|&e| match cross.examples[e].teacher_ids.as_slice() {
-                    [] => &[0i64][..],
-                    ids => ids,
-                })
-                .collect();
-            let all: Vec<usize> = (0..seqs.len()).collect();
-            let padded = pad(&seqs, &all, 0, PadSide::Right, 2, self.device);
-            let th = tch::no_grad(|| t.model.forward_hidden(&padded.input_ids, Some(&padded.attention_mask), Capture::default(), None))?.hidden;
-            let (_, tt, th_width) = th.size3()?;
-            let t_flat = th.narrow(1, 0, tt - 1).reshape([-1, th_width]);
+        if let (Some(cross), None, true) = (self.cross.as_ref(), depth, self.cfg.beta > 0.0) {
+            // The teacher reads the same texts through its own tokenizer (or its stored rows
+            // cover its stored ids); the loss compares the two sides per aligned span.
             let (_, st, sh_width) = s_out.hidden.size3()?;
             let s_flat = s_out.hidden.narrow(1, 0, st - 1).reshape([-1, sh_width]);
+            // Row of each example's first teacher prediction, and the teacher's rows.
+            let (first_row, side): (Vec<i64>, TeacherSide) = match (self.cfg.teacher_logits.is_some(), self.teacher.as_ref()) {
+                (false, Some(t)) => {
+                    let seqs: Vec<&[i64]> = batch
+                        .examples
+                        .iter()
+                        .map(|&e| match cross.examples[e].teacher_ids.as_slice() {
+                            [] => &[0i64][..],
+                            ids => ids,
+                        })
+                        .collect();
+                    let all: Vec<usize> = (0..seqs.len()).collect();
+                    let padded = pad(&seqs, &all, 0, PadSide::Right, 2, self.device);
+                    let th = tch::no_grad(|| t.model.forward_hidden(&padded.input_ids, Some(&padded.attention_mask), Capture::default(), None))?.hidden;
+                    let (_, tt, th_width) = th.size3()?;
+                    let first = (0..seqs.len() as i64).map(|r| r * (tt - 1)).collect();
+                    (first, TeacherSide::Model { model: &t.model, hidden: th.narrow(1, 0, tt - 1).reshape([-1, th_width]) })
+                }
+                _ => {
+                    let stored = self.stored.as_ref().expect("stored logits without a live teacher");
+                    let (mut first, mut parts, mut at) = (vec![], vec![], 0);
+                    for &e in &batch.examples {
+                        let c = &cross.examples[e];
+                        let need = c.teacher_ids.len().saturating_sub(c.rows_from) as i64;
+                        let (rows, _) = stored.record_rows(self.examples[e].record)?;
+                        ensure!(rows.indices.size()[0] >= need, "stored teacher logits have {} rows, the example needs {need}", rows.indices.size()[0]);
+                        parts.push(rows.narrow(0, need));
+                        first.push(at);
+                        at += need;
+                    }
+                    let cat = |f: fn(&SparseTeacher) -> &Tensor| Tensor::cat(&parts.iter().map(f).collect::<Vec<_>>(), 0).to_device(self.device);
+                    let rows = SparseTeacher { indices: cat(|p| &p.indices), logprobs: cat(|p| &p.logprobs), tail_logmass: cat(|p| &p.tail_logmass) };
+                    (first, TeacherSide::TopK { rows, vocab: cross.teacher_vocab })
+                }
+            };
             let mut spans = SpanRows { student: vec![], teacher: vec![] };
             for (r, &e) in batch.examples.iter().enumerate() {
-                let (r, st, tt) = (r as i64, st - 1, tt - 1);
-                for g in &cross.examples[e].groups {
-                    // Token i is predicted by position i - 1.
-                    spans.student.push(g.student.iter().map(|&i| r * st + i as i64 - 1).collect());
-                    spans.teacher.push(g.teacher.iter().map(|&j| r * tt + j as i64 - 1).collect());
+                let c = &cross.examples[e];
+                for g in &c.groups {
+                    // Student token i is predicted at position i - 1; teacher token j at its
+                    // example's row j - rows_from.
+                    spans.student.push(g.student.iter().map(|&i| r as i64 * (st - 1) + i as i64 - 1).collect());
+                    spans.teacher.push(g.teacher.iter().map(|&j| first_row[r] + (j - c.rows_from) as i64).collect());
                 }
             }
             let leaf = s_flat.detach().set_requires_grad(true);
@@ -1000,7 +1042,7 @@ impl Trainer {
                 top_k: self.cfg.uld_top_k,
                 chunk: self.cfg.chunk,
             };
-            sums.kd = chunked_span_loss(model, &leaf, &t.model, &t_flat, &spans, cross.map.as_ref(), &w, self.cfg.beta * scale / n_loss, true);
+            sums.kd = chunked_span_loss(model, &leaf, &side, &spans, cross.map.as_ref(), &w, self.cfg.beta * scale / n_loss, true);
             let g = leaf.grad();
             if g.defined() {
                 add((s_flat * g).sum(Kind::Float));

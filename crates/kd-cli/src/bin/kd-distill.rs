@@ -88,6 +88,11 @@ struct Args {
     /// Probabilities per side that ULD compares, largest first.
     #[arg(long, default_value_t = 256)]
     uld_top_k: i64,
+    /// The teacher's tokenizer (a directory, hub id or .gguf) for stored logits
+    /// (--teacher-logits) across tokenizers, when no --teacher model is given: the stored rows
+    /// are the teacher's ids, whose text it spells.
+    #[arg(long)]
+    teacher_tokenizer: Option<String>,
     #[command(flatten)]
     run: kd_cli::LoopArgs,
 }
@@ -120,6 +125,7 @@ fn main() {
             },
             cross_tokenizer: a.cross_tokenizer,
             uld_top_k: a.uld_top_k,
+            teacher_tokenizer: a.teacher_tokenizer,
             ..base
         };
         let mut trainer = Trainer::setup(cfg, a.run.resume)?;
