@@ -281,7 +281,7 @@ def stored(trained_llama, tmp_path_factory):
 
 
 @torch.no_grad()
-def reference_stored(teacher_dir, student_dir, gen, sidecar, kind, temperature, k):
+def reference_stored(teacher_dir, student_dir, gen, sidecar, kind, temperature, k, k_stored=STORED_K):
     """As `reference`, with the teacher's rows taken from the sidecar (its stored ids, the
     tail mass spread evenly over the other tokens) instead of a forward pass."""
     student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
@@ -306,7 +306,7 @@ def reference_stored(teacher_dir, student_dir, gen, sidecar, kind, temperature, 
             if min(s) < loss_from or min(t) < len(p_ids):
                 continue
             r = [at + j for j in t]
-            full = (tail[r] - math.log(vocab - STORED_K))[:, None].expand(len(r), vocab).clone().scatter(1, idx[r], lp[r])
+            full = (tail[r] - math.log(vocab - k_stored))[:, None].expand(len(r), vocab).clone().scatter(1, idx[r], lp[r])
             lt = (full / temperature).log_softmax(-1).sum(0).log_softmax(-1)
             ls = merged(sl, [i - 1 for i in s], temperature)
             if kind == "uld":

@@ -355,3 +355,29 @@ def test_kd_augment_resamples_through_the_server(teacher, server, tmp_path):
     new = [r for r in map(json.loads, outs[0].splitlines()) if r.get("source") == "augment:resample"]
     assert len(new) >= 4 and all(r["completion"] for r in new)
     assert outs[0] == outs[1], "the same seed gave other resamples"
+
+
+def test_a_served_teacher_s_top_k_distils_a_student_with_its_own_tokenizer(teacher, server, tmp_path):
+    """Across tokenizers: the server's top-K, captured by kd-generate, trains a student with a
+    vocabulary of its own through kd-distill --teacher-logits --teacher-tokenizer; the first
+    step's losses equal the PyTorch reference that reads the same sidecar."""
+    from test_cross_tokenizer import reference_stored, rows
+
+    hf, _ = teacher
+    gen = tmp_path / "transfer.jsonl"
+    run_bin("kd-generate", *served_args(server.url, hf, prompts_file(tmp_path / "p.jsonl"), gen, "--max-new-tokens", 16,
+                                         "--temperature", 0, "--store-logits", 8))
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": f"c{i}", "text": t} for i, t in enumerate(tiny.CORPUS)])
+    run_bin("kd-tokenizer", "--data", corpus, "--vocab-size", 280, "--out", tmp_path / "tok", "--like", hf)
+    student = tmp_path / "student"
+    run_bin("kd-init", "--teacher", hf, "--tokenizer", tmp_path / "tok", "--out", student, "--layers", 2, "--device", "cpu")
+    n = len(read_jsonl(gen))
+    sidecar = Path(str(gen) + ".logits.safetensors")
+    out = tmp_path / "distilled"
+    run_bin("kd-distill", "--teacher-logits", sidecar, "--teacher-tokenizer", hf, "--student", student, "--data", gen,
+            "--out", out, "--steps", 1, "--batch-size", n, "--alpha", 0.3, "--beta", 0.7, "--temperature", 2.0,
+            "--cross-tokenizer", "gold", "--uld-top-k", 16, "--device", "cpu")
+    got = rows(out / "metrics.csv")[0]
+    ce, kd = reference_stored(hf, str(student), gen, sidecar, "gold", 2.0, 16, k_stored=8)
+    assert kd > 0
+    assert abs(float(got["ce"]) - ce) <= 1e-4 * ce and abs(float(got["kd"]) - kd) <= 1e-4 * kd, (got, ce, kd)
