@@ -156,8 +156,14 @@ pub fn run(o: &TokenizerOptions) -> Result<String> {
     // Read back as every stage will, and measured on the data.
     let tok = Tok::from_inner(text.parse().map_err(|e| anyhow::anyhow!("re-reading the tokenizer: {e}"))?);
     let _ = TokenBytes::of(&tok)?;
+    // The trainer stops early when no pair is seen --min-frequency times any more.
+    let short = if tok.vocab_size() < o.vocab_size {
+        format!(" (of {} asked: the data has no more pairs seen {} times)", o.vocab_size, o.min_frequency)
+    } else {
+        String::new()
+    };
     Ok(format!(
-        "tokenizer: {} tokens ({} special) from {} records; {:.2} bytes per token on them; written to {}",
+        "tokenizer: {} tokens{short} ({} special) from {} records; {:.2} bytes per token on them; written to {}",
         tok.vocab_size(),
         c.specials.len(),
         texts.len(),
