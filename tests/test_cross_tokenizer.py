@@ -372,6 +372,11 @@ def test_eval_reports_bits_per_byte_and_no_kl_across_vocabularies(trained_llama,
         want = _bits_per_byte(str(model), texts)
         assert abs(m["bits_per_byte"] - want) <= 1e-4 * want, (name, m["bits_per_byte"], want)
         assert m["bits_per_char"] > m["bits_per_byte"], "multi-byte characters: fewer characters than bytes"
+        lo, hi = m["bits_per_byte_ci95"]
+        assert lo < m["bits_per_byte"] < hi
+        # Per record, the bytes its targets spell (BOS first: the whole text), for paired comparisons.
+        items = json.loads((tmp_path / f"{name}.items.json").read_text())["records"]
+        assert items["bytes"] == [len(t.encode()) for t in texts]
         if name == "student":
             assert "teacher_kl" not in m and "differs" in m["teacher_kl_note"]
         else:

@@ -286,27 +286,28 @@ fn eval(out: &Path, parts: &[Part]) -> Result<String> {
         let (ids, sums) = (per["ids"].as_array(), per["sums"].as_array());
         let (Some(ids), Some(sums)) = (ids, sums) else { bail!("{}: the manifest has no per-record sums", p.path.display()) };
         ensure!(ids.len() == sums.len(), "{}: {} ids but {} per-record sums", p.path.display(), ids.len(), sums.len());
+        // Bytes and characters each record's targets spell, when the shard knew them.
+        let covered: Option<Vec<(usize, usize)>> = serde_json::from_value(p.manifest["text_covered"].clone()).ok().flatten();
+        ensure!(covered.as_ref().is_none_or(|c| c.len() == ids.len()), "{}: `text_covered` does not match the records", p.path.display());
         let mut mine = vec![];
-        for (id, s) in ids.iter().zip(sums) {
+        for (i, (id, s)) in ids.iter().zip(sums).enumerate() {
             let (_, r) = RecordSums::from_json(s).with_context(|| format!("{}: malformed per-record sums", p.path.display()))?;
-            mine.push((id.as_str().unwrap_or_default().to_string(), r));
+            mine.push((id.as_str().unwrap_or_default().to_string(), r, covered.as_ref().map(|c| c[i])));
         }
         items.push(mine);
     }
     let items = in_order(parts, items)?;
     let with_teacher = !parts[0].manifest["settings"]["teacher"].is_null();
-    let (ids, sums): (Vec<String>, Vec<RecordSums>) = items.into_iter().unzip();
+    let covered: Option<Vec<(usize, usize)>> = items.iter().map(|i| i.2).collect();
+    let (ids, sums): (Vec<String>, Vec<RecordSums>) = items.into_iter().map(|(id, r, _)| (id, r)).unzip();
     let e = EvalMetrics::from_records(sums, with_teacher);
     let mut m: Map<String, Value> = parts[0].summary.as_object().cloned().context("a shard's metrics are not an object")?;
     m.remove("shard");
     let b = m["bootstrap"]["samples"].as_u64().context("a shard's metrics have no `bootstrap`")? as usize;
-    let recs = crate::stages::eval::perplexity_entries(&mut m, &e, &ids, b)?;
-    // Bits per byte when every shard knows the text its targets spell.
-    let covered: Option<Vec<(usize, usize)>> = parts.iter().map(|p| serde_json::from_value(p.manifest["text_covered"].clone()).ok().flatten()).collect();
-    if let Some(c) = covered {
-        let (bpb, bpc) = crate::stages::eval::bits_per_byte(&e, c.iter().fold((0, 0), |a, x| (a.0 + x.0, a.1 + x.1)));
-        m.insert("bits_per_byte".into(), json!(bpb));
-        m.insert("bits_per_char".into(), json!(bpc));
+    let mut recs = crate::stages::eval::perplexity_entries(&mut m, &e, &ids, b)?;
+    // Bits per byte when every shard knows the text its records' targets spell.
+    if let Some(c) = covered.filter(|c| c.iter().any(|x| x.0 > 0)) {
+        crate::stages::eval::bits_per_byte_entries(&mut m, &mut recs, &e, &c, b);
     }
     // Time and memory: the shards' total compute and the largest process.
     let total = |k: &str| parts.iter().map(|p| p.summary[k].as_f64().unwrap_or(0.0)).sum::<f64>();

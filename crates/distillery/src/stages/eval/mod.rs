@@ -74,22 +74,30 @@ fn limited(path: &Path, limit: Option<usize>) -> Result<Vec<Record>> {
 /// Bits per byte and per character of the evaluated texts: the total loss in bits over the
 /// bytes (characters) the predicted tokens spell, comparable across tokenizers. `None` when
 /// a record has no text or its tokens do not spell it exactly (then no figure is honest).
-fn covered_text(tok: &crate::model::tokenizer::Tok, texts: &[Option<&String>], seqs: &[Vec<i64>]) -> Result<Option<(usize, usize)>> {
+/// The bytes and characters each evaluated record's targets spell (records of two or more
+/// tokens, in order); `None` when some record has no text or its tokens do not spell it.
+fn covered_text(tok: &crate::model::tokenizer::Tok, texts: &[Option<&String>], seqs: &[Vec<i64>]) -> Result<Option<Vec<(usize, usize)>>> {
     let bytes = crate::model::token_bytes::TokenBytes::of(tok)?;
-    let (mut n_bytes, mut n_chars) = (0usize, 0usize);
-    for (text, ids) in texts.iter().zip(seqs).filter(|(_, s)| s.len() >= 2) {
-        let Some((b, c)) = text.and_then(|t| bytes.covered(ids, t, 1)) else { return Ok(None) };
-        n_bytes += b;
-        n_chars += c;
-    }
-    Ok((n_bytes > 0).then_some((n_bytes, n_chars)))
+    let covered: Option<Vec<(usize, usize)>> =
+        texts.iter().zip(seqs).filter(|(_, s)| s.len() >= 2).map(|(text, ids)| text.and_then(|t| bytes.covered(ids, t, 1))).collect();
+    Ok(covered.filter(|c| c.iter().any(|x| x.0 > 0)))
 }
 
-/// Bits per byte and per character from the metrics and the text they cover (kd-merge
-/// recombines shards through the same function).
-pub fn bits_per_byte(e: &EvalMetrics, (n_bytes, n_chars): (usize, usize)) -> (f64, f64) {
-    let bits = e.nll * e.tokens as f64 / std::f64::consts::LN_2;
-    (bits / n_bytes as f64, bits / n_chars.max(1) as f64)
+/// Bits per byte and per character, with a bootstrap interval over records, from the
+/// per-record sums and the text each record's targets spell; the per-record bytes go into
+/// the items (`recs`), so that models with different tokenizers can be compared record by
+/// record. kd-merge recombines shards through the same function.
+pub fn bits_per_byte_entries(m: &mut Map<String, Value>, recs: &mut Value, e: &EvalMetrics, covered: &[(usize, usize)], b: usize) -> f64 {
+    let bits: Vec<f64> = e.per_record.iter().map(|r| r.nll / std::f64::consts::LN_2).collect();
+    let bytes: Vec<f64> = covered.iter().map(|c| c.0 as f64).collect();
+    let total_bits = e.nll * e.tokens as f64 / std::f64::consts::LN_2;
+    let (n_bytes, n_chars) = covered.iter().fold((0, 0), |a, c| (a.0 + c.0, a.1 + c.1));
+    let bpb = total_bits / n_bytes as f64;
+    m.insert("bits_per_byte".into(), json!(bpb));
+    m.insert("bits_per_byte_ci95".into(), json!(bootstrap_ratio_ci(&bits, &bytes, b, BOOTSTRAP_SEED, |x| x)));
+    m.insert("bits_per_char".into(), json!(total_bits / n_chars.max(1) as f64));
+    recs["bytes"] = json!(covered.iter().map(|c| c.0).collect::<Vec<_>>());
+    bpb
 }
 
 pub fn run(o: &EvalOptions) -> Result<String> {
@@ -198,12 +206,6 @@ pub fn run(o: &EvalOptions) -> Result<String> {
         let mut journal = Journal::open(&o.out, fingerprint, o.resume)?;
         let e = evaluate(&model, teacher_ref, &seqs, o.batch_size, true, Some(&mut journal))?;
         let covered = covered_text(&tok, &texts, &seqs)?;
-        if let (Some(c), true) = (covered, o.shard == Shard::WHOLE) {
-            let (bpb, bpc) = bits_per_byte(&e, c);
-            m.insert("bits_per_byte".into(), json!(bpb));
-            m.insert("bits_per_char".into(), json!(bpc));
-            summary.push(format!("{bpb:.4} bits per byte"));
-        }
         if let Some(note) = &vocab_note {
             m.insert("teacher_kl_note".into(), json!(note));
         }
@@ -212,7 +214,12 @@ pub fn run(o: &EvalOptions) -> Result<String> {
         m.insert("perplexity_seconds".into(), json!(secs));
         m.insert("perplexity_tokens_per_second".into(), json!((e.tokens + e.records as i64) as f64 / secs.max(1e-9)));
         m.insert("data".into(), json!(data.display().to_string()));
-        items.insert("records".into(), perplexity_entries(&mut m, &e, &ids, b)?);
+        let mut recs = perplexity_entries(&mut m, &e, &ids, b)?;
+        if let (Some(c), true) = (&covered, o.shard == Shard::WHOLE) {
+            let bpb = bits_per_byte_entries(&mut m, &mut recs, &e, c, b);
+            summary.push(format!("{bpb:.4} bits per byte"));
+        }
+        items.insert("records".into(), recs);
         if o.shard != Shard::WHOLE {
             let settings = json!({
                 "model": o.model,
@@ -229,7 +236,7 @@ pub fn run(o: &EvalOptions) -> Result<String> {
             manifest["per_record"] = json!({"ids": ids, "sums": sums});
             manifest["positions"] = json!(positions);
             manifest["total"] = json!(total);
-            // The text this shard's targets spell: kd-merge's bits per byte.
+            // The text each of this shard's records' targets spell: kd-merge's bits per byte.
             manifest["text_covered"] = json!(covered);
             m.insert("shard".into(), manifest);
         }

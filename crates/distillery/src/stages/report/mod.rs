@@ -306,7 +306,7 @@ pub fn run(o: &ReportOptions) -> Result<String> {
             largest / r.f("params").unwrap_or(1.0),
             r.v["bytes_on_disk"],
             with_ci(r, "perplexity", 2, 1.0, ""),
-            if bpb { format!(" {} |", fmt(r.f("bits_per_byte"), 4)) } else { String::new() },
+            if bpb { format!(" {} |", with_ci(r, "bits_per_byte", 4, 1.0, "")) } else { String::new() },
             with_ci(r, "teacher_kl", 4, 1.0, ""),
             with_ci(r, "top1_agreement", 1, 100.0, "%"),
             with_ci(r, "mc_accuracy", 1, 100.0, "%"),
