@@ -36,6 +36,8 @@ FLAGS_own-uld  = $(KD) --cross-tokenizer uld
 INIT_same      = same
 INIT_own-gold  = own
 INIT_own-uld   = own
+# The pair the report's paired verdicts judge (bits per byte is the comparable one).
+REPORT_PAIR   ?= --student own-gold-s0 --baseline same-s0
 
 INIT_CMD      ?= $(BIN)/kd-init
 TOKENIZER_CMD ?= $(BIN)/kd-tokenizer
@@ -99,4 +101,4 @@ $(E)/teacher.json: $(D)/.ready
 EVALS = $(E)/teacher.json $(foreach s,$(STRATEGIES),$(foreach r,$(SEEDS),$(E)/$(s)-s$(r).json))
 
 $(RUN)/report/report.md: $(EVALS)
-	$(REPORT_CMD) --metrics $(EVALS) --out $(RUN)/report --commands $(KD_COMMAND_LOG) --environment $(D)/environment.json --html --title "Distillery: a student with its own tokenizer on the KJV demo"
+	$(REPORT_CMD) --metrics $(EVALS) --out $(RUN)/report $(REPORT_PAIR) --commands $(KD_COMMAND_LOG) --environment $(D)/environment.json --html --title "Distillery: a student with its own tokenizer on the KJV demo"

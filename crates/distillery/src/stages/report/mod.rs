@@ -53,6 +53,9 @@ pub(crate) struct RecordItems {
     pub tokens: Vec<f64>,
     pub nll: Vec<f64>,
     pub kl: Option<Vec<f64>>,
+    /// Bytes of text each record's targets spell (bits per byte).
+    #[serde(default)]
+    pub bytes: Option<Vec<f64>>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -158,16 +161,21 @@ pub(crate) enum Metric {
     TeacherKl,
     Mc,
     Cloze,
+    /// Comparable across tokenizers, where perplexity and KL are not.
+    BitsPerByte,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 4] = [Metric::Perplexity, Metric::TeacherKl, Metric::Mc, Metric::Cloze];
+    pub const ALL: [Metric; 5] = [Metric::Perplexity, Metric::TeacherKl, Metric::Mc, Metric::Cloze, Metric::BitsPerByte];
+    /// The columns of the per-strategy verdict table (models of one size share a tokenizer).
+    pub const TABLE: [Metric; 4] = [Metric::Perplexity, Metric::TeacherKl, Metric::Mc, Metric::Cloze];
     pub fn label(self) -> &'static str {
         match self {
             Metric::Perplexity => "held-out perplexity",
             Metric::TeacherKl => "held-out KL from the teacher",
             Metric::Mc => "multiple-choice accuracy",
             Metric::Cloze => "cloze accuracy",
+            Metric::BitsPerByte => "held-out bits per byte",
         }
     }
     pub fn key(self) -> &'static str {
@@ -176,6 +184,7 @@ impl Metric {
             Metric::TeacherKl => "teacher_kl",
             Metric::Mc => "mc_accuracy",
             Metric::Cloze => "cloze_accuracy",
+            Metric::BitsPerByte => "bits_per_byte",
         }
     }
 }
@@ -203,6 +212,13 @@ pub(crate) fn compare(a: &Row, b: &Row, m: Metric, samples: usize) -> std::resul
                 paired_bootstrap((ka, &ra.tokens), (kb, &rb.tokens), samples, BOOTSTRAP_SEED, |x| x, true)
             };
             Ok((r, ra.ids.len()))
+        }
+        Metric::BitsPerByte => {
+            let (ra, rb) = ia.records.as_ref().zip(ib.records.as_ref()).ok_or("no held-out records in one of them")?;
+            same(&ra.ids, &rb.ids)?;
+            let (ba, bb) = ra.bytes.as_ref().zip(rb.bytes.as_ref()).ok_or("no bytes per record in one of them")?;
+            let bits = |r: &RecordItems| r.nll.iter().map(|x| x / std::f64::consts::LN_2).collect::<Vec<f64>>();
+            Ok((paired_bootstrap((&bits(ra), ba), (&bits(rb), bb), samples, BOOTSTRAP_SEED, |x| x, true), ra.ids.len()))
         }
         Metric::Mc | Metric::Cloze => {
             let pick = |i: &Items| if let Metric::Mc = m { i.mc.clone() } else { i.cloze.clone() };
@@ -405,7 +421,7 @@ fn strategy_verdicts(rows: &[Row], base: &str, samples: usize, verdicts: &mut Ve
             continue;
         };
         any = true;
-        let cells: Vec<String> = Metric::ALL
+        let cells: Vec<String> = Metric::TABLE
             .iter()
             .map(|&m| match compare(a, b, m, samples) {
                 Ok((p, _)) => {
