@@ -7,7 +7,8 @@
 # Stages: import the teacher (kd-convert) -> instructions (the project's set plus questions
 # the teacher proposes) -> chat-template generation -> filter -> pruned student (about a
 # third of the teacher's non-embedding parameters) -> distil, and a CE-only baseline on the
-# same data and steps -> fine-tune -> evaluate (held-out teacher answers and KJV) -> report
+# same data and steps -> fine-tune -> evaluate (held-out teacher answers and KJV; the targeted set,
+# graded and compared pairwise by the teacher as judge) -> report
 # -> export the student to GGUF and run it with llama.cpp.
 
 RUN        ?= runs/smollm2
@@ -37,6 +38,12 @@ LR         ?= 5e-4
 FT_LR      ?= 1e-4
 KD_FLAGS   ?= --alpha 0.5 --beta 0.5 --temperature 1 --divergence forward-kl
 HELDOUT_N  ?= 100
+# The targeted set (docs/FORMATS.md, "Targeted sets"): short answers and long references,
+# graded by the judge; the judge also compares the distilled student's answers with the
+# baseline's and the teacher's. The teacher judges unless JUDGE names another model or URL.
+TARGETED   ?= data/targeted/targeted.jsonl
+TARGETED_TOKENS ?= 32
+JUDGE      ?= $(TEACHER)
 
 CONVERT_CMD  ?= $(BIN)/kd-convert
 INIT_CMD     ?= $(BIN)/kd-init
@@ -49,6 +56,8 @@ REPORT_CMD   ?= $(BIN)/kd-report
 EXPORT_CMD   ?= $(BIN)/kd-export
 
 COMMON = --device $(DEVICE)
+# The long stages continue an interrupted run (a swapped-in program need not know --resume).
+resume_if = $(if $(filter $(BIN)/$(1),$(2)),--resume)
 D = $(RUN)/data
 TEACHER = $(RUN)/teacher
 
@@ -80,18 +89,18 @@ $(D)/prompts.jsonl: $(D)/proposed.jsonl
 # Teacher answers through the chat template: the transfer set, and held-out answers the
 # student never trains on.
 $(RUN)/transfer.jsonl: $(D)/prompts.jsonl
-	$(GENERATE_CMD) --teacher $(TEACHER) --prompts $(D)/prompts.jsonl --out $@ --chat-template --max-new-tokens $(GEN_TOKENS) --temperature 0.7 --top-p 0.95 --samples $(SAMPLES) --seed $(SEED) --batch-size 16 $(COMMON)
+	$(GENERATE_CMD) --teacher $(TEACHER) --prompts $(D)/prompts.jsonl --out $@ --chat-template --max-new-tokens $(GEN_TOKENS) --temperature 0.7 --top-p 0.95 --samples $(SAMPLES) --seed $(SEED) --batch-size 16 $(COMMON) $(call resume_if,kd-generate,$(GENERATE_CMD))
 generate: $(RUN)/transfer.jsonl
 
 $(D)/heldout_answers.jsonl: $(TEACHER)/model.safetensors
-	$(GENERATE_CMD) --teacher $(TEACHER) --prompts $(INSTR)/heldout_prompts.jsonl --out $@ --chat-template --max-new-tokens $(GEN_TOKENS) --temperature 0 --batch-size 16 $(COMMON)
+	$(GENERATE_CMD) --teacher $(TEACHER) --prompts $(INSTR)/heldout_prompts.jsonl --out $@ --chat-template --max-new-tokens $(GEN_TOKENS) --temperature 0 --batch-size 16 $(COMMON) $(call resume_if,kd-generate,$(GENERATE_CMD))
 
 $(RUN)/student-init/model.safetensors: $(TEACHER)/model.safetensors $(D)/.ready
 	$(INIT_CMD) --teacher $(TEACHER) --out $(RUN)/student-init --init $(INIT) $(STUDENT_SHAPE) --calib $(D)/calib.jsonl --seed $(SEED) $(COMMON)
 init: $(RUN)/student-init/model.safetensors
 
 $(RUN)/filtered.jsonl: $(RUN)/transfer.jsonl
-	$(FILTER_CMD) --teacher $(TEACHER) --data $(RUN)/transfer.jsonl --out $@ --dedup near --min-tokens 4 $(COMMON)
+	$(FILTER_CMD) --teacher $(TEACHER) --data $(RUN)/transfer.jsonl --out $@ --dedup near --min-tokens 4 $(COMMON) $(call resume_if,kd-filter,$(FILTER_CMD))
 filter: $(RUN)/filtered.jsonl
 
 TRAIN_FLAGS = --data $(RUN)/filtered.jsonl --steps $(STEPS) --batch-size $(BATCH) --seq-len $(SEQ_LEN) --lr $(LR) --warmup 10 --eval-data $(D)/heldout_answers.jsonl --eval-every 50 --save-every 50 --seed $(SEED) --dtype $(DTYPE) $(COMMON) --resume
@@ -115,12 +124,12 @@ finetune: $(RUN)/finetuned/model.safetensors
 # stored ids are what is scored).
 $(D)/heldout_ids.jsonl: $(D)/heldout_answers.jsonl
 	$(PYTHON) -c "import json; [print(json.dumps({k: r[k] for k in ('id', 'prompt_ids', 'completion_ids')})) for r in map(json.loads, open('$<'))]" > $@
-EVAL_ARGS = --teacher $(TEACHER) --data $(D)/heldout_ids.jsonl --generate $(D)/heldout_answers.jsonl --chat-template --max-new-tokens $(GEN_TOKENS) --speed --csv $(RUN)/eval/all.csv $(COMMON)
+EVAL_ARGS = --teacher $(TEACHER) --data $(D)/heldout_ids.jsonl --generate $(D)/heldout_answers.jsonl --chat-template --max-new-tokens $(GEN_TOKENS) --speed --csv $(RUN)/eval/all.csv $(COMMON) $(call resume_if,kd-eval,$(EVAL_CMD))
 define eval_rule
 $(RUN)/eval/$(1).json: $(2) $(D)/heldout_ids.jsonl $(D)/.ready
 	mkdir -p $(RUN)/eval
 	$(EVAL_CMD) --model $(3) --name $(1) --out $$@ $(EVAL_ARGS) --samples-out $(RUN)/eval/$(1)-samples.md
-	$(EVAL_CMD) --model $(3) --name $(1) --out $(RUN)/eval/$(1)-kjv.json --data $(D)/kjv_heldout.jsonl --teacher $(TEACHER) $(COMMON)
+	$(EVAL_CMD) --model $(3) --name $(1) --out $(RUN)/eval/$(1)-kjv.json --data $(D)/kjv_heldout.jsonl --teacher $(TEACHER) $(COMMON) $(call resume_if,kd-eval,$(EVAL_CMD))
 endef
 $(eval $(call eval_rule,teacher,$(TEACHER)/model.safetensors $(D)/heldout_ids.jsonl $(D)/.ready,$(TEACHER)))
 $(eval $(call eval_rule,pruned-init,$(RUN)/student-init/model.safetensors $(D)/heldout_ids.jsonl,$(RUN)/student-init))
@@ -128,10 +137,34 @@ $(eval $(call eval_rule,distilled,$(RUN)/distilled/model.safetensors,$(RUN)/dist
 $(eval $(call eval_rule,ce-baseline,$(RUN)/baseline/model.safetensors,$(RUN)/baseline))
 $(eval $(call eval_rule,finetuned,$(RUN)/finetuned/model.safetensors,$(RUN)/finetuned))
 EVALS = $(addprefix $(RUN)/eval/,teacher.json pruned-init.json distilled.json ce-baseline.json finetuned.json)
-eval: $(EVALS)
 
-$(RUN)/report/report.md: $(EVALS)
-	$(REPORT_CMD) --metrics $(EVALS) --out $(RUN)/report --student distilled --baseline ce-baseline --title "Distillery: SmolLM2-135M-Instruct (GGUF Q4_1) distilled into a 12-layer student"
+# The targeted set: each model's greedy answers (kept for the pairwise judge) scored against
+# the references, and graded by the judge.
+define targeted_rule
+$(RUN)/eval/$(1)-targeted.json: $(2) $(TARGETED)
+	mkdir -p $(RUN)/eval
+	$(EVAL_CMD) --model $(3) --name $(1) --out $$@ --targeted $(TARGETED) --chat-template --max-new-tokens $(TARGETED_TOKENS) --judge $(JUDGE) --answers-out $(RUN)/eval/$(1)-answers.jsonl $(COMMON)
+endef
+$(eval $(call targeted_rule,teacher,$(TEACHER)/model.safetensors,$(TEACHER)))
+$(eval $(call targeted_rule,pruned-init,$(RUN)/student-init/model.safetensors,$(RUN)/student-init))
+$(eval $(call targeted_rule,distilled,$(RUN)/distilled/model.safetensors,$(RUN)/distilled))
+$(eval $(call targeted_rule,ce-baseline,$(RUN)/baseline/model.safetensors,$(RUN)/baseline))
+$(eval $(call targeted_rule,finetuned,$(RUN)/finetuned/model.safetensors,$(RUN)/finetuned))
+TARGETED_EVALS = $(EVALS:.json=-targeted.json)
+
+# The judge on the same prompts, both orders: the distilled student against the CE-only
+# baseline (same data and steps) and against the teacher.
+define pairwise_rule
+$(RUN)/eval/judge-$(1)-vs-$(2).json: $(RUN)/eval/$(1)-targeted.json $(RUN)/eval/$(2)-targeted.json
+	$(EVAL_CMD) --pairwise $(RUN)/eval/$(1)-answers.jsonl $(RUN)/eval/$(2)-answers.jsonl --pairwise-names $(1) $(2) --judge $(JUDGE) --prompts $(TARGETED) --out $$@ --samples-out $(RUN)/eval/judge-$(1)-vs-$(2).md $(COMMON)
+endef
+$(eval $(call pairwise_rule,distilled,ce-baseline))
+$(eval $(call pairwise_rule,distilled,teacher))
+JUDGEMENTS = $(RUN)/eval/judge-distilled-vs-ce-baseline.json $(RUN)/eval/judge-distilled-vs-teacher.json
+eval: $(EVALS) $(TARGETED_EVALS) $(JUDGEMENTS)
+
+$(RUN)/report/report.md: $(EVALS) $(TARGETED_EVALS) $(JUDGEMENTS)
+	$(REPORT_CMD) --metrics $(EVALS) --targeted $(TARGETED_EVALS) --judgements $(JUDGEMENTS) --out $(RUN)/report --student distilled --baseline ce-baseline --title "Distillery: SmolLM2-135M-Instruct (GGUF Q4_1) distilled into a 12-layer student"
 report: $(RUN)/report/report.md
 
 # The student as GGUF, answered by llama.cpp's server on the held-out prompts.

@@ -90,20 +90,31 @@ pub struct ServedArgs {
 impl ServedArgs {
     /// Connects to the server (capability probe included), when --teacher-url is given.
     pub fn connect(&self, top_k: Option<usize>, scoring: bool) -> Result<Option<distillery::teacher::served::ServedTeacher>> {
+        let Some(url) = &self.teacher_url else { return Ok(None) };
+        Ok(Some(self.connect_with(url, self.teacher_tokenizer.as_deref().unwrap_or_default(), top_k, scoring)?))
+    }
+
+    /// Another served model (a judge) with these flags' engine, timeout, retries and top-K;
+    /// its replies must carry the top-K log-probabilities (the judge's verdicts are read
+    /// from them).
+    pub fn connect_to(&self, url: &str, tokenizer: &str) -> Result<distillery::teacher::served::ServedTeacher> {
+        self.connect_with(url, tokenizer, Some(self.teacher_top_k), false)
+    }
+
+    fn connect_with(&self, url: &str, tokenizer: &str, top_k: Option<usize>, scoring: bool) -> Result<distillery::teacher::served::ServedTeacher> {
         use distillery::teacher::engine::Engine;
         use distillery::teacher::served::{ServedOptions, ServedTeacher};
-        let Some(url) = &self.teacher_url else { return Ok(None) };
         anyhow::ensure!(self.teacher_timeout > 0.0, "--teacher-timeout must be positive");
         let opts = ServedOptions {
-            url: url.clone(),
-            tokenizer: self.teacher_tokenizer.clone().unwrap_or_default(),
+            url: url.to_string(),
+            tokenizer: tokenizer.to_string(),
             engine: Engine::parse(&self.teacher_engine)?,
             concurrency: self.teacher_concurrency,
             timeout: std::time::Duration::from_secs_f64(self.teacher_timeout),
             retries: self.teacher_retries,
             score_top_k: self.teacher_top_k,
         };
-        Ok(Some(ServedTeacher::connect(opts, top_k, scoring)?))
+        ServedTeacher::connect(opts, top_k, scoring)
     }
 }
 

@@ -144,6 +144,12 @@ fn special_token(files: &ModelFiles, key: &str) -> Option<String> {
 /// `apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)`.
 /// The result already holds the template's special tokens: tokenize it without adding more.
 pub fn apply_chat_template(files: &ModelFiles, template: &str, text: &str) -> Result<String> {
+    render_chat(files, template, &[("user", text)])
+}
+
+/// Renders `(role, content)` turns through the chat template with the generation prompt
+/// appended, as transformers' `apply_chat_template(messages, add_generation_prompt=True)`.
+pub fn render_chat(files: &ModelFiles, template: &str, messages: &[(&str, &str)]) -> Result<String> {
     let mut env = minijinja::Environment::new();
     minijinja_contrib::add_to_environment(&mut env);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -151,8 +157,9 @@ pub fn apply_chat_template(files: &ModelFiles, template: &str, text: &str) -> Re
         Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
     });
     env.add_template("chat", template).map_err(|e| anyhow::anyhow!("chat template does not parse: {e}"))?;
+    let turns: Vec<minijinja::Value> = messages.iter().map(|(role, content)| minijinja::context! { role => role, content => content }).collect();
     let ctx = minijinja::context! {
-        messages => vec![minijinja::context! { role => "user", content => text }],
+        messages => turns,
         add_generation_prompt => true,
         bos_token => special_token(files, "bos_token").unwrap_or_default(),
         eos_token => special_token(files, "eos_token").unwrap_or_default(),

@@ -38,6 +38,14 @@ struct Args {
     bootstrap_samples: usize,
     #[arg(long, default_value = "Distillation results")]
     title: String,
+    /// kd-eval --pairwise results: a judge table (win, tie and loss rates with intervals)
+    /// and the first pairs with their verdicts.
+    #[arg(long, num_args = 1..)]
+    judgements: Vec<PathBuf>,
+    /// kd-eval --targeted results (one per model): the targeted-set table, and the
+    /// student's answers against the baseline's (McNemar over the same prompts).
+    #[arg(long, num_args = 1..)]
+    targeted: Vec<PathBuf>,
 }
 
 fn main() {
@@ -54,6 +62,8 @@ fn main() {
             html: a.html,
             bootstrap_samples: a.bootstrap_samples,
             title: a.title,
+            judgements: a.judgements,
+            targeted: a.targeted,
         })
     });
 }

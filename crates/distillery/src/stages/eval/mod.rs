@@ -4,7 +4,11 @@
 //! Every mean comes with a 95% interval (`<metric>_ci95`: Wilson for accuracies, a seeded
 //! percentile bootstrap over records or items otherwise), and the per-item outcomes go to a
 //! sidecar (`<out>.items.json`) so that kd-report can compare two models over the same items.
+pub mod compare;
+pub mod judge;
 pub mod metrics;
+pub mod reference;
+pub mod targeted;
 pub mod tasks;
 
 use crate::base::device::device_name;
@@ -20,6 +24,7 @@ use crate::model::tokenizer::SpecialTokens;
 use crate::teacher::{LocalTeacher, Teacher};
 use anyhow::{ensure, Result};
 use metrics::{evaluate, EvalMetrics, RecordSums};
+use targeted::{targeted_entries, targeted_records, write_answers};
 use serde_json::{json, Map, Value};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -60,6 +65,14 @@ pub struct EvalOptions {
     /// A teacher behind a server (instead of `teacher`): KL and agreement from its top-K,
     /// the bucketed approximations of docs/FORMATS.md.
     pub served: Option<crate::teacher::served::ServedTeacher>,
+    /// Targeted records (`prompt` with `answer`/`answers` or a long `reference`): exact
+    /// match, F1 and contains over short answers, ROUGE-L over long ones, and the judge's grade.
+    pub targeted: Option<PathBuf>,
+    /// JSONL of the model's answers to the --targeted (else --generate) prompts, for
+    /// `--pairwise` to read instead of generating again.
+    pub answers_out: Option<PathBuf>,
+    /// Grades the --targeted answers against their references.
+    pub judge: Option<judge::Judge>,
 }
 
 fn limited(path: &Path, limit: Option<usize>) -> Result<Vec<Record>> {
@@ -103,13 +116,14 @@ pub fn bits_per_byte_entries(m: &mut Map<String, Value>, recs: &mut Value, e: &E
 pub fn run(o: &EvalOptions) -> Result<String> {
     ensure!(o.batch_size > 0, "--batch-size must be positive");
     ensure!(
-        o.data.is_some() || o.mc.is_some() || o.cloze.is_some() || o.generate.is_some() || o.speed,
-        "nothing to evaluate: give --data, --mc, --cloze, --generate or --speed"
+        o.data.is_some() || o.mc.is_some() || o.cloze.is_some() || o.generate.is_some() || o.targeted.is_some() || o.speed,
+        "nothing to evaluate: give --data, --mc, --cloze, --generate, --targeted or --speed"
     );
+    ensure!(o.judge.is_none() || o.targeted.is_some(), "--judge grades --targeted answers (or compares --pairwise models): give --targeted");
     if o.shard != Shard::WHOLE {
         ensure!(
-            o.data.is_some() && o.mc.is_none() && o.cloze.is_none() && o.generate.is_none() && !o.speed && o.csv.is_none(),
-            "--shard splits the perplexity pass over --data only: run --mc, --cloze, --generate, --speed and --csv unsharded"
+            o.data.is_some() && o.mc.is_none() && o.cloze.is_none() && o.generate.is_none() && o.targeted.is_none() && !o.speed && o.csv.is_none(),
+            "--shard splits the perplexity pass over --data only: run --mc, --cloze, --generate, --targeted, --speed and --csv unsharded"
         );
     }
     let _lock = OutputLock::acquire(&o.out)?;
@@ -117,6 +131,7 @@ pub fn run(o: &EvalOptions) -> Result<String> {
     let mc = o.mc.as_deref().map(|p| limited(p, o.limit)).transpose()?;
     let cloze = o.cloze.as_deref().map(|p| limited(p, o.limit)).transpose()?;
     let gen = o.generate.as_deref().map(|p| limited(p, o.limit)).transpose()?;
+    let targeted = o.targeted.as_deref().map(|p| targeted_records(p, o.limit)).transpose()?;
     let (model, files, tok) = crate::model::load(&o.model, o.device, o.kind)?;
     let teacher = match &o.teacher {
         Some(t) => {
@@ -308,6 +323,25 @@ pub fn run(o: &EvalOptions) -> Result<String> {
             }
             write_atomic(path, md.as_bytes())?;
         }
+    }
+    if let Some(recs) = &targeted {
+        let eos = SpecialTokens::resolve(&files, &model.config)?.eos;
+        let prompts: Vec<String> = recs.iter().map(|t| t.prompt.clone()).collect();
+        let ids = tasks::encode_prompts(&files, &tok, &prompts, o.chat_template)?;
+        let outs = tasks::complete(&model, &tok, &ids, o.max_new_tokens, &eos, o.batch_size)?;
+        if speed_prompt.is_none() {
+            speed_prompt = ids.first().filter(|p| !p.is_empty()).cloned();
+        }
+        let scores = targeted_entries(&mut m, &mut items, recs, &outs, o.judge.as_ref(), b)?;
+        summary.push(scores);
+        m.insert("targeted".into(), json!(o.targeted.as_ref().map(|p| p.display().to_string())));
+        if let Some(path) = &o.answers_out {
+            write_answers(path, recs.iter().map(|t| (t.id.as_str(), t.prompt.as_str())), &outs)?;
+        }
+    } else if let (Some(path), Some(Value::Array(gens))) = (&o.answers_out, items.get("generations")) {
+        let pairs: Vec<(String, String)> = gens.iter().map(|g| (g["id"].as_str().unwrap_or_default().to_string(), g["prompt"].as_str().unwrap_or_default().to_string())).collect();
+        let outs: Vec<String> = gens.iter().map(|g| g["output"].as_str().unwrap_or_default().to_string()).collect();
+        write_answers(path, pairs.iter().map(|(i, p)| (i.as_str(), p.as_str())), &outs)?;
     }
     if o.speed {
         let prompt = match (speed_prompt, mc.as_ref().and_then(|r| r.first()), cloze.as_ref().and_then(|r| r.first())) {

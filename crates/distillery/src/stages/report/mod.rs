@@ -6,6 +6,7 @@
 //! `--html` all of it on one page.
 mod card;
 mod html;
+mod judged;
 mod plot;
 
 use crate::base::io::write_atomic;
@@ -35,6 +36,10 @@ pub struct ReportOptions {
     pub html: bool,
     pub bootstrap_samples: usize,
     pub title: String,
+    /// kd-eval --pairwise results (judge verdicts of one model against another).
+    pub judgements: Vec<PathBuf>,
+    /// kd-eval --targeted results (one per model): the targeted-set table.
+    pub targeted: Vec<PathBuf>,
 }
 
 /// kd-eval's sidecar: per-item outcomes in item order.
@@ -45,6 +50,15 @@ pub(crate) struct Items {
     pub cloze: Option<Outcomes>,
     #[serde(default)]
     pub generations: Vec<Generation>,
+    #[serde(default)]
+    pub targeted: Vec<TargetedItem>,
+}
+
+/// One targeted prompt's scores (kd-eval --targeted).
+#[derive(Deserialize, Clone)]
+pub(crate) struct TargetedItem {
+    pub id: String,
+    pub contains_answer: Option<f64>,
 }
 
 #[derive(Deserialize, Clone)]
@@ -163,10 +177,13 @@ pub(crate) enum Metric {
     Cloze,
     /// Comparable across tokenizers, where perplexity and KL are not.
     BitsPerByte,
+    /// Targeted prompts whose answer holds a reference answer (kd-eval --targeted).
+    TargetedContains,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 5] = [Metric::Perplexity, Metric::TeacherKl, Metric::Mc, Metric::Cloze, Metric::BitsPerByte];
+    pub const ALL: [Metric; 6] =
+        [Metric::Perplexity, Metric::TeacherKl, Metric::Mc, Metric::Cloze, Metric::BitsPerByte, Metric::TargetedContains];
     /// The columns of the per-strategy verdict table (models of one size share a tokenizer).
     pub const TABLE: [Metric; 4] = [Metric::Perplexity, Metric::TeacherKl, Metric::Mc, Metric::Cloze];
     pub fn label(self) -> &'static str {
@@ -176,6 +193,7 @@ impl Metric {
             Metric::Mc => "multiple-choice accuracy",
             Metric::Cloze => "cloze accuracy",
             Metric::BitsPerByte => "held-out bits per byte",
+            Metric::TargetedContains => "targeted set, answers holding the reference",
         }
     }
     pub fn key(self) -> &'static str {
@@ -185,6 +203,7 @@ impl Metric {
             Metric::Mc => "mc_accuracy",
             Metric::Cloze => "cloze_accuracy",
             Metric::BitsPerByte => "bits_per_byte",
+            Metric::TargetedContains => "targeted_contains_answer",
         }
     }
 }
@@ -226,6 +245,17 @@ pub(crate) fn compare(a: &Row, b: &Row, m: Metric, samples: usize) -> std::resul
             same(&oa.ids, &ob.ids)?;
             Ok((paired_accuracy(&oa.correct, &ob.correct), oa.ids.len()))
         }
+        Metric::TargetedContains => {
+            let hits = |i: &Items| -> (Vec<String>, Vec<bool>) {
+                i.targeted.iter().filter_map(|t| Some((t.id.clone(), t.contains_answer? > 0.5))).unzip()
+            };
+            let ((ida, ca), (idb, cb)) = (hits(ia), hits(ib));
+            if ida.is_empty() || idb.is_empty() {
+                return Err("no targeted answers in one of them".into());
+            }
+            same(&ida, &idb)?;
+            Ok((paired_accuracy(&ca, &cb), ida.len()))
+        }
     }
 }
 
@@ -245,8 +275,8 @@ fn fmt(x: Option<f64>, digits: usize) -> String {
 }
 
 /// One verdict line of `a` against `b`.
-fn verdict_text(a: &Row, b: &Row, m: Metric, samples: usize) -> (String, Option<&'static str>) {
-    let scale = if matches!(m, Metric::Mc | Metric::Cloze) { 100.0 } else { 1.0 };
+pub(crate) fn verdict_text(a: &Row, b: &Row, m: Metric, samples: usize) -> (String, Option<&'static str>) {
+    let scale = if matches!(m, Metric::Mc | Metric::Cloze | Metric::TargetedContains) { 100.0 } else { 1.0 };
     let unit = if scale == 100.0 { " points" } else { "" };
     let (va, vb) = (a.f(m.key()).unwrap_or(f64::NAN), b.f(m.key()).unwrap_or(f64::NAN));
     let head = if scale == 100.0 {
@@ -353,6 +383,9 @@ pub fn run(o: &ReportOptions) -> Result<String> {
     if let Some(base) = &o.baseline_strategy {
         md += &strategy_verdicts(&rows, base, o.bootstrap_samples, &mut verdicts);
     }
+    let targeted = o.targeted.iter().map(|p| read_row(p)).collect::<Result<Vec<_>>>()?;
+    md += &judged::targeted_section(&targeted, o.student.as_deref().zip(o.baseline.as_deref()), o.bootstrap_samples, &mut verdicts);
+    md += &judged::judge_section(&o.judgements, &mut verdicts)?;
     let card_md = card.markdown();
     if o.html {
         // The page: the same report, with every sample and the plot inline.
