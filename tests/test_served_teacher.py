@@ -381,3 +381,55 @@ def test_a_served_teacher_s_top_k_distils_a_student_with_its_own_tokenizer(teach
     ce, kd = reference_stored(hf, str(student), gen, sidecar, "gold", 2.0, 16, k_stored=8)
     assert kd > 0
     assert abs(float(got["ce"]) - ce) <= 1e-4 * ce and abs(float(got["kd"]) - kd) <= 1e-4 * kd, (got, ce, kd)
+
+
+def test_a_served_judge_reads_the_same_verdicts_as_the_local_one(teacher, server, tmp_path):
+    """kd-eval --pairwise with the judge behind llama-server (--judge URL --judge-tokenizer):
+    the label log-probabilities it reads from the server's top-K equal the local judge's where
+    the server returned the label, its raw replies are the local greedy ones, and where every
+    label came back the verdicts agree."""
+    import shutil
+
+    hf, _ = teacher
+    chat = tmp_path / "chat"
+    shutil.copytree(hf, chat)
+    cfg = json.loads((chat / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    (chat / "tokenizer_config.json").write_text(json.dumps(cfg))
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": p + "?"} for i, p in enumerate(PROMPTS[:6])])
+    a = write_jsonl(tmp_path / "a.jsonl", [{"id": f"q{i}", "output": p + " fox."} for i, p in enumerate(PROMPTS[:6])])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"id": f"q{i}", "output": "The student learns."} for i in range(6)])
+    # A short template: the tiny model's context is 256 tokens.
+    template = write_jsonl(tmp_path / "judge.json", [{
+        "system": "Judge.", "pairwise": "Q: {question} A: {answer_a} B: {answer_b} Better?",
+        "pairwise_labels": {"a": "A", "b": "B", "tie": "tie"}, "grade": "Q: {question} R: {reference} A: {answer}",
+        "grade_labels": {"correct": "correct", "partial": "partially", "wrong": "wrong"}}])
+    common = ["--pairwise", a, b, "--prompts", prompts, "--judge-raw-tokens", 4, "--judge-template", template, "--device", "cpu"]
+    run_bin("kd-eval", *common, "--judge", chat, "--out", tmp_path / "local.json")
+    run_bin("kd-eval", *common, "--judge", server.url, "--judge-tokenizer", chat, "--teacher-top-k", K,
+            "--out", tmp_path / "served.json")
+    local = json.loads((tmp_path / "local.items.json").read_text())["pairwise"]
+    served = json.loads((tmp_path / "served.items.json").read_text())["pairwise"]
+    found = compared = 0
+    for lr, sr in zip(local, served):
+        complete = True
+        for lo, so in zip(lr["orders"], sr["orders"]):
+            assert so["raw"] == lo["raw"] and so["prompt_tokens"] == lo["prompt_tokens"]
+            for label, lp in lo["logprobs"].items():
+                if so["logprobs"][label] is None:  # outside the server's top-K: read as -inf
+                    complete = False
+                    continue
+                # The served top-K is held in float16 (one step: 2^-10 relative) and llama.cpp's
+                # kernels differ from PyTorch's in the last bits.
+                assert abs(so["logprobs"][label] - lp) < 2e-3 + 2e-3 * abs(lp), (label, so, lo)
+                found += 1
+            # A label the server returned beats every one it did not, as the local judge saw.
+            got = [x for x in so["logprobs"].values() if x is not None]
+            if got:
+                assert max(lo["logprobs"], key=lambda k: lo["logprobs"][k]) == max(
+                    (k for k in so["logprobs"] if so["logprobs"][k] is not None), key=lambda k: so["logprobs"][k])
+        if complete:
+            assert sr["winner"] == lr["winner"]
+            compared += 1
+    assert found > 0 and json.loads((tmp_path / "served.json").read_text())["judge"].endswith("(served)")

@@ -257,8 +257,10 @@ impl Judge {
                 }
             }
             JudgeModel::Served(t) => {
-                // The server's top-K at the reply's first token: a label outside it gets the
-                // tail's log-mass (an upper bound on its own log-probability).
+                // The server's top-K at the reply's first token. A label outside it is less
+                // likely than every token in it, but its own value is unknown: it reads as
+                // -inf (null in the sidecar), so a label the server returned always wins
+                // over one it did not, and none returned reads as the last label (a tie).
                 let mut rngs = vec![SplitMix64::new(0); n];
                 let k = t.caps.top_k_checked.unwrap_or(20) as i64;
                 let (outs, rows) = t.generate_top(prompts, &greedy(self.raw_tokens.max(1)), &mut rngs, &|_| false, Some(k), self.batch)?;
@@ -267,8 +269,7 @@ impl Judge {
                     ensure!(r.rows() > 0, "the judge's server returned an empty reply for judge prompt {i}");
                     let idx = Vec::<i64>::try_from(&r.indices.get(0).to_kind(Kind::Int64))?;
                     let lp = Vec::<f64>::try_from(&r.logprobs.get(0).to_kind(Kind::Double))?;
-                    let tail = r.tail_logmass.get(0).to_kind(Kind::Double).double_value(&[]);
-                    logprobs[i] = labels.iter().map(|l| idx.iter().position(|x| x == l).map_or(tail, |p| lp[p])).collect();
+                    logprobs[i] = labels.iter().map(|l| idx.iter().position(|x| x == l).map_or(f64::NEG_INFINITY, |p| lp[p])).collect();
                 }
                 if self.raw_tokens > 0 {
                     raw_ids = outs;
@@ -344,6 +345,8 @@ pub fn pairwise(judge: &Judge, items: &[PairItem], names: [&str; 2], bootstrap: 
     }
     let readings = judge.read(&prompts, &labels)?;
     let (mut wins, mut consistent, mut first_picked) = ([0usize; 3], 0usize, 0usize);
+    // A served judge's top-K may hold no label at all: that reading defaults to a tie.
+    let unread = readings.iter().filter(|r| r.logprobs.iter().all(|x| !x.is_finite())).count();
     let mut scores = vec![];
     let mut rows = vec![];
     for (it, pair) in items.iter().zip(readings.chunks(2)) {
@@ -385,6 +388,7 @@ pub fn pairwise(judge: &Judge, items: &[PairItem], names: [&str; 2], bootstrap: 
         "score_a_ci95": bootstrap_ratio_ci(&scores, &vec![1.0; n], bootstrap, BOOTSTRAP_SEED, |x| x),
         "self_agreement": rate(consistent), "self_agreement_ci95": wilson_interval(consistent, n),
         "first_position_rate": first_picked as f64 / (2 * n) as f64, "first_position_rate_ci95": wilson_interval(first_picked, 2 * n),
+        "readings_without_labels": unread,
     });
     Ok((summary, rows))
 }
