@@ -39,7 +39,8 @@ def gguf_env(tmp_path_factory):
 
 
 def plain_rope(model_dir):
-    """GGUF import reads plain RoPE (Llama 3 scaling travels as a `rope_freqs` tensor, not supported yet)."""
+    """Plain RoPE, as transformers' GGUF loader (the reference here) reads it: it drops the
+    `rope_freqs` tensor Llama 3 scaling travels as (test_llama3_rope_scaling_travels_as_rope_freqs)."""
     path = Path(model_dir) / "config.json"
     cfg = json.loads(path.read_text())
     cfg.pop("rope_scaling", None)
@@ -286,6 +287,49 @@ def test_llamacpp_runs_exported_students_greedy_like_us(arch, llama_bin, tmp_pat
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+# Llama 3 rope scaling: tiny's own (theta 5e5, no blended frequency) and one with two blended.
+LLAMA3_ROPE = [
+    None,
+    {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 8.0,
+     "original_max_position_embeddings": 1024},
+]
+
+
+@pytest.mark.parametrize("rope", LLAMA3_ROPE, ids=["tiny", "blended"])
+def test_llama3_rope_scaling_travels_as_rope_freqs(rope, gguf_env, tmp_path):
+    """llama.cpp's converter writes Llama 3 scaling as per-frequency factors (`rope_freqs`):
+    reading the file gives the Hugging Face checkpoint's perplexity (transformers on the
+    directory; its own GGUF loader drops the factors), kd-convert writes a rope_scaling that
+    transformers reads back to the same figure, and kd-export writes the same factors."""
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = str(tmp_path / "llama3")
+    tiny.make_model("llama", hf, seed=3)
+    cfg = json.loads((Path(hf) / "config.json").read_text())
+    if rope:
+        cfg["rope_parameters"] = rope
+    (Path(hf) / "config.json").write_text(json.dumps(cfg))
+    assert cfg["rope_parameters"]["rope_type"] == "llama3"
+    gguf = convert(hf, str(tmp_path / "llama3.gguf"), "f32")
+    factors = [t for t in GGUFReader(gguf).tensors if t.name == "rope_freqs.weight"][0].data
+    assert (factors != 1).any(), "the scaling changes some frequencies"
+    want = perplexity(AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32), AutoTokenizer.from_pretrained(hf), TEXTS)
+    data = write_jsonl(tmp_path / "texts.jsonl", [{"id": f"t{i}", "text": t} for i, t in enumerate(TEXTS)])
+    run_bin("kd-eval", "--model", gguf, "--data", data, "--out", tmp_path / "e.json", "--device", "cpu", env=gguf_env)
+    got = json.loads((tmp_path / "e.json").read_text())["perplexity"]
+    assert abs(got - want) / want < 1e-5, (got, want)
+    out = tmp_path / "converted"
+    run_bin("kd-convert", "--model", gguf, "--out", out, env=gguf_env)
+    assert json.loads((out / "config.json").read_text())["rope_scaling"]["rope_type"] == "llama3"
+    back = perplexity(AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32), AutoTokenizer.from_pretrained(str(out)), TEXTS)
+    assert abs(back - want) / want < 1e-5, (back, want)
+    exported = tmp_path / "exported.gguf"
+    run_bin("kd-export", "--model", hf, "--format", "gguf", "--type", "f32", "--out", exported)
+    ours = [t for t in GGUFReader(str(exported)).tensors if t.name == "rope_freqs.weight"][0].data
+    assert torch.allclose(torch.tensor(ours), torch.tensor(factors), rtol=1e-6)
 
 
 def test_bad_gguf_files_are_named_and_nothing_is_written(gguf_env, tmp_path):

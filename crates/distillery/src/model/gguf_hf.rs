@@ -3,13 +3,105 @@
 //! directions. Reading is what makes a `.gguf` usable wherever a model is read; writing is
 //! `kd-export --format gguf`.
 use crate::model::arch::{Arch, Positions};
-use crate::model::config::ModelConfig;
+use crate::model::config::{Llama3RopeScaling, ModelConfig};
 use crate::model::gguf::{GgufFile, Meta};
 use anyhow::{bail, ensure, Context, Result};
 use rayon::prelude::*;
 use serde_json::{json, Map, Value};
 use std::collections::HashMap;
 use tch::{Kind, Tensor};
+
+/// Llama 3's pre-scaling context, which llama.cpp's files do not record: any value gives the
+/// same frequencies once the thresholds are fitted to it.
+const LLAMA3_ORIGINAL_CONTEXT: f64 = 8192.0;
+
+/// llama.cpp's `rope_freqs` for Llama 3 scaling (convert_hf_to_gguf.py's rule): per RoPE
+/// frequency, the divisor of that frequency (1 for short wavelengths, `factor` for long ones,
+/// a smooth blend between).
+pub fn llama3_factors(s: &Llama3RopeScaling, theta: f64, head_dim: usize) -> Vec<f64> {
+    let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+    let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+    (0..head_dim / 2)
+        .map(|i| {
+            let wavelen = 2.0 * std::f64::consts::PI * theta.powf((2 * i) as f64 / head_dim as f64);
+            if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                s.factor
+            } else {
+                let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                1.0 / ((1.0 - smooth) / s.factor + smooth)
+            }
+        })
+        .collect()
+}
+
+/// The Llama 3 scaling whose factors are `factors` (None when every factor is 1). Only the
+/// wavelength thresholds matter, not how `original` splits them, so `original` is taken as
+/// given and the two frequency factors fitted: from the blended frequencies when there are
+/// two or more (a line in 1/wavelength), else midway between the neighbouring frequencies.
+/// The fit must give the factors back (to float32 precision), or the file is refused.
+pub fn llama3_from_factors(factors: &[f64], theta: f64, head_dim: usize, original: f64) -> Result<Option<Llama3RopeScaling>> {
+    ensure!(factors.len() == head_dim / 2, "`rope_freqs.weight` has {} values, the head width {head_dim} needs {}", factors.len(), head_dim / 2);
+    let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * b.abs().max(1.0);
+    if factors.iter().all(|&f| close(f, 1.0)) {
+        return Ok(None);
+    }
+    let factor = factors.iter().copied().fold(f64::MIN, f64::max);
+    ensure!(factor > 1.0, "`rope_freqs.weight` has factors below 1: not Llama 3 rope scaling");
+    // x = 1 / wavelength falls with the index; s(x) = (x - x_low) / (x_high - x_low).
+    let x: Vec<f64> = (0..factors.len()).map(|i| 1.0 / (2.0 * std::f64::consts::PI * theta.powf((2 * i) as f64 / head_dim as f64))).collect();
+    let blended: Vec<usize> = (0..factors.len()).filter(|&i| !close(factors[i], 1.0) && !close(factors[i], factor)).collect();
+    let smooth = |i: usize| (1.0 / factors[i] - 1.0 / factor) / (1.0 - 1.0 / factor);
+    let last_one = (0..factors.len()).rev().find(|&i| close(factors[i], 1.0));
+    let first_full = (0..factors.len()).find(|&i| close(factors[i], factor));
+    let (x_high, x_low) = if blended.len() >= 2 {
+        // Least squares of s = a x + c over the blended frequencies.
+        let n = blended.len() as f64;
+        let (mx, ms) = (blended.iter().map(|&i| x[i]).sum::<f64>() / n, blended.iter().map(|&i| smooth(i)).sum::<f64>() / n);
+        let sxx: f64 = blended.iter().map(|&i| (x[i] - mx).powi(2)).sum();
+        let sxs: f64 = blended.iter().map(|&i| (x[i] - mx) * (smooth(i) - ms)).sum();
+        let a = sxs / sxx;
+        let c = ms - a * mx;
+        ((1.0 - c) / a, -c / a)
+    } else {
+        let mid = |a: Option<usize>, b: Option<usize>, edge: f64| match (a, b) {
+            (Some(a), Some(b)) => (x[a] + x[b]) / 2.0,
+            _ => edge,
+        };
+        let first_off = last_one.map(|i| i + 1).or(Some(0));
+        let last_off = first_full.map(|i| i.saturating_sub(1));
+        let x_high = mid(last_one, first_off.filter(|&i| i < factors.len()), x[0] * 2.0);
+        let x_low = mid(last_off, first_full, x[factors.len() - 1] / 2.0);
+        match blended.first() {
+            // One blended frequency x_i with weight s fixes one threshold given the other:
+            // s = (x_i - x_low) / (x_high - x_low). Either threshold midway to its neighbour,
+            // whichever leaves the other between its neighbours.
+            Some(&i) => {
+                let (si, above, below) = (smooth(i), if i > 0 { x[i - 1] } else { f64::INFINITY }, x.get(i + 1).copied().unwrap_or(0.0));
+                let from_high = (x_high, (x[i] - si * x_high) / (1.0 - si));
+                let from_low = (x_low + (x[i] - x_low) / si, x_low);
+                if from_high.1 > below && from_high.1 < x[i] {
+                    from_high
+                } else if from_low.0 < above && from_low.0 > x[i] {
+                    from_low
+                } else {
+                    from_high
+                }
+            }
+            None => (x_high, x_low),
+        }
+    };
+    let sc = Llama3RopeScaling { factor, low_freq_factor: original * x_low, high_freq_factor: original * x_high, original_max_position_embeddings: original };
+    let back = llama3_factors(&sc, theta, head_dim);
+    for (i, (&want, got)) in factors.iter().zip(back).enumerate() {
+        ensure!(
+            (want - got).abs() <= 1e-4 * want,
+            "`rope_freqs.weight` does not follow Llama 3's rope scaling rule (frequency {i}: {want}, the closest Llama 3 scaling gives {got})"
+        );
+    }
+    Ok(Some(sc))
+}
 
 /// The files a Hugging Face directory would hold for a GGUF model, weights aside.
 pub struct HfSideFiles {
@@ -65,7 +157,19 @@ pub fn side_files(g: &GgufFile) -> Result<HfSideFiles> {
     c.insert(k.intermediate.into(), json!(meta_u64(g, "feed_forward_length")?));
     c.insert(k.max_positions.into(), json!(g.arch_key("context_length").and_then(Meta::as_u64).unwrap_or(2048)));
     if spec.positions == Positions::Rope {
-        ensure!(!has("rope_freqs.weight"), "rope scaling stored as `rope_freqs.weight` (Llama 3.1 style) is not supported in GGUF import yet");
+        if let Some(t) = g.tensors.iter().find(|t| t.name == "rope_freqs.weight") {
+            let theta = g.arch_key("rope.freq_base").and_then(Meta::as_f64).unwrap_or(10000.0);
+            let head_dim = g.arch_key("attention.key_length").and_then(Meta::as_u64).unwrap_or(meta_u64(g, "embedding_length")? / heads);
+            let original = g.arch_key("rope.scaling.original_context_length").and_then(Meta::as_f64).unwrap_or(LLAMA3_ORIGINAL_CONTEXT);
+            let factors: Vec<f64> = g.dequantize(t)?.into_iter().map(f64::from).collect();
+            if let Some(sc) = llama3_from_factors(&factors, theta, head_dim as usize, original)? {
+                c.insert(
+                    "rope_scaling".into(),
+                    json!({"rope_type": "llama3", "factor": sc.factor, "low_freq_factor": sc.low_freq_factor,
+                           "high_freq_factor": sc.high_freq_factor, "original_max_position_embeddings": sc.original_max_position_embeddings}),
+                );
+            }
+        }
         c.insert(k.norm_eps.into(), json!(g.arch_key("attention.layer_norm_rms_epsilon").and_then(Meta::as_f64).unwrap_or(1e-6)));
         c.insert("rope_theta".into(), json!(g.arch_key("rope.freq_base").and_then(Meta::as_f64).unwrap_or(10000.0)));
         c.insert(k.kv_heads.unwrap().into(), json!(g.arch_key("attention.head_count_kv").and_then(Meta::as_u64).unwrap_or(heads)));
@@ -537,7 +641,6 @@ pub fn export_gguf(cfg: &ModelConfig, tensors: &HashMap<String, Tensor>, tokeniz
     w.u32(&k("rope.dimension_count"), cfg.head_dim as u64);
     w.f32(&k("rope.freq_base"), cfg.rope_theta);
     w.f32(&k("attention.layer_norm_rms_epsilon"), cfg.norm_eps);
-    ensure!(cfg.rope_llama3.is_none(), "GGUF export of Llama 3 rope scaling is not supported yet");
     // The tokenizer: every id up to the embedding rows, with its type.
     let n = cfg.vocab_size as usize;
     let mut toks: Vec<Option<String>> = vec![None; n];
@@ -601,6 +704,11 @@ pub fn export_gguf(cfg: &ModelConfig, tensors: &HashMap<String, Tensor>, tokeniz
     w.bool("tokenizer.ggml.add_eos_token", false);
     if let Some(t) = tokenizer_config["chat_template"].as_str() {
         w.string("tokenizer.chat_template", t);
+    }
+    // Llama 3 rope scaling travels as llama.cpp's per-frequency factors, before the blocks.
+    if let Some(sc) = &cfg.rope_llama3 {
+        let f: Vec<f32> = llama3_factors(sc, cfg.rope_theta, cfg.head_dim as usize).into_iter().map(|x| x as f32).collect();
+        w.tensor("rope_freqs.weight", &[f.len() as i64], &f, GgmlType::F32);
     }
     // Tensors, in llama.cpp's names and layout.
     let spec = cfg.spec();
@@ -667,4 +775,32 @@ fn gguf_name(hf: &str, layer_prefix: &str) -> Option<String> {
         _ => return None,
     };
     Some(format!("blk.{layer}.{g}.{param}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(factor: f64, low: f64, high: f64, original: f64, theta: f64, head_dim: usize) {
+        let sc = Llama3RopeScaling { factor, low_freq_factor: low, high_freq_factor: high, original_max_position_embeddings: original };
+        let f = llama3_factors(&sc, theta, head_dim);
+        // The fit is told another original context: the thresholds, not the split, matter.
+        let fit = llama3_from_factors(&f, theta, head_dim, 8192.0).unwrap().unwrap();
+        for (a, b) in f.iter().zip(llama3_factors(&fit, theta, head_dim)) {
+            assert!((a - b).abs() < 1e-9 * a, "{sc:?} -> {fit:?}");
+        }
+    }
+
+    #[test]
+    fn llama3_scaling_survives_the_trip_through_rope_freqs() {
+        // Llama 3.1 8B: many blended frequencies.
+        round_trip(8.0, 1.0, 4.0, 8192.0, 500000.0, 128);
+        // Tiny heads (wavelengths 6.3, 20, 63, 199, 628, 1987, ...): two, no and one blended.
+        round_trip(8.0, 1.0, 8.0, 1024.0, 10000.0, 16);
+        round_trip(4.0, 2.0, 3.0, 1024.0, 10000.0, 16);
+        round_trip(4.0, 1.0, 2.0, 300.0, 10000.0, 16);
+        assert!(llama3_from_factors(&[1.0; 8], 10000.0, 16, 8192.0).unwrap().is_none());
+        let e = llama3_from_factors(&[1.0, 3.0, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0], 10000.0, 16, 8192.0).unwrap_err().to_string();
+        assert!(e.contains("does not follow Llama 3"), "{e}");
+    }
 }
