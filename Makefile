@@ -32,12 +32,15 @@ test: build
 test-rust:
 	cargo test --release --workspace
 
+# Every test, those against a real llama.cpp too (llama-server for served teachers and judges
+# and exported students, llama-quantize for the K-quants): its C++ tools are built once from
+# the llama-cpp-python sdist into ~/.cache/distillery (about 10 minutes on 2 cores the first
+# time, nothing after).
 test-python:
-	$(PYTHON) -m pytest tests -q -m "not llamacpp"
+	$(PYTHON) scripts/llamacpp.py build
+	$(PYTHON) -m pytest tests -q
 
-# Tests that run llama.cpp's C++ tools (llama-quantize for the K-quants, llama-server for
-# exported students), built once from the llama-cpp-python sdist into ~/.cache/distillery
-# (about 10 minutes on 2 cores the first time).
+# Only the tests against llama.cpp.
 test-llamacpp: build
 	$(PYTHON) scripts/llamacpp.py build
 	$(PYTHON) -m pytest tests -q -m llamacpp

@@ -125,4 +125,4 @@ def held_out(tmp_path_factory):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "llamacpp: needs llama.cpp's C++ tools (make test-llamacpp builds them once)")
+    config.addinivalue_line("markers", "llamacpp: needs llama.cpp's C++ tools (make test and make test-llamacpp build them once)")
