@@ -6,7 +6,8 @@ should use (docs/RESULTS.md, "Pruning a real teacher").
 
 Part A, one-shot (no training): each axis alone, all four at once, and four students of the
 same size (about a third of the teacher's non-embedding parameters) that trade depth for
-width differently. Part B: the calibration set's size. Part C: each equal-size start
+width differently. Part B: the calibration set's size. Part D: the same cuts chosen at
+random (kd-init --random-importance), which says what the importance estimate buys. Part C: each equal-size start
 distilled for --steps steps on the pipeline's transfer set (the same data, seed and steps),
 and an iterative start (prune half way, distil half the steps, prune again, distil the rest)
 against one-shot. Perplexity on 20 held-out KJV passages (one-shot) and on the held-out
@@ -62,11 +63,11 @@ def main():
         calib[n].write_text("".join(lines[:n]))
     results = {"teacher": {"kjv": perplexity(a.teacher, kjv, out / "teacher-kjv.json")}}
 
-    def prune(name, shape, n_calib=64, teacher=a.teacher):
+    def prune(name, shape, n_calib=64, teacher=a.teacher, extra=()):
         d = out / name
         if not (d / "model.safetensors").exists():
             run(BIN / "kd-init", "--teacher", teacher, "--out", d, "--init", "prune", *shape.split(), "--calib", calib[n_calib],
-                "--calib-limit", n_calib, "--device", "cpu")
+                "--calib-limit", n_calib, "--device", "cpu", *extra)
         total = json.loads((d / "distillery_init.json").read_text())["student_params"]
         r = {"shape": shape, "calib": n_calib, "non_embedding_params": non_embedding(d, total), "params": total,
              "kjv": perplexity(d, kjv, out / f"{name}-kjv.json")}
@@ -93,6 +94,12 @@ def main():
     # B: calibration size, on the pipeline's shape.
     for n in (8, 256):
         prune(f"calib-{n}", equal["depth+ffn (12L, FFN 1024)"], n_calib=n)
+    # D: what the importance estimate is worth: the same shapes pruned by chance (seeded).
+    for seed in (0, 1, 2):
+        prune(f"heads-6-random-s{seed}", "--heads 6 --kv-heads 2", extra=("--random-importance", "--seed", seed))
+        prune(f"ffn-1024-random-s{seed}", "--intermediate 1024", extra=("--random-importance", "--seed", seed))
+    prune("depth-20-random-s0", "--layers 20", extra=("--random-importance", "--seed", 0))
+    prune("eq-12L-random-s0", equal["depth+ffn (12L, FFN 1024)"], extra=("--random-importance", "--seed", 0))
     results["one_shot_seconds"] = time.time() - t0
 
     if not a.skip_training:

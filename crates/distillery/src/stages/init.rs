@@ -198,6 +198,20 @@ pub struct Importance {
     pub block_influence: Vec<f64>,
 }
 
+impl Importance {
+    /// Every score replaced by a seeded uniform draw (same shapes): pruning by chance.
+    pub fn randomised(&self, seed: u64) -> Importance {
+        let mut rng = crate::base::rng::SplitMix64::new(seed);
+        let mut draw = |v: &[f64]| v.iter().map(|_| rng.next_f64()).collect::<Vec<f64>>();
+        Importance {
+            heads: self.heads.iter().map(|h| draw(h)).collect(),
+            ffn: self.ffn.iter().map(|f| draw(f)).collect(),
+            hidden: draw(&self.hidden),
+            block_influence: draw(&self.block_influence),
+        }
+    }
+}
+
 /// Accumulates Minitron-style activation statistics as the teacher runs: per-head output
 /// norms, per-channel |FFN activation|, per-hidden-channel |norm output|, and ShortGPT's
 /// block influence `1 - cos(layer input, layer output)`, summed over tokens.
@@ -494,6 +508,9 @@ pub struct InitOptions {
     pub device: tch::Device,
     /// Precision of the saved student.
     pub kind: tch::Kind,
+    /// Replace every importance score by a seeded random number: the ablation that says how
+    /// much the activation statistics are worth.
+    pub random_importance: bool,
 }
 
 /// A randomly initialised model from --config, with the tokenizer of --tokenizer.
@@ -599,7 +616,10 @@ pub fn run(args: &InitOptions) -> Result<String> {
             let calib = args.calib.as_ref().unwrap();
             let (_, toks) = read_tokenized(calib, &tok, Layout::Whole, Some(args.calib_max_length))?;
             let seqs: Vec<Vec<i64>> = toks.into_iter().take(args.calib_limit).map(|t| t.ids).collect();
-            let imp = measure_importance(&teacher, &seqs).context("measuring importance")?;
+            let mut imp = measure_importance(&teacher, &seqs).context("measuring importance")?;
+            if args.random_importance {
+                imp = imp.randomised(args.seed as u64);
+            }
             let (map, keep) = choose_pruning(tcfg, &cfg, &imp)?;
             let student = CausalLm::new(cfg, device, kind, InitMode::ForLoading);
             copy_from_teacher(&student, &teacher, &map, Some(&keep))?;
@@ -629,6 +649,7 @@ pub fn run(args: &InitOptions) -> Result<String> {
     let bytes = |m: &CausalLm| m.param_count() * m.kind().elt_size_in_bytes() as i64;
     let report = json!({
         "init": args.init.to_string(),
+        "random_importance": args.random_importance,
         "teacher": teacher_spec,
         "seed": args.seed,
         "shape": shape,

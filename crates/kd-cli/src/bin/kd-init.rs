@@ -48,6 +48,10 @@ struct Args {
     /// Tokens per calibration record at most.
     #[arg(long, default_value_t = 512)]
     calib_max_length: usize,
+    /// --init prune: choose heads, channels and layers at random (seeded) instead of by
+    /// their activation importance, to measure what the importance estimate is worth.
+    #[arg(long)]
+    random_importance: bool,
     #[arg(long, default_value_t = 0)]
     seed: i64,
     /// auto (CUDA when present, else the CPU), cpu, cuda or cuda:N.
@@ -74,6 +78,7 @@ fn main() {
             keep_layers: a.keep_layers,
             calib: a.calib,
             calib_limit: a.calib_limit,
+            random_importance: a.random_importance,
             calib_max_length: a.calib_max_length,
             seed: a.seed,
             device,
