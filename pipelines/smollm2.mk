@@ -44,6 +44,8 @@ HELDOUT_N  ?= 100
 TARGETED   ?= data/targeted/targeted.jsonl
 TARGETED_TOKENS ?= 32
 JUDGE      ?= $(TEACHER)
+# Tokens of each judge reply kept for audit (the verdicts come from log-probabilities).
+JUDGE_RAW  ?= 8
 
 CONVERT_CMD  ?= $(BIN)/kd-convert
 INIT_CMD     ?= $(BIN)/kd-init
@@ -143,20 +145,20 @@ EVALS = $(addprefix $(RUN)/eval/,teacher.json pruned-init.json distilled.json ce
 define targeted_rule
 $(RUN)/eval/$(1)-targeted.json: $(2) $(TARGETED)
 	mkdir -p $(RUN)/eval
-	$(EVAL_CMD) --model $(3) --name $(1) --out $$@ --targeted $(TARGETED) --chat-template --max-new-tokens $(TARGETED_TOKENS) --judge $(JUDGE) --answers-out $(RUN)/eval/$(1)-answers.jsonl $(COMMON)
+	$(EVAL_CMD) --model $(3) --name $(1) --out $$@ --targeted $(TARGETED) --chat-template --max-new-tokens $(TARGETED_TOKENS) --judge $(JUDGE) --judge-raw-tokens $(JUDGE_RAW) --answers-out $(RUN)/eval/$(1)-answers.jsonl $(COMMON)
 endef
 $(eval $(call targeted_rule,teacher,$(TEACHER)/model.safetensors,$(TEACHER)))
-$(eval $(call targeted_rule,pruned-init,$(RUN)/student-init/model.safetensors,$(RUN)/student-init))
 $(eval $(call targeted_rule,distilled,$(RUN)/distilled/model.safetensors,$(RUN)/distilled))
 $(eval $(call targeted_rule,ce-baseline,$(RUN)/baseline/model.safetensors,$(RUN)/baseline))
 $(eval $(call targeted_rule,finetuned,$(RUN)/finetuned/model.safetensors,$(RUN)/finetuned))
-TARGETED_EVALS = $(EVALS:.json=-targeted.json)
+# (Not the pruned start: before training it writes noise.)
+TARGETED_EVALS = $(addprefix $(RUN)/eval/,teacher-targeted.json distilled-targeted.json ce-baseline-targeted.json finetuned-targeted.json)
 
 # The judge on the same prompts, both orders: the distilled student against the CE-only
 # baseline (same data and steps) and against the teacher.
 define pairwise_rule
 $(RUN)/eval/judge-$(1)-vs-$(2).json: $(RUN)/eval/$(1)-targeted.json $(RUN)/eval/$(2)-targeted.json
-	$(EVAL_CMD) --pairwise $(RUN)/eval/$(1)-answers.jsonl $(RUN)/eval/$(2)-answers.jsonl --pairwise-names $(1) $(2) --judge $(JUDGE) --prompts $(TARGETED) --out $$@ --samples-out $(RUN)/eval/judge-$(1)-vs-$(2).md $(COMMON)
+	$(EVAL_CMD) --pairwise $(RUN)/eval/$(1)-answers.jsonl $(RUN)/eval/$(2)-answers.jsonl --pairwise-names $(1) $(2) --judge $(JUDGE) --judge-raw-tokens $(JUDGE_RAW) --prompts $(TARGETED) --out $$@ --samples-out $(RUN)/eval/judge-$(1)-vs-$(2).md $(COMMON)
 endef
 $(eval $(call pairwise_rule,distilled,ce-baseline))
 $(eval $(call pairwise_rule,distilled,teacher))

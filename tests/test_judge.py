@@ -75,23 +75,41 @@ QUESTIONS = ["What does the teacher model do?", "Who jumps over the lazy dog?", 
              "What did God create?", "Which symbols appear in text?"]
 
 
-def judge_logprobs(model_dir, texts, labels):
-    """transformers' log-probabilities of each label's first token after each judge prompt
-    (system turn, user turn, generation prompt), and the prompt lengths."""
+def judge_logprobs(model_dir, texts, labels, reply):
+    """transformers' log-probabilities of each label (its first token, or its whole sequence
+    where the first tokens coincide) after each judge prompt
+    (system turn, user turn, generation prompt, then the start of the reply the template
+    writes for the judge), and the prompt lengths."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    first = [tok.encode(label, add_special_tokens=False)[0] for label in labels]
+    start = tok.encode(reply, add_special_tokens=False)
+    seqs = [tok.encode(f"{reply} {label}", add_special_tokens=False)[len(start):] for label in labels]
+    common = 0  # the tokens every label begins with (a lone space here) are written for the judge
+    while all(len(q) > common and q[common] == seqs[0][common] for q in seqs):
+        common += 1
+    start += seqs[0][:common]
+    tails = [q[common:] for q in seqs]
+    # Distinct first tokens are read alone; otherwise each label's whole sequence is scored.
+    whole = len({t[0] for t in tails}) < len(tails)
     out = []
     for text in texts:
         msgs = [{"role": "system", "content": TEMPLATE["system"]}, {"role": "user", "content": text}]
         ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids) + start
+        if whole:
+            scores = []
+            for t in tails:
+                with torch.no_grad():
+                    lp = model(torch.tensor([ids + t])).logits[0, len(ids) - 1:-1].log_softmax(-1)
+                scores.append(sum(lp[j, x].item() for j, x in enumerate(t)))
+            out.append((scores, len(ids)))
+            continue
         with torch.no_grad():
             lp = model(torch.tensor([ids])).logits[0, -1].log_softmax(-1)
-        out.append(([lp[t].item() for t in first], len(ids)))
+        out.append(([lp[t[0]].item() for t in tails], len(ids)))
     return out
 
 
@@ -180,7 +198,7 @@ def test_pairwise_bookkeeping_matches_python(chat_model, trained_llama, tmp_path
         assert rows[i]["answer_a"] == a and rows[i]["answer_b"] == b
         texts.append(fill(TEMPLATE["pairwise"], question=q, answer_a=a, answer_b=b))
         texts.append(fill(TEMPLATE["pairwise"], question=q, answer_a=b, answer_b=a))
-    readings = judge_logprobs(chat_model, texts, labels)
+    readings = judge_logprobs(chat_model, texts, labels, TEMPLATE["pairwise_reply"])
     counts = collections.Counter()
     consistent = first = 0
     for i, row in enumerate(rows):
@@ -232,7 +250,7 @@ def test_judge_grades_against_references(chat_model, tmp_path):
     refs = ["It distills knowledge.", "The quick brown fox / a fox", "The student learns from soft targets of the teacher."]
     texts = [fill(TEMPLATE["grade"], question=recs[i]["prompt"], reference=refs[i], answer=items[i]["output"]) for i in range(3)]
     scores = []
-    for it, (lps, n) in zip(items, judge_logprobs(chat_model, texts, labels)):
+    for it, (lps, n) in zip(items, judge_logprobs(chat_model, texts, labels, TEMPLATE["grade_reply"])):
         assert it["judge_logprobs"] == pytest.approx(lps, abs=1e-4) and it["judge_prompt_tokens"] == n
         best = max(range(3), key=lambda j: (lps[j], j))
         assert it["judge_grade"] == ["correct", "partial", "wrong"][best]
@@ -258,7 +276,7 @@ def test_judge_input_errors_are_named(chat_model, trained_llama, tmp_path):
     bad = tmp_path / "same.json"
     bad.write_text(json.dumps(same))
     p = run_bin("kd-eval", "--pairwise", a, b, "--judge", chat_model, "--judge-template", bad, *base, check=False)
-    assert p.returncode != 0 and "begin with the same token" in p.stderr and "same.json" in p.stderr
+    assert p.returncode != 0 and "could not tell them apart" in p.stderr and "same.json" in p.stderr
     missing = dict(TEMPLATE, grade=TEMPLATE["grade"].replace("{reference}", "the reference"))
     bad.write_text(json.dumps(missing))
     p = run_bin("kd-eval", "--pairwise", a, b, "--judge", chat_model, "--judge-template", bad, *base, check=False)

@@ -52,9 +52,16 @@ pub struct JudgeTemplate {
     /// Filled with {question}, {answer_a}, {answer_b}.
     pub pairwise: String,
     pub pairwise_labels: PairLabels,
+    /// The start of the judge's reply, written for it (e.g. "Better answer:"): the label is
+    /// read as the word that follows. Without one, as the reply's first token, which small
+    /// judges rarely make a label (they begin "The answer is ...").
+    #[serde(default)]
+    pub pairwise_reply: Option<String>,
     /// Filled with {question}, {reference}, {answer}.
     pub grade: String,
     pub grade_labels: GradeLabels,
+    #[serde(default)]
+    pub grade_reply: Option<String>,
 }
 
 impl JudgeTemplate {
@@ -154,6 +161,19 @@ impl JudgeModel {
     }
 }
 
+/// The tokens a set of labels is read at.
+pub struct Labels {
+    /// Each label's first token after `forced`.
+    pub ids: Vec<i64>,
+    /// Where the labels' first tokens coincide (a tokenizer that writes " A" as a space and
+    /// "A"): each label's whole token sequence, read by its total log-probability (a local
+    /// judge only). `None`: the first tokens differ and are read alone.
+    pub whole: Option<Vec<Vec<i64>>>,
+    /// The start of the judge's reply written for it: the reply prefix's tokens and those
+    /// every label begins with.
+    pub forced: Vec<i64>,
+}
+
 /// A judge ready to ask: the model, its rendered template and the label tokens.
 pub struct Judge {
     pub model: JudgeModel,
@@ -185,44 +205,84 @@ impl Judge {
             .with_context(|| format!("judge `{}` has no chat template: a judge must be an instruction-tuned model", model.name()))?;
         let j = Judge { model, template, template_source, chat, raw_tokens, batch: batch.max(1) };
         let p = &j.template.pairwise_labels;
-        j.label_tokens(&[&p.a, &p.b, &p.tie])?;
+        j.label_tokens(&[&p.a, &p.b, &p.tie], j.template.pairwise_reply.as_deref())?;
         let g = &j.template.grade_labels;
-        j.label_tokens(&[&g.correct, &g.partial, &g.wrong])?;
+        j.label_tokens(&[&g.correct, &g.partial, &g.wrong], j.template.grade_reply.as_deref())?;
         Ok(j)
     }
 
-    /// The first token of each label; labels of a set must begin with different tokens.
-    pub fn label_tokens(&self, labels: &[&str]) -> Result<Vec<i64>> {
-        let mut ids = vec![];
+    /// How the labels are read after `reply` (and a space), or as the start of the reply:
+    /// the tokens all labels begin with are written for the judge (`forced`, e.g. a lone
+    /// space token where a tokenizer has no " A"), and each label is read at its first token
+    /// after them, which must differ between the labels of a set.
+    pub fn label_tokens(&self, labels: &[&str], reply: Option<&str>) -> Result<Labels> {
+        let tok = self.model.tok();
+        let reply = reply.filter(|r| !r.is_empty());
+        let start = reply.map(|r| tok.encode(r, false)).transpose()?.unwrap_or_default();
+        let mut seqs = vec![];
         for l in labels {
-            let t = self.model.tok().encode(l, false)?;
-            let Some(&first) = t.first() else { bail!("judge template {}: the label {l:?} has no tokens", self.template_source) };
-            if let Some(j) = ids.iter().position(|&i| i == first) {
-                bail!(
-                    "judge template {}: the labels {:?} and {l:?} begin with the same token ({first}) of the judge's tokenizer; \
-                     the verdict could not tell them apart",
-                    self.template_source,
-                    labels[j]
-                );
-            }
-            ids.push(first);
+            seqs.push(match reply {
+                Some(r) => {
+                    let joined = tok.encode(&format!("{r} {l}"), false)?;
+                    ensure!(
+                        joined.starts_with(&start),
+                        "judge template {}: the judge's tokenizer merges the end of the reply {r:?} with the label {l:?}; end the reply differently",
+                        self.template_source
+                    );
+                    joined[start.len()..].to_vec()
+                }
+                None => tok.encode(l, false)?,
+            });
         }
-        Ok(ids)
+        let common = (0..).take_while(|&i| seqs.iter().all(|s| s.len() > i && s[i] == seqs[0][i])).count();
+        for (l, s) in labels.iter().zip(&seqs) {
+            ensure!(s.len() > common, "judge template {}: the label {l:?} is the start of another label; the verdict could not tell them apart", self.template_source);
+        }
+        let tails: Vec<Vec<i64>> = seqs.iter().map(|s| s[common..].to_vec()).collect();
+        let ids: Vec<i64> = tails.iter().map(|t| t[0]).collect();
+        let distinct = (0..ids.len()).all(|i| !ids[..i].contains(&ids[i]));
+        let whole = if distinct {
+            None
+        } else {
+            ensure!(
+                matches!(self.model, JudgeModel::Local(_)),
+                "judge template {}: the labels {labels:?} begin with the same token of the judge's tokenizer, and a served judge is read \
+                 at its first token only; choose labels that begin differently",
+                self.template_source
+            );
+            for i in 0..tails.len() {
+                if let Some(j) = tails[..i].iter().position(|t| *t == tails[i]) {
+                    bail!(
+                        "judge template {}: the labels {:?} and {:?} are the same tokens; the verdict could not tell them apart",
+                        self.template_source,
+                        labels[j],
+                        labels[i]
+                    );
+                }
+            }
+            Some(tails)
+        };
+        let forced = start.into_iter().chain(seqs[0][..common].iter().copied()).collect();
+        Ok(Labels { ids, whole, forced })
     }
 
     /// The judge's prompt ids: the system turn, then `text` as the user turn, then the
-    /// generation prompt, rendered through the judge's chat template.
-    pub fn prompt_ids(&self, text: &str) -> Result<Vec<i64>> {
+    /// generation prompt, rendered through the judge's chat template, then the start of the
+    /// reply written for the judge (`labels.forced`).
+    pub fn prompt_ids(&self, text: &str, labels: &Labels) -> Result<Vec<i64>> {
         let mut turns = vec![];
         if let Some(s) = self.template.system.as_deref().filter(|s| !s.is_empty()) {
             turns.push(("system", s));
         }
         turns.push(("user", text));
-        self.model.tok().encode(&render_chat(self.model.files(), &self.chat, &turns)?, false)
+        let mut ids = self.model.tok().encode(&render_chat(self.model.files(), &self.chat, &turns)?, false)?;
+        ids.extend(&labels.forced);
+        Ok(ids)
     }
 
     /// Reads the judge on each prompt for the labels `labels` (first tokens).
-    pub fn read(&self, prompts: &[Vec<i64>], labels: &[i64]) -> Result<Vec<Reading>> {
+    pub fn read(&self, prompts: &[Vec<i64>], set: &Labels) -> Result<Vec<Reading>> {
+        let labels = &set.ids;
         let n = prompts.len();
         let mut logprobs = vec![vec![]; n];
         let mut raw_ids: Vec<Vec<i64>> = vec![vec![]; n];
@@ -236,16 +296,35 @@ impl Judge {
         };
         match &self.model {
             JudgeModel::Local(t) => {
-                // Exact: the full fp32 distribution after the prompt (one row per query).
-                let seqs: Vec<Vec<i64>> = prompts.iter().map(|p| p.iter().copied().chain([labels[0]]).collect()).collect();
-                let queries: Vec<Query> = seqs.iter().zip(prompts).enumerate().map(|(i, (s, p))| Query { record: i, ids: s, from: p.len() }).collect();
+                // Exact: the full fp32 distributions (one row per query, or a label's rows).
+                let seqs: Vec<Vec<i64>> = match &set.whole {
+                    None => prompts.iter().map(|p| p.iter().copied().chain([labels[0]]).collect()).collect(),
+                    Some(tails) => prompts.iter().flat_map(|p| tails.iter().map(move |t| p.iter().chain(t).copied().collect())).collect(),
+                };
+                let per = if set.whole.is_some() { labels.len() } else { 1 };
+                let queries: Vec<Query> = seqs.iter().enumerate().map(|(i, s)| Query { record: i, ids: s, from: prompts[i / per].len() }).collect();
                 let targets = tch::Tensor::from_slice(labels);
-                t.predict(&queries, self.batch, &mut |i, _, pred| {
+                let mut sums = vec![0.0f64; seqs.len()];
+                t.predict(&queries, self.batch, &mut |i, off, pred| {
                     let Predictions::Dense(lp) = pred else { bail!("a local judge gives full distributions") };
-                    let row = lp.get(0).index_select(0, &targets.to_device(lp.device())).to_kind(Kind::Double).to_device(Device::Cpu);
-                    logprobs[i] = Vec::<f64>::try_from(&row)?;
+                    match &set.whole {
+                        None => {
+                            let row = lp.get(0).index_select(0, &targets.to_device(lp.device())).to_kind(Kind::Double).to_device(Device::Cpu);
+                            logprobs[i] = Vec::<f64>::try_from(&row)?;
+                        }
+                        Some(tails) => {
+                            let t = &tails[i % per][off as usize..off as usize + lp.size()[0] as usize];
+                            let picked = lp.gather(1, &tch::Tensor::from_slice(t).to_device(lp.device()).unsqueeze(1), false);
+                            sums[i] += picked.to_kind(Kind::Double).sum(Kind::Double).double_value(&[]);
+                        }
+                    }
                     Ok(())
                 })?;
+                if set.whole.is_some() {
+                    for (i, lp) in logprobs.iter_mut().enumerate() {
+                        *lp = sums[i * per..(i + 1) * per].to_vec();
+                    }
+                }
                 if self.raw_tokens > 0 {
                     for (start, chunk) in prompts.chunks(self.batch).enumerate() {
                         let mut rngs = vec![SplitMix64::new(0); chunk.len()];
@@ -337,11 +416,12 @@ pub struct PairItem {
 pub fn pairwise(judge: &Judge, items: &[PairItem], names: [&str; 2], bootstrap: usize) -> Result<(Value, Vec<Value>)> {
     ensure!(!items.is_empty(), "no prompts to judge");
     let l = &judge.template.pairwise_labels;
-    let labels = judge.label_tokens(&[&l.a, &l.b, &l.tie])?;
+    let reply = judge.template.pairwise_reply.as_deref();
+    let labels = judge.label_tokens(&[&l.a, &l.b, &l.tie], reply)?;
     let mut prompts = vec![];
     for it in items {
-        prompts.push(judge.prompt_ids(&judge.template.pairwise_prompt(&it.question, &it.answer_a, &it.answer_b))?);
-        prompts.push(judge.prompt_ids(&judge.template.pairwise_prompt(&it.question, &it.answer_b, &it.answer_a))?);
+        prompts.push(judge.prompt_ids(&judge.template.pairwise_prompt(&it.question, &it.answer_a, &it.answer_b), &labels)?);
+        prompts.push(judge.prompt_ids(&judge.template.pairwise_prompt(&it.question, &it.answer_b, &it.answer_a), &labels)?);
     }
     let readings = judge.read(&prompts, &labels)?;
     let (mut wins, mut consistent, mut first_picked) = ([0usize; 3], 0usize, 0usize);
@@ -400,8 +480,10 @@ pub const GRADE_SCORES: [f64; 3] = [1.0, 0.5, 0.0];
 /// Grades each `(question, reference, answer)`; returns the readings (label index = grade).
 pub fn grade(judge: &Judge, items: &[(&str, &str, &str)]) -> Result<Vec<Reading>> {
     let g = &judge.template.grade_labels;
-    let labels = judge.label_tokens(&[&g.correct, &g.partial, &g.wrong])?;
-    let prompts: Vec<Vec<i64>> = items.iter().map(|(q, r, a)| judge.prompt_ids(&judge.template.grade_prompt(q, r, a))).collect::<Result<_>>()?;
+    let reply = judge.template.grade_reply.as_deref();
+    let labels = judge.label_tokens(&[&g.correct, &g.partial, &g.wrong], reply)?;
+    let prompts: Vec<Vec<i64>> =
+        items.iter().map(|(q, r, a)| judge.prompt_ids(&judge.template.grade_prompt(q, r, a), &labels)).collect::<Result<_>>()?;
     judge.read(&prompts, &labels)
 }
 
