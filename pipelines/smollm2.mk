@@ -46,6 +46,9 @@ HELDOUT_N  ?= 100
 TARGETED   ?= data/targeted/targeted.jsonl
 TARGETED_TOKENS ?= 32
 JUDGE      ?= $(TEACHER)
+# A served judge (JUDGE=http://HOST:PORT) needs its tokenizer: a directory, hub id or .gguf.
+JUDGE_TOKENIZER ?=
+JUDGE_FLAGS = --judge $(JUDGE) $(if $(JUDGE_TOKENIZER),--judge-tokenizer $(JUDGE_TOKENIZER))
 # Tokens of each judge reply kept for audit (the verdicts come from log-probabilities).
 JUDGE_RAW  ?= 8
 
@@ -147,7 +150,7 @@ EVALS = $(addprefix $(RUN)/eval/,teacher.json pruned-init.json distilled.json ce
 define targeted_rule
 $(RUN)/eval/$(1)-targeted.json: $(2) $(TARGETED)
 	mkdir -p $(RUN)/eval
-	$(EVAL_CMD) --model $(3) --name $(1) --out $$@ --targeted $(TARGETED) --chat-template --max-new-tokens $(TARGETED_TOKENS) --judge $(JUDGE) --judge-raw-tokens $(JUDGE_RAW) --answers-out $(RUN)/eval/$(1)-answers.jsonl $(COMMON)
+	$(EVAL_CMD) --model $(3) --name $(1) --out $$@ --targeted $(TARGETED) --chat-template --max-new-tokens $(TARGETED_TOKENS) $(JUDGE_FLAGS) --judge-raw-tokens $(JUDGE_RAW) --answers-out $(RUN)/eval/$(1)-answers.jsonl $(COMMON)
 endef
 $(eval $(call targeted_rule,teacher,$(TEACHER)/model.safetensors,$(TEACHER)))
 $(eval $(call targeted_rule,distilled,$(RUN)/distilled/model.safetensors,$(RUN)/distilled))
@@ -160,7 +163,7 @@ TARGETED_EVALS = $(addprefix $(RUN)/eval/,teacher-targeted.json distilled-target
 # baseline (same data and steps) and against the teacher.
 define pairwise_rule
 $(RUN)/eval/judge-$(1)-vs-$(2).json: $(RUN)/eval/$(1)-targeted.json $(RUN)/eval/$(2)-targeted.json
-	$(EVAL_CMD) --pairwise $(RUN)/eval/$(1)-answers.jsonl $(RUN)/eval/$(2)-answers.jsonl --pairwise-names $(1) $(2) --judge $(JUDGE) --judge-raw-tokens $(JUDGE_RAW) --prompts $(TARGETED) --out $$@ --samples-out $(RUN)/eval/judge-$(1)-vs-$(2).md $(COMMON)
+	$(EVAL_CMD) --pairwise $(RUN)/eval/$(1)-answers.jsonl $(RUN)/eval/$(2)-answers.jsonl --pairwise-names $(1) $(2) $(JUDGE_FLAGS) --judge-raw-tokens $(JUDGE_RAW) --prompts $(TARGETED) --out $$@ --samples-out $(RUN)/eval/judge-$(1)-vs-$(2).md $(COMMON)
 endef
 $(eval $(call pairwise_rule,distilled,ce-baseline))
 $(eval $(call pairwise_rule,distilled,teacher))
