@@ -104,6 +104,11 @@ pub fn bootstrap_ratio_ci(num: &[f64], den: &[f64], samples: usize, seed: u64, t
     percentile_interval(&mut v)
 }
 
+/// 95% percentile-bootstrap interval of a plain mean (each item weighs one).
+pub fn bootstrap_mean_ci(xs: &[f64], samples: usize, seed: u64) -> (f64, f64) {
+    bootstrap_ratio_ci(xs, &vec![1.0; xs.len()], samples, seed, |x| x)
+}
+
 /// A paired comparison: the observed difference of a statistic between two models over the
 /// same items, the evidence (a bootstrap interval, or McNemar's p for accuracies), and the
 /// verdict for the first model.

@@ -10,7 +10,7 @@
 //! applies the output head. Distillation computes logits in chunks from those hidden states,
 //! so full `[batch, seq, vocab]` tensors need not exist.
 use crate::model::arch::{MlpNames, NormKind, Positions, QkvNames, WeightLayout};
-use crate::model::config::{Activation, ModelConfig};
+use crate::model::config::{Activation, Llama3RopeScaling, ModelConfig};
 use anyhow::{bail, ensure, Result};
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
@@ -450,10 +450,16 @@ pub struct CausalLm {
 
 /// RoPE inverse frequencies, with Llama 3 scaling when configured (`_compute_llama3_parameters`).
 fn rope_inv_freq(cfg: &ModelConfig) -> Vec<f64> {
-    let d = cfg.head_dim as f64;
-    let base: Vec<f64> =
-        (0..cfg.head_dim / 2).map(|i| 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d)).collect();
-    let Some(s) = &cfg.rope_llama3 else { return base };
+    rope_frequencies(cfg.rope_theta, cfg.head_dim as usize, cfg.rope_llama3.as_ref())
+}
+
+/// The RoPE inverse frequencies `theta^(-2i/head_dim)`, each scaled by Llama 3's rule when
+/// given: kept for short wavelengths, divided by `factor` for long ones, blended between.
+/// (GGUF stores the scaling as the ratio of the two, llama.cpp's `rope_freqs`.)
+pub fn rope_frequencies(theta: f64, head_dim: usize, llama3: Option<&Llama3RopeScaling>) -> Vec<f64> {
+    let d = head_dim as f64;
+    let base: Vec<f64> = (0..head_dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / d)).collect();
+    let Some(s) = llama3 else { return base };
     let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
     let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
     base.into_iter()

@@ -3,6 +3,7 @@
 //! directions. Reading is what makes a `.gguf` usable wherever a model is read; writing is
 //! `kd-export --format gguf`.
 use crate::model::arch::{Arch, Positions};
+use crate::model::causal_lm::rope_frequencies;
 use crate::model::config::{Llama3RopeScaling, ModelConfig};
 use crate::model::gguf::{GgufFile, Meta};
 use anyhow::{bail, ensure, Context, Result};
@@ -15,25 +16,11 @@ use tch::{Kind, Tensor};
 /// same frequencies once the thresholds are fitted to it.
 const LLAMA3_ORIGINAL_CONTEXT: f64 = 8192.0;
 
-/// llama.cpp's `rope_freqs` for Llama 3 scaling (convert_hf_to_gguf.py's rule): per RoPE
-/// frequency, the divisor of that frequency (1 for short wavelengths, `factor` for long ones,
-/// a smooth blend between).
+/// llama.cpp's `rope_freqs` for Llama 3 scaling: per RoPE frequency, the divisor the scaling
+/// applies to it (1 for short wavelengths, `factor` for long ones, a blend between).
 pub fn llama3_factors(s: &Llama3RopeScaling, theta: f64, head_dim: usize) -> Vec<f64> {
-    let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
-    let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
-    (0..head_dim / 2)
-        .map(|i| {
-            let wavelen = 2.0 * std::f64::consts::PI * theta.powf((2 * i) as f64 / head_dim as f64);
-            if wavelen < high_wavelen {
-                1.0
-            } else if wavelen > low_wavelen {
-                s.factor
-            } else {
-                let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
-                1.0 / ((1.0 - smooth) / s.factor + smooth)
-            }
-        })
-        .collect()
+    let base = rope_frequencies(theta, head_dim, None);
+    base.iter().zip(rope_frequencies(theta, head_dim, Some(s))).map(|(b, scaled)| b / scaled).collect()
 }
 
 /// The Llama 3 scaling whose factors are `factors` (None when every factor is 1). Only the

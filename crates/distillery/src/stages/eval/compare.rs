@@ -45,8 +45,7 @@ fn answers(o: &PairwiseOptions, side: &str, ids: &[String], prompts: &[String]) 
     }
     let (model, files, tok) = crate::model::load(side, o.device, o.kind)?;
     let eos = SpecialTokens::resolve(&files, &model.config)?.eos;
-    let ids = tasks::encode_prompts(&files, &tok, prompts, o.chat_template)?;
-    tasks::complete(&model, &tok, &ids, o.max_new_tokens, &eos, o.batch_size)
+    Ok(tasks::greedy_answers(&model, &files, &tok, &eos, prompts, o.chat_template, o.max_new_tokens, o.batch_size)?.1)
 }
 
 pub fn run_pairwise(o: &PairwiseOptions) -> Result<String> {

@@ -8,7 +8,7 @@
 //! two verdicts, mapped back to the models, are combined: the same winner twice wins, anything
 //! else (including a disagreement) is a tie. That removes position bias from the result and
 //! measures it (`self_agreement`, `first_position_rate`).
-use crate::base::stats::{bootstrap_ratio_ci, wilson_interval, BOOTSTRAP_SEED};
+use crate::base::stats::{bootstrap_mean_ci, wilson_interval, BOOTSTRAP_SEED};
 use crate::model::decode::Sampling;
 use crate::model::tokenizer::{chat_template, render_chat, Tok};
 use crate::model::ModelFiles;
@@ -465,7 +465,7 @@ pub fn pairwise(judge: &Judge, items: &[PairItem], names: [&str; 2], bootstrap: 
         "tie_rate": rate(wins[Winner::Tie as usize]), "tie_rate_ci95": wilson_interval(wins[Winner::Tie as usize], n),
         // A win counts 1, a tie one half: 0.5 is "no preference".
         "score_a": scores.iter().sum::<f64>() / n as f64,
-        "score_a_ci95": bootstrap_ratio_ci(&scores, &vec![1.0; n], bootstrap, BOOTSTRAP_SEED, |x| x),
+        "score_a_ci95": bootstrap_mean_ci(&scores, bootstrap, BOOTSTRAP_SEED),
         "self_agreement": rate(consistent), "self_agreement_ci95": wilson_interval(consistent, n),
         "first_position_rate": first_picked as f64 / (2 * n) as f64, "first_position_rate_ci95": wilson_interval(first_picked, 2 * n),
         "readings_without_labels": unread,

@@ -15,7 +15,7 @@ use crate::base::device::device_name;
 use crate::base::io::{file_fingerprint, files_bytes, write_atomic, write_json_atomic};
 use crate::base::journal::Journal;
 use crate::base::lock::OutputLock;
-use crate::base::stats::{bootstrap_ratio_ci, wilson_interval, BOOTSTRAP_SEED};
+use crate::base::stats::{bootstrap_mean_ci, bootstrap_ratio_ci, wilson_interval, BOOTSTRAP_SEED};
 use crate::data::encode::{read_tokenized, Layout};
 use crate::data::records::{full_text, id_of, read_jsonl, str_field, Record};
 use crate::data::shard::Shard;
@@ -290,13 +290,12 @@ pub fn run(o: &EvalOptions) -> Result<String> {
             speed_prompt = prompts.iter().map(|p| tok.encode(p, true)).find(|p| p.as_ref().is_ok_and(|p| !p.is_empty())).transpose()?;
         }
         let eos = SpecialTokens::resolve(&files, &model.config)?.eos;
-        let ids = tasks::encode_prompts(&files, &tok, &prompts, o.chat_template)?;
-        let outs = tasks::complete(&model, &tok, &ids, o.max_new_tokens, &eos, o.batch_size)?;
+        let (_, outs) = tasks::greedy_answers(&model, &files, &tok, &eos, &prompts, o.chat_template, o.max_new_tokens, o.batch_size)?;
         let scores: Vec<f64> = outs.iter().zip(&refs).map(|(a, r)| tasks::rouge_l(a, r)).collect();
         let rouge = scores.iter().sum::<f64>() / outs.len().max(1) as f64;
         m.insert("gen_items".into(), json!(outs.len()));
         m.insert("rouge_l".into(), json!(rouge));
-        m.insert("rouge_l_ci95".into(), json!(bootstrap_ratio_ci(&scores, &vec![1.0; scores.len()], b, BOOTSTRAP_SEED, |x| x)));
+        m.insert("rouge_l_ci95".into(), json!(bootstrap_mean_ci(&scores, b, BOOTSTRAP_SEED)));
         m.insert("generate".into(), json!(o.generate.as_ref().map(|p| p.display().to_string())));
         let gens: Vec<Value> = recs
             .iter()
@@ -305,12 +304,15 @@ pub fn run(o: &EvalOptions) -> Result<String> {
             .collect();
         items.insert("generations".into(), json!(gens));
         summary.push(format!("ROUGE-L {rouge:.3}"));
+        // --answers-out takes the --targeted answers when there are some.
+        if let (Some(path), None) = (&o.answers_out, &targeted) {
+            write_answers(path, recs.iter().map(id_of).zip(prompts.iter().map(String::as_str)), &outs)?;
+        }
         if let Some(path) = &o.samples_out {
             let teacher_outs = match &teacher {
-                Some(t) => {
-                    let ids = tasks::encode_prompts(&t.files, &t.tok, &prompts, o.chat_template)?;
-                    Some(tasks::complete(&t.model, &t.tok, &ids, o.max_new_tokens, &t.special.eos, o.batch_size)?)
-                }
+                Some(t) => Some(
+                    tasks::greedy_answers(&t.model, &t.files, &t.tok, &t.special.eos, &prompts, o.chat_template, o.max_new_tokens, o.batch_size)?.1,
+                ),
                 None => None,
             };
             let mut md = format!("# Generations: {name}\n\nGreedy, {} new tokens at most.\n\n", o.max_new_tokens);
@@ -327,8 +329,7 @@ pub fn run(o: &EvalOptions) -> Result<String> {
     if let Some(recs) = &targeted {
         let eos = SpecialTokens::resolve(&files, &model.config)?.eos;
         let prompts: Vec<String> = recs.iter().map(|t| t.prompt.clone()).collect();
-        let ids = tasks::encode_prompts(&files, &tok, &prompts, o.chat_template)?;
-        let outs = tasks::complete(&model, &tok, &ids, o.max_new_tokens, &eos, o.batch_size)?;
+        let (ids, outs) = tasks::greedy_answers(&model, &files, &tok, &eos, &prompts, o.chat_template, o.max_new_tokens, o.batch_size)?;
         if speed_prompt.is_none() {
             speed_prompt = ids.first().filter(|p| !p.is_empty()).cloned();
         }
@@ -338,10 +339,6 @@ pub fn run(o: &EvalOptions) -> Result<String> {
         if let Some(path) = &o.answers_out {
             write_answers(path, recs.iter().map(|t| (t.id.as_str(), t.prompt.as_str())), &outs)?;
         }
-    } else if let (Some(path), Some(Value::Array(gens))) = (&o.answers_out, items.get("generations")) {
-        let pairs: Vec<(String, String)> = gens.iter().map(|g| (g["id"].as_str().unwrap_or_default().to_string(), g["prompt"].as_str().unwrap_or_default().to_string())).collect();
-        let outs: Vec<String> = gens.iter().map(|g| g["output"].as_str().unwrap_or_default().to_string()).collect();
-        write_answers(path, pairs.iter().map(|(i, p)| (i.as_str(), p.as_str())), &outs)?;
     }
     if o.speed {
         let prompt = match (speed_prompt, mc.as_ref().and_then(|r| r.first()), cloze.as_ref().and_then(|r| r.first())) {

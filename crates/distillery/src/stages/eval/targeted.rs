@@ -6,7 +6,7 @@ use super::judge::{grade, Judge, GRADE_NAMES, GRADE_SCORES};
 use super::reference::{best_of, contains_answer, exact_match, token_f1, References};
 use super::tasks::rouge_l;
 use crate::base::io::write_atomic;
-use crate::base::stats::{bootstrap_ratio_ci, BOOTSTRAP_SEED};
+use crate::base::stats::{bootstrap_mean_ci, BOOTSTRAP_SEED};
 use crate::data::records::{id_of, read_jsonl, str_field};
 use anyhow::{ensure, Context, Result};
 use serde_json::{json, Map, Value};
@@ -42,8 +42,7 @@ pub fn targeted_records(path: &Path, limit: Option<usize>) -> Result<Vec<Targete
 }
 
 fn mean_ci(xs: &[f64], b: usize) -> (f64, (f64, f64)) {
-    let ones = vec![1.0; xs.len()];
-    (xs.iter().sum::<f64>() / xs.len().max(1) as f64, bootstrap_ratio_ci(xs, &ones, b, BOOTSTRAP_SEED, |x| x))
+    (xs.iter().sum::<f64>() / xs.len().max(1) as f64, bootstrap_mean_ci(xs, b, BOOTSTRAP_SEED))
 }
 
 /// Scores `outs` (one answer per record) into the metrics `m` (means with bootstrap

@@ -140,6 +140,24 @@ pub fn encode_prompts(files: &crate::model::ModelFiles, tok: &Tok, prompts: &[St
         .collect()
 }
 
+/// Greedy answers to text prompts (rendered through the chat template with `chat`): the
+/// prompt ids and the decoded answers.
+#[allow(clippy::too_many_arguments)]
+pub fn greedy_answers(
+    model: &CausalLm,
+    files: &crate::model::ModelFiles,
+    tok: &Tok,
+    eos: &[i64],
+    prompts: &[String],
+    chat: bool,
+    max_new_tokens: usize,
+    batch: usize,
+) -> Result<(Vec<Vec<i64>>, Vec<String>)> {
+    let ids = encode_prompts(files, tok, prompts, chat)?;
+    let outs = complete(model, tok, &ids, max_new_tokens, eos, batch)?;
+    Ok((ids, outs))
+}
+
 /// Greedy completions for prompt ids, decoded to text.
 pub fn complete(model: &CausalLm, tok: &Tok, prompts: &[Vec<i64>], max_new_tokens: usize, eos: &[i64], batch: usize) -> Result<Vec<String>> {
     let mut out = vec![];
