@@ -59,6 +59,18 @@ def kill_after_checkpoint(name, args, out, min_step, timeout=120):
     return json.loads(state.read_text())["step"]
 
 
+def with_chat_template(model_dir, out_dir, template):
+    """A copy of `model_dir` whose tokenizer_config.json carries `template` as its chat template."""
+    import shutil
+
+    shutil.copytree(model_dir, out_dir)
+    cfg_path = Path(out_dir) / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = template
+    cfg_path.write_text(json.dumps(cfg))
+    return out_dir
+
+
 def write_jsonl(path, records):
     with open(path, "w") as f:
         for r in records:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_bin, read_jsonl, write_jsonl
+from conftest import run_bin, read_jsonl, with_chat_template, write_jsonl
 
 RECS = [
     {"id": "a", "text": "The quick brown fox jumps over the lazy dog."},
@@ -240,15 +240,11 @@ def test_stop_strings_end_completions(trained_llama, tmp_path):
 
 
 def test_chat_template_matches_transformers(trained_llama, tmp_path):
-    import shutil
     from transformers import AutoTokenizer
 
-    model = tmp_path / "chat"
-    shutil.copytree(trained_llama, model)
-    cfg = json.loads((model / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'].strip() }}"
-                            "{% endfor %}{% if add_generation_prompt %} [ASSISTANT]{% endif %}")
-    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    model = with_chat_template(trained_llama, tmp_path / "chat",
+                               "{{ bos_token }}{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'].strip() }}"
+                               "{% endfor %}{% if add_generation_prompt %} [ASSISTANT]{% endif %}")
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": "p", "prompt": "  The quick brown fox "}])
     out = tmp_path / "g.jsonl"
     run_bin("kd-generate", "--teacher", model, "--prompts", prompts, "--out", out, "--max-new-tokens", 4,

@@ -5,12 +5,11 @@ by transformers from the chat template as transformers renders it."""
 import collections
 import json
 import re
-import shutil
 import string
 
 import pytest
 
-from conftest import ROOT, read_jsonl, run_bin, write_jsonl
+from conftest import ROOT, read_jsonl, run_bin, with_chat_template, write_jsonl
 
 # A ChatML-style template with a system turn, as instruction models have.
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
@@ -62,12 +61,7 @@ def contains(gold, pred):
 
 @pytest.fixture(scope="module")
 def chat_model(trained_llama, tmp_path_factory):
-    model = tmp_path_factory.mktemp("judge") / "chat"
-    shutil.copytree(trained_llama, model)
-    cfg = json.loads((model / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = CHAT
-    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return model
+    return with_chat_template(trained_llama, tmp_path_factory.mktemp("judge") / "chat", CHAT)
 
 
 QUESTIONS = ["What does the teacher model do?", "Who jumps over the lazy dog?", "When was it the best of times?",

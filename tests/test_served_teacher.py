@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny
-from conftest import BIN, ROOT, read_jsonl, run_bin, train_tiny, write_jsonl
+from conftest import BIN, ROOT, read_jsonl, run_bin, train_tiny, with_chat_template, write_jsonl
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import llamacpp  # noqa: E402
@@ -388,15 +388,10 @@ def test_a_served_judge_reads_the_same_verdicts_as_the_local_one(teacher, server
     the label log-probabilities it reads from the server's top-K equal the local judge's where
     the server returned the label, its raw replies are the local greedy ones, and where every
     label came back the verdicts agree."""
-    import shutil
+    from test_judge import CHAT
 
     hf, _ = teacher
-    chat = tmp_path / "chat"
-    shutil.copytree(hf, chat)
-    cfg = json.loads((chat / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-                            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    (chat / "tokenizer_config.json").write_text(json.dumps(cfg))
+    chat = with_chat_template(hf, tmp_path / "chat", CHAT)
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": f"q{i}", "prompt": p + "?"} for i, p in enumerate(PROMPTS[:6])])
     a = write_jsonl(tmp_path / "a.jsonl", [{"id": f"q{i}", "output": p + " fox."} for i, p in enumerate(PROMPTS[:6])])
     b = write_jsonl(tmp_path / "b.jsonl", [{"id": f"q{i}", "output": "The student learns."} for i in range(6)])
