@@ -53,24 +53,50 @@ class _Bits:
         return (q << r) | self.get(r)
 
 
-def decode_rows(payload, n, k, step):
+NEW_COUNT_RICE = 3
+
+
+def _rice_run(bits, n):
+    if n == 0:
+        return []
+    r = bits.get(5)
+    return [bits.rice(r) for _ in range(n)]
+
+
+def _ascending(gaps, start=-1):
+    out, x = [], start
+    for g in gaps:
+        x += g + 1
+        out.append(x)
+    return out
+
+
+def decode_rows(payload, n, k, step, version=2, recent_cap=0):
     """The rows of one block's payload: a list of (ids, logprobs, tail_logmass)."""
-    bits, rows = _Bits(payload), []
+    bits, rows, recent = _Bits(payload), [], []
     for _ in range(n):
         tail = f16_value(bits.get(16))
-        rg, ident, ids = bits.get(5), -1, []
-        for _ in range(k):
-            ident += bits.rice(rg) + 1
-            ids.append(ident)
-        qmax = bits.get(16)
-        rw = bits.get(5)
-        entries = []
-        for i in ids:
-            x = bits.rice(rw)
-            if x > qmax:
-                raise ValueError("a log-probability is out of range")
-            entries.append((qmax - x, i))
-        entries.sort()
+        if version == 1:
+            ids = _ascending(_rice_run(bits, k))
+            qmax = bits.get(16)
+            ws = _rice_run(bits, k)
+        else:
+            # Ids: positions in the record's list of recent ids, then new ids (docs/FORMATS.md).
+            n_new = bits.rice(NEW_COUNT_RICE)
+            if n_new > k:
+                raise ValueError("a row has more new ids than k")
+            hits = _ascending(_rice_run(bits, k - n_new))
+            if hits and hits[-1] >= len(recent):
+                raise ValueError("a list position is out of range")
+            new = _ascending(_rice_run(bits, n_new))
+            ids = [recent[p] for p in hits] + new
+            hit = set(hits)
+            recent = (ids + [t for p, t in enumerate(recent) if p not in hit])[:recent_cap]
+            qmax = bits.get(16)
+            ws = _rice_run(bits, k)
+        if any(x > qmax for x in ws):
+            raise ValueError("a log-probability is out of range")
+        entries = sorted((qmax - x, i) for i, x in zip(ids, ws))
         rows.append(([i for _, i in entries], [-q * step for q, _ in entries], tail))
     if (bits.pos + 7) // 8 != len(payload):
         raise ValueError("bytes left after the last row")
@@ -87,9 +113,11 @@ class TopKFile:
             raise ValueError(f"{path}: not a compact top-K file")
         (n,) = struct.unpack("<I", head[8:])
         self.header = json.loads(self.f.read(n))
-        if self.header.get("version") != 1:
-            raise ValueError(f"{path}: version {self.header.get('version')} is not supported")
+        self.version = self.header.get("version")
+        if self.version not in (1, 2):
+            raise ValueError(f"{path}: version {self.version} is not supported (this reader reads 1 and 2)")
         self.k, self.step, self.first_block = self.header["k"], self.header["step"], 12 + n
+        self.recent_cap = self.header.get("recent_ids", 0)
         self.f.seek(size - 24)
         foot = self.f.read(24)
         if len(foot) < 24 or foot[16:] != END:
@@ -127,7 +155,7 @@ class TopKFile:
                 label = f"record block {b} (rows {row}..{row + n})"
                 got, payload = self._block(offset, label)
                 try:
-                    return decode_rows(payload, got, self.k, self.step)
+                    return decode_rows(payload, got, self.k, self.step, self.version, self.recent_cap)
                 except ValueError as e:
                     raise ValueError(f"{self.path}: {label} is corrupt: {e}") from None
         raise ValueError(f"{self.path}: rows {row}..{row + n} are not a record block")
@@ -141,7 +169,7 @@ class TopKFile:
                 return
             label = f"record block {b} (from row {first})"
             n, payload = self._block(offset, label)
-            yield first, decode_rows(payload, n, self.k, self.step)
+            yield first, decode_rows(payload, n, self.k, self.step, self.version, self.recent_cap)
             offset, first, b = offset + 17 + len(payload), first + n, b + 1
 
 

