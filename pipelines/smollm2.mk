@@ -18,14 +18,22 @@ DEVICE     ?= cpu
 DTYPE      ?= auto
 SEED       ?= 0
 RESULTS    ?=
+# The default is a smoke test sized to finish in about 30 minutes on 2 idle CPU cores; RESULTS=1
+# (about 2 hours there) gives docs/RESULTS.md's figures. Measured times: docs/RESULTS.md.
 ifeq ($(RESULTS),1)
-STEPS      ?= 600
+STEPS      ?= 400
+FT_STEPS   ?= 40
 GEN_TOKENS ?= 96
 SAMPLES    ?= 2
+HELDOUT_N  ?= 100
+TARGETED_EVERY ?= 1
 else
-STEPS      ?= 150
-GEN_TOKENS ?= 64
+STEPS      ?= 80
+FT_STEPS   ?= 20
+GEN_TOKENS ?= 48
 SAMPLES    ?= 1
+HELDOUT_N  ?= 40
+TARGETED_EVERY ?= 4
 endif
 # 16 of 30 layers and FFN 1536 -> 640: 31.9M of the teacher's 106.5M non-embedding parameters.
 # The best start scripts/prune_study.py measured at this size (docs/RESULTS.md, "Pruning a real
@@ -33,16 +41,15 @@ endif
 STUDENT_SHAPE ?= --layers 16 --intermediate 640
 INIT       ?= prune
 CALIB_N    ?= 64
-FT_STEPS   ?= 40
 BATCH      ?= 4
 SEQ_LEN    ?= 256
 LR         ?= 5e-4
 FT_LR      ?= 1e-4
 KD_FLAGS   ?= --alpha 0.5 --beta 0.5 --temperature 1 --divergence forward-kl
-HELDOUT_N  ?= 100
 # The targeted set (docs/FORMATS.md, "Targeted sets"): short answers and long references,
 # graded by the judge; the judge also compares the distilled student's answers with the
 # baseline's and the teacher's. The teacher judges unless JUDGE names another model or URL.
+# TARGETED_EVERY=N keeps every N-th prompt (all categories; the file is ordered by category).
 TARGETED   ?= data/targeted/targeted.jsonl
 TARGETED_TOKENS ?= 32
 JUDGE      ?= $(TEACHER)
@@ -131,26 +138,35 @@ finetune: $(RUN)/finetuned/model.safetensors
 # stored ids are what is scored).
 $(D)/heldout_ids.jsonl: $(D)/heldout_answers.jsonl
 	$(PYTHON) -c "import json; [print(json.dumps({k: r[k] for k in ('id', 'prompt_ids', 'completion_ids')})) for r in map(json.loads, open('$<'))]" > $@
-EVAL_ARGS = --teacher $(TEACHER) --data $(D)/heldout_ids.jsonl --generate $(D)/heldout_answers.jsonl --chat-template --max-new-tokens $(GEN_TOKENS) --speed --csv $(RUN)/eval/all.csv $(COMMON) $(call resume_if,kd-eval,$(EVAL_CMD))
+# The teacher's own greedy answers are written once (--answers-out) and shown beside every
+# student's (--teacher-answers) rather than generated again for each.
+EVAL_DATA = --teacher $(TEACHER) --data $(D)/heldout_ids.jsonl --speed --csv $(RUN)/eval/all.csv $(COMMON) $(call resume_if,kd-eval,$(EVAL_CMD))
+GEN_ARGS = --generate $(D)/heldout_answers.jsonl --chat-template --max-new-tokens $(GEN_TOKENS)
+TEACHER_GEN = $(RUN)/eval/teacher-heldout-answers.jsonl
 define eval_rule
 $(RUN)/eval/$(1).json: $(2) $(D)/heldout_ids.jsonl $(D)/.ready
 	mkdir -p $(RUN)/eval
-	$(EVAL_CMD) --model $(3) --name $(1) --out $$@ $(EVAL_ARGS) --samples-out $(RUN)/eval/$(1)-samples.md
+	$(EVAL_CMD) --model $(3) --name $(1) --out $$@ $(EVAL_DATA) $(4)
 	$(EVAL_CMD) --model $(3) --name $(1) --out $(RUN)/eval/$(1)-kjv.json --data $(D)/kjv_heldout.jsonl --teacher $(TEACHER) $(COMMON) $(call resume_if,kd-eval,$(EVAL_CMD))
 endef
-$(eval $(call eval_rule,teacher,$(TEACHER)/model.safetensors $(D)/heldout_ids.jsonl $(D)/.ready,$(TEACHER)))
-$(eval $(call eval_rule,pruned-init,$(RUN)/student-init/model.safetensors $(D)/heldout_ids.jsonl,$(RUN)/student-init))
-$(eval $(call eval_rule,distilled,$(RUN)/distilled/model.safetensors,$(RUN)/distilled))
-$(eval $(call eval_rule,ce-baseline,$(RUN)/baseline/model.safetensors,$(RUN)/baseline))
-$(eval $(call eval_rule,finetuned,$(RUN)/finetuned/model.safetensors,$(RUN)/finetuned))
+$(eval $(call eval_rule,teacher,$(TEACHER)/model.safetensors,$(TEACHER),$(GEN_ARGS) --answers-out $(TEACHER_GEN)))
+# (The pruned start is scored, not asked: before training it writes noise.)
+$(eval $(call eval_rule,pruned-init,$(RUN)/student-init/model.safetensors,$(RUN)/student-init,))
+$(eval $(call eval_rule,distilled,$(RUN)/distilled/model.safetensors $(RUN)/eval/teacher.json,$(RUN)/distilled,$(GEN_ARGS) --teacher-answers $(TEACHER_GEN) --samples-out $(RUN)/eval/distilled-samples.md))
+$(eval $(call eval_rule,ce-baseline,$(RUN)/baseline/model.safetensors $(RUN)/eval/teacher.json,$(RUN)/baseline,$(GEN_ARGS) --teacher-answers $(TEACHER_GEN) --samples-out $(RUN)/eval/ce-baseline-samples.md))
+$(eval $(call eval_rule,finetuned,$(RUN)/finetuned/model.safetensors $(RUN)/eval/teacher.json,$(RUN)/finetuned,$(GEN_ARGS) --teacher-answers $(TEACHER_GEN) --samples-out $(RUN)/eval/finetuned-samples.md))
 EVALS = $(addprefix $(RUN)/eval/,teacher.json pruned-init.json distilled.json ce-baseline.json finetuned.json)
 
 # The targeted set: each model's greedy answers (kept for the pairwise judge) scored against
 # the references, and graded by the judge.
+$(D)/targeted.jsonl: $(TARGETED)
+	mkdir -p $(D)
+	awk 'NR % $(TARGETED_EVERY) == 1 || $(TARGETED_EVERY) == 1' $< > $@.tmp && mv $@.tmp $@
+
 define targeted_rule
-$(RUN)/eval/$(1)-targeted.json: $(2) $(TARGETED)
+$(RUN)/eval/$(1)-targeted.json: $(2) $(D)/targeted.jsonl
 	mkdir -p $(RUN)/eval
-	$(EVAL_CMD) --model $(3) --name $(1) --out $$@ --targeted $(TARGETED) --chat-template --max-new-tokens $(TARGETED_TOKENS) $(JUDGE_FLAGS) --judge-raw-tokens $(JUDGE_RAW) --answers-out $(RUN)/eval/$(1)-answers.jsonl $(COMMON)
+	$(EVAL_CMD) --model $(3) --name $(1) --out $$@ --targeted $(D)/targeted.jsonl --chat-template --max-new-tokens $(TARGETED_TOKENS) $(JUDGE_FLAGS) --judge-raw-tokens $(JUDGE_RAW) --answers-out $(RUN)/eval/$(1)-answers.jsonl $(COMMON)
 endef
 $(eval $(call targeted_rule,teacher,$(TEACHER)/model.safetensors,$(TEACHER)))
 $(eval $(call targeted_rule,distilled,$(RUN)/distilled/model.safetensors,$(RUN)/distilled))
@@ -163,7 +179,7 @@ TARGETED_EVALS = $(addprefix $(RUN)/eval/,teacher-targeted.json distilled-target
 # baseline (same data and steps) and against the teacher.
 define pairwise_rule
 $(RUN)/eval/judge-$(1)-vs-$(2).json: $(RUN)/eval/$(1)-targeted.json $(RUN)/eval/$(2)-targeted.json
-	$(EVAL_CMD) --pairwise $(RUN)/eval/$(1)-answers.jsonl $(RUN)/eval/$(2)-answers.jsonl --pairwise-names $(1) $(2) $(JUDGE_FLAGS) --judge-raw-tokens $(JUDGE_RAW) --prompts $(TARGETED) --out $$@ --samples-out $(RUN)/eval/judge-$(1)-vs-$(2).md $(COMMON)
+	$(EVAL_CMD) --pairwise $(RUN)/eval/$(1)-answers.jsonl $(RUN)/eval/$(2)-answers.jsonl --pairwise-names $(1) $(2) $(JUDGE_FLAGS) --judge-raw-tokens $(JUDGE_RAW) --prompts $(D)/targeted.jsonl --out $$@ --samples-out $(RUN)/eval/judge-$(1)-vs-$(2).md $(COMMON)
 endef
 $(eval $(call pairwise_rule,distilled,ce-baseline))
 $(eval $(call pairwise_rule,distilled,teacher))

@@ -9,12 +9,14 @@ is evaluated on the same held-out passages and multiple-choice items.
 import argparse
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / "target" / "release"
+# DISTILLERY_BIN: binaries copied aside, so that a rebuild cannot change a long study under way.
+BIN = Path(os.environ.get("DISTILLERY_BIN") or ROOT / "target" / "release")
 TEACHER = ROOT / "data" / "demo-teacher"
 SHAPE = ["--layers", "2", "--hidden", "128", "--heads", "2", "--kv-heads", "1", "--intermediate", "352"]
 

@@ -339,7 +339,7 @@ impl LogitsReader {
                 Loaded::Compact(CompactFile::open(&path)?)
             } else {
                 let tensors: HashMap<String, Tensor> = read_safetensors(&path)
-                    .with_context(|| format!("reading teacher logits {}", path.display()))?
+                    .with_context(|| format!("reading teacher logits {} (a safetensors sidecar is read whole: cut off or corrupt, it serves no record; the compact format names the first bad record)", path.display()))?
                     .into_iter()
                     .collect();
                 let get = |k: &str| {

@@ -43,6 +43,10 @@ struct Args {
     /// Markdown file of side-by-side teacher and model completions for the --generate prompts.
     #[arg(long)]
     samples_out: Option<PathBuf>,
+    /// The teacher's side of --samples-out from an answers file (`id`, `output`: the teacher's
+    /// own `kd-eval --answers-out`) instead of generating it again for every model.
+    #[arg(long)]
+    teacher_answers: Option<PathBuf>,
     /// Items used per task at most.
     #[arg(long)]
     limit: Option<usize>,
@@ -174,6 +178,7 @@ fn main() {
             cloze: a.cloze,
             generate: a.generate,
             samples_out: a.samples_out,
+            teacher_answers: a.teacher_answers,
             out: a.out,
             csv: a.csv,
             name: a.name,

@@ -22,7 +22,7 @@ use crate::data::shard::Shard;
 use crate::model::checkpoint::kind_name;
 use crate::model::tokenizer::SpecialTokens;
 use crate::teacher::{LocalTeacher, Teacher};
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use metrics::{evaluate, EvalMetrics, RecordSums};
 use targeted::{targeted_entries, targeted_records, write_answers};
 use serde_json::{json, Map, Value};
@@ -39,6 +39,8 @@ pub struct EvalOptions {
     pub cloze: Option<PathBuf>,
     pub generate: Option<PathBuf>,
     pub samples_out: Option<PathBuf>,
+    /// The teacher's side of the samples, read instead of generated (`id` -> `output`).
+    pub teacher_answers: Option<PathBuf>,
     pub out: PathBuf,
     pub csv: Option<PathBuf>,
     pub name: Option<String>,
@@ -309,11 +311,16 @@ pub fn run(o: &EvalOptions) -> Result<String> {
             write_answers(path, recs.iter().map(id_of).zip(prompts.iter().map(String::as_str)), &outs)?;
         }
         if let Some(path) = &o.samples_out {
-            let teacher_outs = match &teacher {
-                Some(t) => Some(
+            let teacher_outs = match (&o.teacher_answers, &teacher) {
+                (Some(f), _) => {
+                    let mut answers = targeted::read_answers(f)?;
+                    let got = recs.iter().map(|r| answers.remove(id_of(r)).with_context(|| format!("{}: no answer for {}", f.display(), id_of(r))));
+                    Some(got.collect::<Result<Vec<_>>>()?)
+                }
+                (None, Some(t)) => Some(
                     tasks::greedy_answers(&t.model, &t.files, &t.tok, &t.special.eos, &prompts, o.chat_template, o.max_new_tokens, o.batch_size)?.1,
                 ),
-                None => None,
+                (None, None) => None,
             };
             let mut md = format!("# Generations: {name}\n\nGreedy, {} new tokens at most.\n\n", o.max_new_tokens);
             for (i, p) in prompts.iter().enumerate() {
