@@ -274,20 +274,34 @@ pub fn encode_rows(rows: &PlainRows, c: &Coding) -> Vec<u8> {
     let mut recent = RecentIds::new(c.recent);
     let mut entries: Vec<(i64, u64)> = Vec::with_capacity(k);
     let mut listed = vec![false; k];
+    let mut in_row: Vec<u64> = Vec::new();
     for r in 0..rows.rows() {
         w.put(half_bits(rows.tail[r]) as u64, 16);
         entries.clear();
         entries.extend((0..k).map(|j| (rows.ids[r * k + j], quantise(rows.logprobs[r * k + j], step))));
         entries.sort_unstable();
         listed.iter_mut().for_each(|x| *x = false);
+        // The row's ids as bits, so that the scan of the list is a bit test per entry.
+        for e in &entries {
+            let i = e.0 as usize;
+            if i / 64 >= in_row.len() {
+                in_row.resize(i / 64 + 1, 0);
+            }
+            in_row[i / 64] |= 1 << (i % 64);
+        }
         let mut hits = Vec::with_capacity(k);
         let mut order = Vec::with_capacity(k);
-        for (pos, id) in recent.list.iter().enumerate() {
-            if let Ok(e) = entries.binary_search_by_key(id, |e| e.0) {
+        for (pos, &id) in recent.list.iter().enumerate() {
+            let i = id as usize;
+            if in_row[i / 64] & (1 << (i % 64)) != 0 {
+                let e = entries.binary_search_by_key(&id, |e| e.0).expect("a marked id is in the row");
                 hits.push(pos);
                 order.push(e);
                 listed[e] = true;
             }
+        }
+        for e in &entries {
+            in_row[e.0 as usize / 64] = 0;
         }
         let new: Vec<i64> = entries.iter().zip(&listed).filter(|(_, &l)| !l).map(|(e, _)| e.0).collect();
         order.extend((0..k).filter(|&e| !listed[e]));
