@@ -43,15 +43,15 @@ def free_port():
 class Server:
     """llama-server for one GGUF on a fixed port; can be killed and started again."""
 
-    def __init__(self, gguf, port=None):
-        self.gguf, self.port, self.proc = gguf, port or free_port(), None
+    def __init__(self, gguf, port=None, extra=()):
+        self.gguf, self.port, self.proc, self.extra = gguf, port or free_port(), None, list(extra)
         self.url = f"http://127.0.0.1:{self.port}"
 
     def start(self):
         # The log goes to a file: a pipe nobody reads fills up and stops the server.
         self.log = open(Path(self.gguf).with_suffix(f".{self.port}.log"), "ab")
         self.proc = subprocess.Popen([str(llamacpp.build() / "llama-server"), "-m", str(self.gguf), "--host", "127.0.0.1",
-                                      "--port", str(self.port), "-c", "2048", "-np", "4", "-t", "2", "--no-warmup"],
+                                      "--port", str(self.port), "-c", "2048", "-np", "4", "-t", "2", "--no-warmup", *self.extra],
                                      stdout=subprocess.DEVNULL, stderr=self.log)
         for _ in range(600):
             assert self.proc.poll() is None, "llama-server exited: " + Path(self.log.name).read_text()[-2000:]
@@ -428,3 +428,42 @@ def test_a_served_judge_reads_the_same_verdicts_as_the_local_one(teacher, server
             assert sr["winner"] == lr["winner"]
             compared += 1
     assert found > 0 and json.loads((tmp_path / "served.json").read_text())["judge"].endswith("(served)")
+
+
+def test_the_server_s_own_chat_template_gives_the_chat_endpoint_s_prompts(teacher, tmp_path):
+    """`kd-generate --server-chat-template`: the server renders each prompt through the
+    model's chat template (llama.cpp `/apply-template`, then `/tokenize` as its chat handler
+    tokenises), and the completions are what its own /v1/chat/completions answers. Its
+    prompts are the local rendering of the same template with a BOS in front: llama.cpp's
+    chat handler adds the BOS the GGUF asks for (`add_bos_token`), which transformers'
+    apply_chat_template leaves to the template."""
+    from test_judge import CHAT
+
+    hf, _ = teacher
+    chat = with_chat_template(hf, tmp_path / "chat", CHAT)
+    gguf = tmp_path / "chat-f32.gguf"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "llamacpp.py"), "convert", str(chat), str(gguf), "f32"],
+                   check=True, capture_output=True)
+    server = Server(gguf, extra=["--jinja"]).start()
+    try:
+        prompts = prompts_file(tmp_path / "p.jsonl")
+        common = ["--max-new-tokens", 12, "--temperature", 0, "--store-logits", 5, "--device", "cpu"]
+        run_bin("kd-generate", *served_args(server.url, chat, prompts, tmp_path / "server.jsonl", "--server-chat-template", *common))
+        run_bin("kd-generate", *served_args(server.url, chat, prompts, tmp_path / "local.jsonl", "--chat-template", *common))
+        by_server, by_local = read_jsonl(tmp_path / "server.jsonl"), read_jsonl(tmp_path / "local.jsonl")
+        from tokenizers import Tokenizer
+
+        bos = Tokenizer.from_file(str(Path(hf) / "tokenizer.json")).token_to_id("<s>")
+        assert [r["prompt_ids"] for r in by_server] == [[bos] + r["prompt_ids"] for r in by_local]
+        assert any(len(r["completion_ids"]) > 2 for r in by_server)
+        for r in by_server:
+            answer = server.post("/v1/chat/completions", {
+                "messages": [{"role": "user", "content": r["prompt"]}], "max_tokens": 12, "temperature": 0, "top_k": 0,
+                "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0, "cache_prompt": False})
+            assert answer["choices"][0]["message"]["content"].strip() == r["completion"].replace("</s>", "").strip(), (answer, r)
+        # The flag needs a server.
+        p = run_bin("kd-generate", "--teacher", hf, "--prompts", prompts, "--out", tmp_path / "x.jsonl", "--server-chat-template",
+                    check=False)
+        assert p.returncode != 0 and "teacher-url" in p.stderr, p.stderr
+    finally:
+        server.kill()

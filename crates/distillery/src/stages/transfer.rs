@@ -31,6 +31,9 @@ pub struct TransferOptions {
     pub stop: Vec<String>,
     /// Render prompts through this chat template (the teacher tokenizer's).
     pub chat_template: Option<String>,
+    /// Render prompts through the served teacher's own chat template, by the server
+    /// ([`crate::teacher::served::ServedTeacher::chat_prompt_ids`]).
+    pub server_chat_template: bool,
     pub ignore_eos: bool,
     pub store_logits: Option<i64>,
     /// How the sidecar stores the rows (`<out>.logits.safetensors` or `<out>.logits.topk`).
@@ -51,6 +54,7 @@ impl TransferOptions {
             ensure!(p > 0.0 && p <= 1.0, "--top-p must be in (0, 1]");
         }
         ensure!(!score || self.store_logits.is_some(), "--score stores logits: give --store-logits K");
+        ensure!(!(self.server_chat_template && self.chat_template.is_some()), "--server-chat-template and --chat-template: give one");
         Ok(())
     }
 }
@@ -72,6 +76,7 @@ fn fingerprint(o: &TransferOptions, mode: &str, teacher: &dyn Teacher) -> Result
         "batch_size": o.batch_size,
         "stop": o.stop,
         "chat_template": o.chat_template,
+        "server_chat_template": o.server_chat_template,
         "ignore_eos": o.ignore_eos,
         "store_logits": o.store_logits,
         "logits_format": o.logits_format.name(),
@@ -266,12 +271,17 @@ pub fn generate(
     o.validate(false)?;
     // One job per (record, sample), in output order; each has its own sampling stream.
     let mut jobs = vec![];
-    for (idx, (line, rec)) in numbered.iter().enumerate() {
-        let prompt = prompt_of(rec, &o.prompts, *line)?;
-        let ids = match &o.chat_template {
+    let texts: Vec<String> = numbered.iter().map(|(line, rec)| prompt_of(rec, &o.prompts, *line)).collect::<Result<_>>()?;
+    let rendered = match o.server_chat_template {
+        true => Some(teacher.served().context("--server-chat-template needs a served teacher (--teacher-url)")?.chat_prompt_ids(&texts)?),
+        false => None,
+    };
+    for (idx, ((line, _), prompt)) in numbered.iter().zip(texts).enumerate() {
+        let ids = match (&rendered, &o.chat_template) {
+            (Some(r), _) => Ok(r[idx].clone()),
             // The rendered template carries its own special tokens.
-            Some(t) => tok.encode(&apply_chat_template(files, t, &prompt)?, false),
-            None => tok.encode(&prompt, true),
+            (None, Some(t)) => tok.encode(&apply_chat_template(files, t, &prompt)?, false),
+            (None, None) => tok.encode(&prompt, true),
         }
         .with_context(|| format!("{}:{line}", o.prompts.display()))?;
         ensure!(!ids.is_empty(), "{}:{line}: prompt has no tokens", o.prompts.display());

@@ -310,6 +310,27 @@ impl Engine {
         }
     }
 
+    /// The requests that turn chat `messages` into the prompt ids the server's own
+    /// `/v1/chat/completions` generates from: its chat template (with the generation prompt)
+    /// and its tokenisation of the result. llama.cpp: `/apply-template`, then `/tokenize` with
+    /// special tokens added and parsed, as its chat handler tokenises; vLLM: `/tokenize` with
+    /// `messages` (one request). SGLang has no such endpoint.
+    pub fn chat_render(self, messages: &Value, model: &str) -> Result<(&'static str, Value)> {
+        Ok(match self {
+            Engine::LlamaCpp => ("/apply-template", json!({"messages": messages})),
+            Engine::Vllm => ("/tokenize", json!({"model": model, "messages": messages, "add_generation_prompt": true})),
+            Engine::Sglang => bail!(
+                "SGLang has no endpoint that renders its chat template into token ids; render prompts locally with --chat-template \
+                 (--teacher-tokenizer must carry the served model's chat template)"
+            ),
+        })
+    }
+
+    /// llama.cpp's `/tokenize` request for a prompt its `/apply-template` rendered.
+    pub fn llamacpp_chat_tokenize_body(prompt: &str) -> Value {
+        json!({"content": prompt, "add_special": true, "parse_special": true})
+    }
+
     pub fn parse_tokens(v: &Value) -> Result<Vec<i64>> {
         int_list(&v["tokens"]).context("the /tokenize answer has no `tokens` list of ids")
     }
@@ -480,6 +501,20 @@ mod tests {
         assert!(err.contains("return_tokens_as_token_ids"), "{err}");
         let err = Engine::LlamaCpp.parse_generated(&v(r#"{"content":"x"}"#), 0).unwrap_err().to_string();
         assert!(err.contains("`tokens`"), "{err}");
+    }
+
+    #[test]
+    fn chat_rendering_asks_each_engine_for_its_own_template() {
+        let m = json!([{"role": "user", "content": "Hi"}]);
+        let (path, body) = Engine::LlamaCpp.chat_render(&m, "x").unwrap();
+        assert_eq!((path, &body), ("/apply-template", &json!({"messages": m})));
+        // As llama-server's chat handler tokenises the rendered prompt.
+        assert_eq!(Engine::llamacpp_chat_tokenize_body("p"), json!({"content": "p", "add_special": true, "parse_special": true}));
+        let (path, body) = Engine::Vllm.chat_render(&m, "x").unwrap();
+        assert_eq!(path, "/tokenize");
+        assert_eq!(body["messages"], m);
+        assert_eq!(body["add_generation_prompt"], json!(true));
+        assert!(Engine::Sglang.chat_render(&m, "x").unwrap_err().to_string().contains("--chat-template"));
     }
 
     #[test]

@@ -160,6 +160,12 @@ pub trait Teacher {
     fn name(&self) -> &str;
     fn vocab_size(&self) -> i64;
 
+    /// The server behind a served teacher (for what only a server offers, such as its own
+    /// chat template).
+    fn served(&self) -> Option<&served::ServedTeacher> {
+        None
+    }
+
     /// Completions of token prompts, up to and including the first EOS; `rngs[i]` is row i's
     /// sampling stream, and `stop(completion so far)` ends a row early (stop strings).
     fn generate(

@@ -344,6 +344,30 @@ impl ServedTeacher {
 }
 
 impl ServedTeacher {
+    /// The prompt ids the server's own chat endpoint would generate from for each prompt as
+    /// a user turn: its chat template and its tokenisation (`--server-chat-template`).
+    /// Generating from these ids through the raw endpoint is what `/v1/chat/completions`
+    /// does, with every generated id returned (llama.cpp's chat answers carry ids only inside
+    /// their log-probabilities, which it leaves out at split UTF-8 characters, and no
+    /// prompt ids).
+    pub fn chat_prompt_ids(&self, prompts: &[String]) -> Result<Vec<Vec<i64>>> {
+        let engine = self.caps.engine;
+        self.map_concurrent(prompts.len(), |i| {
+            let messages = json!([{"role": "user", "content": prompts[i]}]);
+            let (path, body) = engine.chat_render(&messages, &self.caps.model)?;
+            let v = self.post(path, &body)?;
+            let ids = match engine {
+                Engine::LlamaCpp => {
+                    let text = v["prompt"].as_str().with_context(|| format!("{}/apply-template: the answer has no `prompt`", self.base))?;
+                    Engine::parse_tokens(&self.post("/tokenize", &Engine::llamacpp_chat_tokenize_body(text))?)?
+                }
+                _ => Engine::parse_tokens(&v)?,
+            };
+            ensure!(!ids.is_empty(), "{}: the server rendered prompt {i} to no tokens", self.base);
+            Ok(ids)
+        })
+    }
+
     /// Rows llama.cpp left out (tokens ending inside a UTF-8 character), one request each:
     /// the prompt and the completion up to the position, one forced ASCII token generated.
     fn fill_missing(&self, prompt: &[i64], g: &mut super::engine::Generated, k: usize) -> Result<()> {
@@ -406,6 +430,10 @@ fn sparse_parts(rows: &[TopRow], k: i64) -> Result<(Vec<i64>, Vec<f32>, Vec<f32>
 impl Teacher for ServedTeacher {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn served(&self) -> Option<&ServedTeacher> {
+        Some(self)
     }
 
     fn vocab_size(&self) -> i64 {

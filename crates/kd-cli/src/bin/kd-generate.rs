@@ -45,6 +45,11 @@ struct Args {
     /// generation prompt), as transformers' apply_chat_template does.
     #[arg(long)]
     chat_template: bool,
+    /// With --teacher-url: render each prompt as a user turn through the served model's own
+    /// chat template, by the server (llama.cpp `/apply-template` + `/tokenize`, vLLM
+    /// `/tokenize` with messages): the prompt its /v1/chat/completions would generate from.
+    #[arg(long, conflicts_with = "chat_template", requires = "teacher_url")]
+    server_chat_template: bool,
     /// Scoring mode: no generation; store the teacher's top-K (--store-logits) at every
     /// predicted position of existing records (`text`, or `prompt` + `completion`).
     #[arg(long)]
@@ -90,6 +95,7 @@ fn main() {
             batch_size: a.batch_size,
             stop: a.stop,
             chat_template: None,
+            server_chat_template: a.server_chat_template,
             ignore_eos: a.ignore_eos,
             store_logits: a.store_logits,
             logits_format: a.logits_format,
