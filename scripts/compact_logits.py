@@ -31,6 +31,9 @@ def main():
     p.add_argument("--heldout", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", default="2e-3")
+    p.add_argument("--shape", help="kd-init's shape flags for the student, e.g. '--layers 4 --intermediate 640'")
+    p.add_argument("--no-online", action="store_true", help="only the two offline runs (the online one costs a "
+                   "teacher forward every step)")
     p.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct from its GGUF as the teacher "
                    "(defaults then: 100 steps, 256 prompts, 100 held-out passages, batch 8, lr 5e-4)")
     a = p.parse_args()
@@ -47,6 +50,8 @@ def main():
         Path(a.work).mkdir(parents=True, exist_ok=True)
         if not (teacher / "model.safetensors").exists():
             sh(BIN / "kd-convert", "--model", gguf, "--out", teacher)
+    if a.shape:
+        shape = a.shape.split()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     prompts = unpack("prompts", work / "prompts.jsonl", n=a.prompts, every=7)
@@ -77,6 +82,8 @@ def main():
         f"offline, safetensors top-{a.k}": (sidecars["safetensors"][0], ["--teacher-logits", sidecars["safetensors"][1]]),
         f"offline, compact top-{a.k}": (sidecars["compact"][0], ["--teacher-logits", sidecars["compact"][1]]),
     }
+    if a.no_online:
+        del runs["online (live teacher)"]
     rows = []
     for i, (name, (data, extra)) in enumerate(runs.items()):
         out = work / f"run-{i}"
@@ -87,11 +94,12 @@ def main():
         if not m.exists():
             sh(BIN / "kd-eval", "--model", out, "--teacher", teacher, "--data", heldout, "--out", m, "--device", "cpu")
         rows.append((name, json.loads(m.read_text())))
-    base = rows[1][1]["teacher_kl"]
+    base = rows[-2][1]["teacher_kl"]
     lines = [f"Teacher: {'SmolLM2-135M-Instruct (Q4_1 GGUF)' if a.real else 'the demo teacher'}. Transfer set: {summaries['compact']['outputs']} completions, {summaries['compact']['tokens']} tokens; "
              f"sidecars at top-{a.k}: safetensors {summaries['safetensors']['logits']['bytes_per_token']:.1f} bytes per "
              f"stored token, compact {summaries['compact']['logits']['bytes_per_token']:.1f}. {a.steps} steps, batch {a.batch_size}, "
-             f"KD only (alpha 0, beta 1, T 1), seed 0; held-out: the first {a.heldout} KJV held-out passages.", "",
+             f"KD only (alpha 0, beta 1, T 1), seed 0; student: kd-init --init prune {' '.join(shape)}; held-out: the first "
+             f"{a.heldout} KJV held-out passages.", "",
              "| variant | held-out perplexity | KL(teacher ‖ student) | KL against offline safetensors | top-1 agreement |",
              "|---|---:|---:|---:|---:|"]
     for name, m in rows:

@@ -501,3 +501,22 @@ def test_smollm2_served_from_an_f32_gguf_agrees_with_the_local_teacher(smollm2_g
     assert s["indices"].shape == l["indices"].shape and s["indices"].shape[0] > 100
     top1, kl = top_k_agreement(s, l)
     assert top1 >= 0.99 and kl < 1e-4, (top1, kl)
+
+
+def test_sharded_generation_through_the_server_joins_to_the_unsharded_run(teacher, server, tmp_path):
+    """--shard I/N with a served teacher: kd-merge of two shards gives the unsharded run's
+    records byte for byte and its stored top-K (one request in flight, so that llama.cpp
+    batches each run the same way)."""
+    hf, _ = teacher
+    prompts = prompts_file(tmp_path / "p.jsonl")
+    common = ["--max-new-tokens", 8, "--temperature", 0.9, "--seed", 4, "--samples", 2, "--store-logits", 6,
+              "--batch-size", 4, "--teacher-concurrency", 1]
+    run_bin("kd-generate", *served_args(server.url, hf, prompts, tmp_path / "whole.jsonl", *common))
+    parts = []
+    for i in range(2):
+        parts.append(tmp_path / f"s{i}.jsonl")
+        run_bin("kd-generate", *served_args(server.url, hf, prompts, parts[-1], *common, "--shard", f"{i}/2"))
+    run_bin("kd-merge", "--out", tmp_path / "joined.jsonl", *parts)
+    whole, joined = outputs(tmp_path / "whole.jsonl"), outputs(tmp_path / "joined.jsonl")
+    assert len(read_jsonl(tmp_path / "whole.jsonl")) == 2 * len(PROMPTS)
+    same_outputs(whole, joined)
