@@ -62,8 +62,9 @@ struct Args {
     #[arg(long)]
     store_logits: Option<i64>,
     /// The sidecar's format: safetensors (`<out>.logits.safetensors`, 6K + 2 bytes a token)
-    /// or compact (`<out>.logits.topk`: Rice-coded ids, log-probabilities to 1/16 nat,
-    /// about 111 bytes a token at K = 64 on a 4k vocabulary; docs/FORMATS.md).
+    /// or compact (`<out>.logits.topk`: ids as positions in a list of the record's recent
+    /// ids, log-probabilities to 1/16 nat, about 112 bytes a token at K = 64 on SmolLM2's
+    /// 49k vocabulary; docs/FORMATS.md).
     #[arg(long, default_value = "safetensors")]
     logits_format: LogitsFormat,
     /// Continue an interrupted run from its journal (`<out>.journal/`): finished batches are
