@@ -28,13 +28,15 @@ SAMPLES    ?= 2
 HELDOUT_N  ?= 100
 TARGETED_EVERY ?= 1
 else
-STEPS      ?= 80
+STEPS      ?= 60
 FT_STEPS   ?= 20
 GEN_TOKENS ?= 48
 SAMPLES    ?= 1
 HELDOUT_N  ?= 40
 TARGETED_EVERY ?= 4
+SPEED_REPEATS ?= 2
 endif
+SPEED_REPEATS ?= 5
 # 16 of 30 layers and FFN 1536 -> 640: 31.9M of the teacher's 106.5M non-embedding parameters.
 # The best start scripts/prune_study.py measured at this size (docs/RESULTS.md, "Pruning a real
 # teacher"): after 40 steps of KD, held-out perplexity 161 against 433 from 12 layers, FFN 1024.
@@ -140,7 +142,7 @@ $(D)/heldout_ids.jsonl: $(D)/heldout_answers.jsonl
 	$(PYTHON) -c "import json; [print(json.dumps({k: r[k] for k in ('id', 'prompt_ids', 'completion_ids')})) for r in map(json.loads, open('$<'))]" > $@
 # The teacher's own greedy answers are written once (--answers-out) and shown beside every
 # student's (--teacher-answers) rather than generated again for each.
-EVAL_DATA = --teacher $(TEACHER) --data $(D)/heldout_ids.jsonl --speed --csv $(RUN)/eval/all.csv $(COMMON) $(call resume_if,kd-eval,$(EVAL_CMD))
+EVAL_DATA = --teacher $(TEACHER) --data $(D)/heldout_ids.jsonl --speed --speed-repeats $(SPEED_REPEATS) --csv $(RUN)/eval/all.csv $(COMMON) $(call resume_if,kd-eval,$(EVAL_CMD))
 GEN_ARGS = --generate $(D)/heldout_answers.jsonl --chat-template --max-new-tokens $(GEN_TOKENS)
 TEACHER_GEN = $(RUN)/eval/teacher-heldout-answers.jsonl
 define eval_rule
