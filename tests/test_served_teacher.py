@@ -520,3 +520,21 @@ def test_sharded_generation_through_the_server_joins_to_the_unsharded_run(teache
     whole, joined = outputs(tmp_path / "whole.jsonl"), outputs(tmp_path / "joined.jsonl")
     assert len(read_jsonl(tmp_path / "whole.jsonl")) == 2 * len(PROMPTS)
     same_outputs(whole, joined)
+
+
+def test_stop_strings_stop_the_server_where_the_local_rule_stops(teacher, server, tmp_path):
+    """--stop is sent to the server too, which then stops early; the token that completes the
+    stop string is kept on both sides, so the completions equal the local teacher's."""
+    hf, _ = teacher
+    prompts = prompts_file(tmp_path / "p.jsonl")
+    common = ["--max-new-tokens", 24, "--temperature", 0, "--stop", " the", "--stop", "."]
+    run_bin("kd-generate", *served_args(server.url, hf, prompts, tmp_path / "served.jsonl", *common, "--store-logits", 4))
+    run_bin("kd-generate", "--teacher", hf, "--prompts", prompts, "--out", tmp_path / "local.jsonl", *common, "--device", "cpu")
+    served, local = read_jsonl(tmp_path / "served.jsonl"), read_jsonl(tmp_path / "local.jsonl")
+    assert [r["completion_ids"] for r in served] == [r["completion_ids"] for r in local]
+    stopped = [r for r in served if r["completion"].endswith((" the", "."))]
+    assert stopped, [r["completion"] for r in served]
+    for r in stopped:
+        raw = server.post("/completion", {"prompt": r["prompt_ids"], "n_predict": 24, "temperature": 0, "top_k": 0, "top_p": 1,
+                                          "min_p": 0, "cache_prompt": False, "return_tokens": True, "stop": [" the", "."]})
+        assert raw["stop_type"] == "word" and raw["tokens"] == r["completion_ids"], (raw, r)

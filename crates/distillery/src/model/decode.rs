@@ -18,6 +18,10 @@ pub struct Sampling {
     pub top_p: Option<f64>,
     pub eos: Vec<i64>,
     pub pad: i64,
+    /// Stop strings. A local generator applies them through its caller's stop predicate; a
+    /// served teacher also sends them, so that the server stops early (the caller's rule
+    /// still decides where a completion ends).
+    pub stop: Vec<String>,
 }
 
 /// Applies temperature, top-k and top-p to `[b, vocab]` fp32 logits, in transformers' order.

@@ -302,6 +302,7 @@ impl<'a> AugmentTeacher<'a> {
                     top_p: None,
                     eos: self.eos.clone(),
                     pad: 0,
+                    stop: vec![],
                 };
                 let mut rngs: Vec<SplitMix64> = batch.iter().map(|&j| stream(o.seed, jobs[j].1)).collect();
                 for (pos, (&j, ids)) in batch.iter().zip(self.teacher.generate(&prompts, &s, &mut rngs, &|_| false)?).enumerate() {

@@ -303,6 +303,7 @@ pub fn generate(
         top_p: o.top_p,
         eos: if o.ignore_eos { vec![] } else { eos.to_vec() },
         pad,
+        stop: o.stop.clone(),
     };
     let mut journal = Journal::open(&o.out, fingerprint(o, "generate", teacher)?, o.resume)?;
     let prompts: Vec<Vec<i64>> = jobs.iter().map(|j| j.3.clone()).collect();

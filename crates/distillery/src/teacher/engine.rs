@@ -36,6 +36,9 @@ pub struct GenRequest<'a> {
     /// Top log-probabilities per generated token (0: none).
     pub top_logprobs: usize,
     pub ignore_eos: bool,
+    /// Stop strings the server may stop at: it keeps the token that completes one, as the
+    /// client's own rule does (llama.cpp pushes the token before its stop search).
+    pub stop: &'a [String],
 }
 
 /// Top-K of one position: (token id, log-probability), most likely first.
@@ -118,6 +121,7 @@ impl Engine {
                 "return_tokens": true,
                 "cache_prompt": false,
                 "ignore_eos": r.ignore_eos,
+                "stop": r.stop,
                 "stream": false,
             }),
             Engine::Vllm => {
@@ -133,6 +137,8 @@ impl Engine {
                     "skip_special_tokens": false,
                     "return_token_ids": true,
                     "return_tokens_as_token_ids": true,
+                    "stop": r.stop,
+                    "include_stop_str_in_output": true,
                 });
                 if r.top_logprobs > 0 {
                     b["logprobs"] = json!(r.top_logprobs);
@@ -149,6 +155,7 @@ impl Engine {
                     "sampling_seed": r.seed,
                     "ignore_eos": r.ignore_eos,
                     "skip_special_tokens": false,
+                    "stop": r.stop,
                 },
                 "return_logprob": r.top_logprobs > 0,
                 "top_logprobs_num": r.top_logprobs,

@@ -185,7 +185,7 @@ impl ServedTeacher {
         let mut prompt = self.tok.encode(PROBE_TEXT, true)?;
         prompt.truncate(8);
         let k = top_k.unwrap_or(0);
-        let req = GenRequest { prompt: &prompt, max_tokens: 2, temperature: 0.0, top_p: None, top_k: None, seed: 0, top_logprobs: k, ignore_eos: true };
+        let req = GenRequest { prompt: &prompt, max_tokens: 2, temperature: 0.0, top_p: None, top_k: None, seed: 0, top_logprobs: k, ignore_eos: true, stop: &[] };
         let answer = self.post(engine.generate_path(), &engine.generate_body(&req, &model)).map_err(|e| {
             let hint = if k > 0 { format!(" (top-{k} log-probabilities were asked for: {})", engine.logprobs_flag()) } else { String::new() };
             e.context(format!("{}: the probe generation failed{hint}", ctx()))
@@ -319,6 +319,7 @@ impl ServedTeacher {
                 seed: seeds[i],
                 top_logprobs: kk,
                 ignore_eos: sampling.eos.is_empty(),
+                stop: &sampling.stop,
             };
             let v = self.post(engine.generate_path(), &engine.generate_body(&req, &self.caps.model))?;
             let mut g = engine.parse_generated(&v, kk).with_context(|| format!("{}{}: prompt {i}", self.base, engine.generate_path()))?;

@@ -867,6 +867,7 @@ impl Trainer {
             top_p: op.top_p,
             eos: self.special.eos.clone(),
             pad: self.special.pad.or(self.special.eos.first().copied()).unwrap_or(0),
+            stop: vec![],
         };
         let (mut out, mut policy) = (vec![], vec![]);
         for (m, batch) in batches.into_iter().enumerate() {

@@ -293,6 +293,7 @@ impl Judge {
             top_p: None,
             eos: self.model.eos(),
             pad: 0,
+            stop: vec![],
         };
         match &self.model {
             JudgeModel::Local(t) => {

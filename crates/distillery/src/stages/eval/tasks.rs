@@ -91,7 +91,7 @@ pub fn cloze(model: &CausalLm, tok: &Tok, records: &[Record], batch: usize) -> R
     }
     for chunk in jobs.chunks(batch.max(1)) {
         let longest = chunk.iter().map(|j| j.1.len()).max().unwrap_or(1);
-        let s = Sampling { max_new_tokens: longest, temperature: 0.0, top_k: None, top_p: None, eos: vec![], pad: 0 };
+        let s = Sampling { max_new_tokens: longest, temperature: 0.0, top_k: None, top_p: None, eos: vec![], pad: 0, stop: vec![] };
         let prompts: Vec<Vec<i64>> = chunk.iter().map(|j| j.0.clone()).collect();
         let mut rngs = vec![SplitMix64::new(0); chunk.len()];
         let outs = generate(model, &prompts, &s, &mut rngs)?;
@@ -162,7 +162,7 @@ pub fn greedy_answers(
 pub fn complete(model: &CausalLm, tok: &Tok, prompts: &[Vec<i64>], max_new_tokens: usize, eos: &[i64], batch: usize) -> Result<Vec<String>> {
     let mut out = vec![];
     for ids in prompts.chunks(batch.max(1)) {
-        let s = Sampling { max_new_tokens, temperature: 0.0, top_k: None, top_p: None, eos: eos.to_vec(), pad: 0 };
+        let s = Sampling { max_new_tokens, temperature: 0.0, top_k: None, top_p: None, eos: eos.to_vec(), pad: 0, stop: vec![] };
         let mut rngs = vec![SplitMix64::new(0); ids.len()];
         for o in generate(model, &ids, &s, &mut rngs)? {
             out.push(tok.decode(&o, true)?);
@@ -191,7 +191,7 @@ pub struct Speed {
 /// tokens, `new_tokens` at batch `batch`), so that a slow spell of a shared machine hits one
 /// round rather than one measure; the median over rounds is reported with its range.
 pub fn measure_speed(model: &CausalLm, prompt: &[i64], new_tokens: usize, batch: usize, repeats: usize) -> Result<Speed> {
-    let s = Sampling { max_new_tokens: new_tokens, temperature: 0.0, top_k: None, top_p: None, eos: vec![], pad: 0 };
+    let s = Sampling { max_new_tokens: new_tokens, temperature: 0.0, top_k: None, top_p: None, eos: vec![], pad: 0, stop: vec![] };
     let time = |b: usize, n: usize| -> Result<f64> {
         let prompts = vec![prompt.to_vec(); b];
         let mut rngs = vec![SplitMix64::new(0); b];
