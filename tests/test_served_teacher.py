@@ -511,14 +511,17 @@ def test_sharded_generation_through_the_server_joins_to_the_unsharded_run(teache
     prompts = prompts_file(tmp_path / "p.jsonl")
     common = ["--max-new-tokens", 8, "--temperature", 0.9, "--seed", 4, "--samples", 2, "--store-logits", 6,
               "--batch-size", 4, "--teacher-concurrency", 1]
-    run_bin("kd-generate", *served_args(server.url, hf, prompts, tmp_path / "whole.jsonl", *common))
+    # The same file name in two folders: records name their sidecar.
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "joined").mkdir()
+    run_bin("kd-generate", *served_args(server.url, hf, prompts, tmp_path / "whole" / "out.jsonl", *common))
     parts = []
     for i in range(2):
         parts.append(tmp_path / f"s{i}.jsonl")
         run_bin("kd-generate", *served_args(server.url, hf, prompts, parts[-1], *common, "--shard", f"{i}/2"))
-    run_bin("kd-merge", "--out", tmp_path / "joined.jsonl", *parts)
-    whole, joined = outputs(tmp_path / "whole.jsonl"), outputs(tmp_path / "joined.jsonl")
-    assert len(read_jsonl(tmp_path / "whole.jsonl")) == 2 * len(PROMPTS)
+    run_bin("kd-merge", "--out", tmp_path / "joined" / "out.jsonl", *parts)
+    whole, joined = outputs(tmp_path / "whole" / "out.jsonl"), outputs(tmp_path / "joined" / "out.jsonl")
+    assert len(read_jsonl(tmp_path / "whole" / "out.jsonl")) == 2 * len(PROMPTS)
     same_outputs(whole, joined)
 
 

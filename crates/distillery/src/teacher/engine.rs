@@ -176,7 +176,13 @@ impl Engine {
                     // inside a UTF-8 character (tools/server: `add_token` runs only when the
                     // text is complete). The entries that exist carry their token's id, so they
                     // are matched to the tokens in order, and the gaps are listed.
-                    let probs = v["completion_probabilities"].as_array().context("the answer has no `completion_probabilities`")?;
+                    // With stop strings it leaves out the entries of the tokens it held back
+                    // while matching one, the whole key when that is every token.
+                    let none = vec![];
+                    let probs = match &v["completion_probabilities"] {
+                        Value::Null if !ids.is_empty() && v.get("stop_type").and_then(Value::as_str) == Some("word") => &none,
+                        p => p.as_array().context("the answer has no `completion_probabilities`")?,
+                    };
                     let (mut rows, mut missing, mut j) = (vec![], vec![], 0);
                     for (i, &id) in ids.iter().enumerate() {
                         match probs.get(j) {
