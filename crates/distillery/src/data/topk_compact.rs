@@ -598,12 +598,20 @@ mod tests {
     use super::*;
 
     fn sample(rows: usize, k: usize, seed: u64) -> PlainRows {
+        sample_rows(rows, k, seed, 0.0)
+    }
+
+    /// Random rows; with `common_share` > 0 that share of ids comes from a small common set,
+    /// so that rows repeat ids as a language model's top-K do.
+    fn sample_rows(rows: usize, k: usize, seed: u64, common_share: f64) -> PlainRows {
         let mut rng = crate::base::rng::SplitMix64::new(seed);
+        let common: Vec<i64> = (0..3 * k as i64).map(|i| i * 7 + 3).collect();
         let mut out = PlainRows { k, ids: vec![], logprobs: vec![], tail: vec![] };
         for _ in 0..rows {
             let mut ids: Vec<i64> = vec![];
             while ids.len() < k {
-                let id = (rng.next_f64() * 50000.0) as i64;
+                let from_common = common_share > 0.0 && rng.next_f64() < common_share;
+                let id = if from_common { common[(rng.next_f64() * common.len() as f64) as usize] } else { (rng.next_f64() * 50000.0) as i64 };
                 if !ids.contains(&id) {
                     ids.push(id);
                 }
@@ -642,24 +650,7 @@ mod tests {
 
     /// Rows whose ids repeat from row to row, as a language model's top-K do.
     fn sample_overlapping(rows: usize, k: usize, seed: u64) -> PlainRows {
-        let mut rng = crate::base::rng::SplitMix64::new(seed);
-        let common: Vec<i64> = (0..3 * k as i64).map(|i| i * 7 + 3).collect();
-        let mut out = PlainRows { k, ids: vec![], logprobs: vec![], tail: vec![] };
-        for _ in 0..rows {
-            let mut ids: Vec<i64> = vec![];
-            while ids.len() < k {
-                let id = if rng.next_f64() < 0.7 { common[(rng.next_f64() * common.len() as f64) as usize] } else { (rng.next_f64() * 50000.0) as i64 };
-                if !ids.contains(&id) {
-                    ids.push(id);
-                }
-            }
-            let mut lps: Vec<f32> = (0..k).map(|_| (-(rng.next_f64() * 20.0)) as f32).collect();
-            lps.sort_by(|a, b| b.total_cmp(a));
-            out.ids.extend(ids);
-            out.logprobs.extend(lps.iter().map(|&x| f16_value(half_bits(x))));
-            out.tail.push(f16_value(half_bits(-(rng.next_f64() * 9.0) as f32)));
-        }
-        out
+        sample_rows(rows, k, seed, 0.7)
     }
 
     fn assert_same_rows(rows: &PlainRows, back: &PlainRows, step: f64) {
