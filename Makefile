@@ -33,16 +33,19 @@ test-rust:
 	cargo test --release --workspace
 
 # Every test, those against a real llama.cpp too (llama-server for served teachers and judges
-# and exported students, llama-quantize for the K-quants): its C++ tools are built once from
-# the llama-cpp-python sdist into ~/.cache/distillery (about 10 minutes on 2 cores the first
+# and exported students, llama-quantize for the K-quants, llama-cpp-python's server for
+# teacher-forced scoring): its C++ tools and llama-cpp-python's wheel are built once from the
+# llama-cpp-python sdist into ~/.cache/distillery (about 10 and 5 minutes on 2 cores the first
 # time, nothing after).
 test-python:
 	$(PYTHON) scripts/llamacpp.py build
+	$(PYTHON) scripts/llamacpp.py python-server
 	$(PYTHON) -m pytest tests -q
 
 # Only the tests against llama.cpp.
 test-llamacpp: build
 	$(PYTHON) scripts/llamacpp.py build
+	$(PYTHON) scripts/llamacpp.py python-server
 	$(PYTHON) -m pytest tests -q -m llamacpp
 
 # The long reliability runs: 20 SIGTERM-and-resume runs of kd-distill and three kill -9

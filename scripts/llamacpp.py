@@ -5,6 +5,7 @@ PyPI, the build cached.
 
     python3 scripts/llamacpp.py fetch          # prints the source folder
     python3 scripts/llamacpp.py build          # prints the folder holding the binaries
+    python3 scripts/llamacpp.py python-server  # installs llama-cpp-python[server] (its wheel built once)
     python3 scripts/llamacpp.py convert HF_DIR OUT.gguf f32|f16|bf16|q8_0
     python3 scripts/llamacpp.py answer MODEL.gguf PROMPTS.jsonl N   # greedy chat answers via llama-server
     python3 scripts/llamacpp.py with-server MODEL.gguf 'CMD ...'    # CMD with $TEACHER_URL set to a llama-server
@@ -79,6 +80,51 @@ def build():
     subprocess.run(["cmake", "--build", str(src / "build"), "--target", "llama-server", "llama-quantize",
                     "-j", str(os.cpu_count() or 2)], check=True, env=env, stdout=subprocess.DEVNULL)
     return out
+
+
+def python_server():
+    """llama-cpp-python's server (`python -m llama_cpp.server`, the llama.cpp-based server that
+    scores given text with `echo`) installed into this interpreter's environment, from a wheel
+    built once from the same sdist into the cache (about 5-10 minutes on 2 cores)."""
+    try:
+        import llama_cpp  # noqa: F401
+        import llama_cpp.server.app  # noqa: F401
+        if llama_cpp.__version__ == VERSION:
+            return
+    except ImportError:
+        pass
+    fetch()
+    wheels = cache_root() / "wheel"
+    found = sorted(wheels.glob(f"llama_cpp_python-{VERSION}-*.whl"))
+    if not found:
+        venv_bin = str(Path(sys.executable).parent)
+        env = {**os.environ, "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(wheels),
+                        str(cache_root() / f"llama_cpp_python-{VERSION}")], check=True, env=env)
+        found = sorted(wheels.glob(f"llama_cpp_python-{VERSION}-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"{found[0]}[server]"], check=True)
+
+
+def serve_python(gguf, port, ctx=2048):
+    """llama-cpp-python's server on 127.0.0.1 for `gguf` (log-probabilities of every position
+    kept: `--logits_all true`), once it lists its model."""
+    import time
+
+    python_server()
+    log = open(Path(str(gguf) + f".{port}.py-server.log"), "ab")
+    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
+                               "--port", str(port), "--n_ctx", str(ctx), "--n_threads", str(os.cpu_count() or 2),
+                               "--logits_all", "true"], stdout=log, stderr=log)
+    for _ in range(600):
+        if server.poll() is not None:
+            raise SystemExit("llama-cpp-python's server exited: " + Path(log.name).read_text()[-2000:])
+        try:
+            if json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)).get("data"):
+                return server
+        except Exception:
+            time.sleep(0.2)
+    server.kill()
+    raise SystemExit("llama-cpp-python's server did not start")
 
 
 def convert(hf_dir, out, outtype):
@@ -175,6 +221,8 @@ if __name__ == "__main__":
         print(fetch())
     elif cmd == "build":
         print(build())
+    elif cmd == "python-server":
+        python_server()
     elif cmd == "convert":
         convert(*sys.argv[2:5])
     elif cmd == "with-server":

@@ -144,3 +144,44 @@ def test_on_policy_refusals(trained_llama, student, prompts, tmp_path):
     text = write_jsonl(tmp_path / "text.jsonl", [{"id": "t", "text": "In the beginning"}])
     no_prompt = run_bin("kd-distill", *base[:5], text, *base[6:], "--on-policy", 0.5, check=False)
     assert no_prompt.returncode != 0 and "have no `prompt`" in no_prompt.stderr
+
+
+def test_sampled_token_estimate_matches_its_pytorch_reference(trained_llama, student, prompts, tmp_path):
+    """--on-policy-estimator sampled-token: the KD term is the mean over sampled tokens of
+    log q(y) - log p(y), and the gradient that of sum(sg(log q - log p) * log q) / n (the
+    score-function estimate of the reverse KL's gradient)."""
+    out = tmp_path / "run"
+    run_bin("kd-distill", "--teacher", trained_llama, "--student", student, "--data", prompts, "--out", out,
+            "--on-policy", 1, "--on-policy-estimator", "sampled-token", "--gen-temperature", 0, "--gen-max-new-tokens", MAX_NEW,
+            "--temperature", 1, "--alpha", 0.5, "--beta", 0.7, "--steps", 1, "--batch-size", len(PROMPTS), "--chunk", 5,
+            "--device", "cpu")
+    got = rows(out)[0]
+    s_model, t_model = load(student), load(trained_llama)
+    eos = {s_model.generation_config.eos_token_id} if isinstance(s_model.generation_config.eos_token_id, int) \
+        else set(s_model.generation_config.eos_token_id)
+    seqs = [greedy(s_model, p, eos) for p in PROMPTS]
+    s_model.train()
+    total, n = 0.0, 0
+    estimate_sum = torch.zeros((), dtype=torch.float64)
+    for s, p in zip(seqs, PROMPTS):
+        ids = torch.tensor([s])
+        s_lp = F.log_softmax(s_model(ids).logits[0, :-1].double(), -1)
+        with torch.no_grad():
+            t_lp = F.log_softmax(t_model(ids).logits[0, :-1].double(), -1)
+        tgt = ids[0, 1:]
+        pos = torch.arange(len(p) - 1, len(s) - 1)
+        lq = s_lp[pos, tgt[pos]]
+        lp = t_lp[pos, tgt[pos]]
+        est = lq.detach() - lp
+        total += est.sum().item()
+        n += len(pos)
+        estimate_sum = estimate_sum + (est * lq).sum()
+    assert float(got["ce"]) == 0.0
+    assert float(got["kd"]) == pytest.approx(total / n, rel=1e-5)
+    (0.7 * estimate_sum / n).backward()
+    norm = math.sqrt(sum(p.grad.double().pow(2).sum().item() for p in s_model.parameters() if p.grad is not None))
+    assert float(got["grad_norm"]) == pytest.approx(norm, rel=1e-4)
+    # Only for on-policy batches, at temperature 1.
+    bad = run_bin("kd-distill", "--teacher", trained_llama, "--student", student, "--data", prompts, "--out", tmp_path / "x",
+                  "--on-policy-estimator", "sampled-token", "--steps", 1, "--device", "cpu", check=False)
+    assert bad.returncode != 0 and "set --on-policy above 0" in bad.stderr, bad.stderr

@@ -3,6 +3,7 @@ sdist by scripts/llamacpp.py, serving an F32 GGUF of a tiny teacher on 127.0.0.1
 kd-generate's completions equal the server's own answers, their ids decode to its text, the
 top-K agree with the same weights run locally, and faults (500s, answers slower than the
 timeout, a killed and restarted server, a killed stage) lose and duplicate nothing."""
+import csv
 import http.server
 import json
 import os
@@ -475,18 +476,28 @@ def test_the_server_s_own_chat_template_gives_the_chat_endpoint_s_prompts(teache
         server.kill()
 
 
-def test_smollm2_served_from_an_f32_gguf_agrees_with_the_local_teacher(smollm2_gguf, tmp_path):
+@pytest.fixture(scope="module")
+def smollm2_f32(smollm2_gguf, tmp_path_factory):
+    """SmolLM2-135M-Instruct dequantised (kd-convert) and exported to an F32 GGUF (kd-export)."""
+    d = tmp_path_factory.mktemp("smollm2")
+    hf, f32 = d / "smollm2", d / "smollm2-f32.gguf"
+    run_bin("kd-convert", "--model", smollm2_gguf, "--out", hf)
+    run_bin("kd-export", "--model", hf, "--format", "gguf", "--type", "f32", "--out", f32)
+    return hf, f32
+
+
+SMOLLM2_QUESTIONS = ["What is the capital of France?", "Name three colours.", "How many legs does a spider have?",
+                     "What is 7 times 8?", "Write one sentence about the sea.", "What do bees make?",
+                     "Who wrote Romeo and Juliet?", "Give a synonym for happy."]
+
+
+def test_smollm2_served_from_an_f32_gguf_agrees_with_the_local_teacher(smollm2_f32, tmp_path):
     """The real teacher behind llama-server: SmolLM2-135M-Instruct dequantised (kd-convert),
     exported to an F32 GGUF (kd-export) and served; chat-template greedy answers and their
     top-K equal the same weights run here (measured when this test was written: every answer
     equal, top-1 agreement 100% over 170 positions, mean KL 2.5e-6)."""
-    hf, f32 = tmp_path / "smollm2", tmp_path / "smollm2-f32.gguf"
-    run_bin("kd-convert", "--model", smollm2_gguf, "--out", hf)
-    run_bin("kd-export", "--model", hf, "--format", "gguf", "--type", "f32", "--out", f32)
-    questions = ["What is the capital of France?", "Name three colours.", "How many legs does a spider have?",
-                 "What is 7 times 8?", "Write one sentence about the sea.", "What do bees make?",
-                 "Who wrote Romeo and Juliet?", "Give a synonym for happy."]
-    prompts = write_jsonl(tmp_path / "q.jsonl", [{"id": f"q{i}", "prompt": q} for i, q in enumerate(questions)])
+    hf, f32 = smollm2_f32
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"id": f"q{i}", "prompt": q} for i, q in enumerate(SMOLLM2_QUESTIONS)])
     common = ["--chat-template", "--max-new-tokens", 24, "--temperature", 0, "--store-logits", K]
     server = Server(f32).start()
     try:
@@ -541,3 +552,212 @@ def test_stop_strings_stop_the_server_where_the_local_rule_stops(teacher, server
         raw = server.post("/completion", {"prompt": r["prompt_ids"], "n_predict": 24, "temperature": 0, "top_k": 0, "top_p": 1,
                                           "min_p": 0, "cache_prompt": False, "return_tokens": True, "stop": [" the", "."]})
         assert raw["stop_type"] == "word" and raw["tokens"] == r["completion_ids"], (raw, r)
+
+
+# ---- llama-cpp-python's server: teacher-forced scoring (echo) ----
+
+
+class PyServer:
+    """llama-cpp-python's server (`python -m llama_cpp.server`) for one GGUF."""
+
+    def __init__(self, gguf):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = llamacpp.serve_python(gguf, self.port)
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def py_server(teacher):
+    s = PyServer(teacher[1])
+    yield s
+    s.kill()
+
+
+def scored_agreement(s, l):
+    """Top-1 agreement, the largest difference of a log-probability both rows hold, and the
+    mean number of entries they share, of two sidecars of the same positions."""
+    assert s["indices"].shape == l["indices"].shape
+    top1 = (s["indices"][:, 0] == l["indices"][:, 0]).float().mean().item()
+    worst, shared = 0.0, []
+    for i in range(s["indices"].shape[0]):
+        ms = {int(t): float(v) for t, v in zip(s["indices"][i], s["logprobs"][i])}
+        ml = {int(t): float(v) for t, v in zip(l["indices"][i], l["logprobs"][i])}
+        both = [t for t in ml if t in ms]
+        shared.append(len(both))
+        worst = max([worst] + [abs(ms[t] - ml[t]) for t in both])
+    mean_shared = sum(shared) / len(shared)
+    print(f"llama-cpp-python vs local: top-1 agreement {top1:.4f}, largest difference {worst:.4f}, "
+          f"mean shared entries {mean_shared:.2f} of {K}, rows {s['indices'].shape[0]}")
+    return top1, worst, mean_shared
+
+
+def score_records(tok, texts, leads):
+    """Records of the tokenizer's own ids of each text after each of `leads` (a BOS or
+    nothing: llama-cpp-python lays out its echo differently in the two cases)."""
+    recs = []
+    for i, t in enumerate(texts):
+        ids = tok(t, add_special_tokens=False).input_ids
+        for lead in leads:
+            full = lead + ids
+            recs.append({"id": f"r{i}-{len(lead)}", "prompt_ids": full[:3], "completion_ids": full[3:]})
+    return recs
+
+
+TEXTS = ["The quick brown fox jumps over the lazy dog, and the student learns from the teacher.",
+         "In the beginning the teacher wrote soft targets, and a smaller student followed them.",
+         "Knowledge distillation compresses a large model into a small one: numbers like 12345 too."]
+
+
+def test_llama_cpp_python_scores_given_text_as_the_local_teacher_does(teacher, py_server, tmp_path):
+    hf, _ = teacher
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf)
+    # The tiny GGUF asks for a BOS (llama-cpp-python then puts one before every text), so
+    # its records begin with one; SmolLM2's test below scores texts without.
+    recs = write_jsonl(tmp_path / "r.jsonl", score_records(tok, TEXTS, [[tok.bos_token_id]]))
+    res = run_bin("kd-generate", "--score", "--teacher-url", py_server.url, "--teacher-tokenizer", hf, "--prompts", recs,
+                  "--out", tmp_path / "served.jsonl", "--store-logits", K, "--teacher-concurrency", 2)
+    assert "llama-cpp-python" in res.stderr and "scoring by echo checked" in res.stderr, res.stderr
+    run_bin("kd-generate", "--score", "--teacher", hf, "--prompts", recs, "--out", tmp_path / "local.jsonl",
+            "--store-logits", K, "--device", "cpu")
+    s, l = outputs(tmp_path / "served.jsonl")[1], outputs(tmp_path / "local.jsonl")[1]
+    top1, worst, shared = scored_agreement(s, l)
+    assert s["indices"].shape[0] > 100
+    # Entries whose string names several tokens are left out of the served rows.
+    assert top1 >= 0.97 and worst < 0.05 and shared >= K - 2, (top1, worst, shared)
+    # The run says how many entries it left out.
+    assert "ambiguous_top_entries_left_out" in res.stdout, res.stdout
+
+
+def test_llama_cpp_python_refuses_what_it_cannot_do(teacher, py_server, tmp_path):
+    hf, _ = teacher
+    prompts = prompts_file(tmp_path / "p.jsonl", 2)
+    gen = run_bin("kd-generate", *served_args(py_server.url, hf, prompts, tmp_path / "g.jsonl", "--max-new-tokens", 4), check=False)
+    assert gen.returncode != 0 and "not token ids" in gen.stderr, gen.stderr
+    # Ids that are not the tokenizer's own tokenization of their text: the server would score
+    # other tokens, so the record is refused by name.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf)
+    word = next(ids for ids in (tok(w, add_special_tokens=False).input_ids for w in (" the", " teacher", " student", " and"))
+                if len(ids) == 1 and len(tok.convert_ids_to_tokens(ids)[0]) > 1)
+    spelled = [tok.convert_tokens_to_ids(c) for c in tok.convert_ids_to_tokens(word)[0]]
+    assert None not in spelled and tok.unk_token_id not in spelled
+    ids = [tok.bos_token_id] + tok("A", add_special_tokens=False).input_ids + spelled + tok(" end", add_special_tokens=False).input_ids
+    for name, rec_ids, says in (("split", ids, "tokenized the text differently"),
+                                # This GGUF asks for a BOS, which the server adds to every text.
+                                ("no-bos", ids[1:2] + tok(" end", add_special_tokens=False).input_ids, "puts a BOS before every text")):
+        recs = write_jsonl(tmp_path / f"{name}.jsonl", [{"id": name, "prompt_ids": rec_ids[:2], "completion_ids": rec_ids[2:]}])
+        bad = run_bin("kd-generate", "--score", "--teacher-url", py_server.url, "--teacher-tokenizer", hf, "--prompts", recs,
+                      "--out", tmp_path / f"{name}-out.jsonl", "--store-logits", K, check=False)
+        assert bad.returncode != 0 and says in bad.stderr, bad.stderr
+        assert not (tmp_path / f"{name}-out.jsonl").exists()
+
+
+def test_a_served_scoring_teacher_distils_as_its_stored_logits_do(teacher, py_server, tmp_path):
+    """kd-distill --teacher-url: the server's top-K scores each batch while training; the first
+    step's KD term and gradient equal offline KD on the same top-K stored beforehand."""
+    hf, _ = teacher
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf)
+    ids = [[tok.bos_token_id] + tok(t, add_special_tokens=False).input_ids for t in TEXTS]
+    data = [{"id": f"d{i}", "prompt_ids": x[:4], "completion_ids": x[4:]} for i, x in enumerate(ids)]
+    recs = write_jsonl(tmp_path / "d.jsonl", data)
+    run_bin("kd-generate", "--score", "--teacher", hf, "--prompts", recs, "--out", tmp_path / "stored.jsonl", "--store-logits", K,
+            "--device", "cpu")
+    student = tmp_path / "student"
+    run_bin("kd-init", "--teacher", hf, "--out", student, "--layers", 1, "--seed", 2, "--device", "cpu")
+    common = ["--student", student, "--alpha", 0.3, "--beta", 0.7, "--temperature", 2, "--steps", 1, "--batch-size", 3,
+              "--device", "cpu"]
+    run_bin("kd-distill", *common, "--data", tmp_path / "stored.jsonl", "--teacher-logits", tmp_path / "stored.jsonl.logits.safetensors",
+            "--out", tmp_path / "offline")
+    run_bin("kd-distill", *common, "--data", recs, "--teacher-url", py_server.url, "--teacher-tokenizer", hf,
+            "--teacher-top-k", K, "--out", tmp_path / "served")
+    off, srv = (next(csv.DictReader(open(tmp_path / d / "metrics.csv"))) for d in ("offline", "served"))
+    assert float(srv["kd"]) == pytest.approx(float(off["kd"]), rel=2e-3)
+    assert float(srv["ce"]) == pytest.approx(float(off["ce"]), rel=1e-6)
+    assert float(srv["grad_norm"]) == pytest.approx(float(off["grad_norm"]), rel=1e-2)
+    assert float(srv["teacher_seconds"]) > 0
+
+
+def test_on_policy_samples_that_are_no_text_are_refused_by_name(teacher, py_server, tmp_path):
+    """llama-cpp-python reads text: a student that writes bytes which are no UTF-8 text (this
+    tiny one does) cannot be scored through it, and says so (SmolLM2's test below scores
+    on-policy batches through it)."""
+    hf, _ = teacher
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(hf)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"id": f"p{i}", "prompt_ids": [tok.bos_token_id] + tok(t, add_special_tokens=False).input_ids[:5],
+                                                  "completion_ids": []} for i, t in enumerate(TEXTS)])
+    student = tmp_path / "student"
+    run_bin("kd-init", "--teacher", hf, "--out", student, "--layers", 1, "--seed", 2, "--device", "cpu")
+    bad = run_bin("kd-distill", "--student", student, "--data", prompts, "--on-policy", 1, "--gen-temperature", 0,
+                  "--gen-max-new-tokens", 8, "--alpha", 0, "--beta", 1, "--steps", 1, "--batch-size", 3, "--device", "cpu",
+                  "--teacher-url", py_server.url, "--teacher-tokenizer", hf, "--out", tmp_path / "x", check=False)
+    assert bad.returncode != 0 and "tokenized the text differently" in bad.stderr and "vLLM or SGLang" in bad.stderr, bad.stderr
+
+
+def test_smollm2_scored_through_llama_cpp_python_agrees_with_the_local_teacher(smollm2_f32, tmp_path):
+    """The real teacher's chat answers (whose prompts hold its BOS, `<|im_start|>`, at every
+    turn) and plain texts (no BOS: the other layout) scored by llama-cpp-python serving the
+    F32 GGUF, against the same weights run here (measured when this test was written, on 3
+    answers: top-1 agreement 100% over 184 positions, largest log-probability difference 0.023)."""
+    hf, f32 = smollm2_f32
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"id": f"q{i}", "prompt": q} for i, q in enumerate(SMOLLM2_QUESTIONS[:4])])
+    chat = tmp_path / "chat.jsonl"
+    run_bin("kd-generate", "--teacher", hf, "--prompts", prompts, "--out", chat, "--chat-template", "--max-new-tokens", 24,
+            "--temperature", 0, "--device", "cpu")
+    from transformers import AutoTokenizer
+
+    plain = score_records(AutoTokenizer.from_pretrained(str(hf)), TEXTS, [[]])
+    answers = write_jsonl(tmp_path / "answers.jsonl", read_jsonl(chat) + plain)
+    server = PyServer(f32)
+    try:
+        run_bin("kd-generate", "--score", "--teacher-url", server.url, "--teacher-tokenizer", hf, "--prompts", answers,
+                "--out", tmp_path / "served.jsonl", "--store-logits", K, "--teacher-concurrency", 1)
+    finally:
+        server.kill()
+    run_bin("kd-generate", "--score", "--teacher", hf, "--prompts", answers, "--out", tmp_path / "local.jsonl", "--store-logits", K,
+            "--device", "cpu")
+    top1, worst, shared = scored_agreement(outputs(tmp_path / "served.jsonl")[1], outputs(tmp_path / "local.jsonl")[1])
+    assert top1 >= 0.99 and worst < 0.05 and shared >= K - 1, (top1, worst, shared)
+
+
+def test_smollm2_on_policy_batches_are_scored_through_llama_cpp_python(smollm2_f32, tmp_path):
+    """kd-distill --on-policy 1 --teacher-url: a SmolLM2 student (24 of its 30 layers, which
+    still writes text) samples greedily and the server scores the samples. With the
+    sampled-token estimate the first step equals the local teacher's, whose log-probabilities
+    of the sampled tokens are the same up to llama.cpp's arithmetic; the divergence over the
+    server's top-K trains too."""
+    hf, f32 = smollm2_f32
+    prompts = tmp_path / "p.jsonl"
+    run_bin("kd-generate", "--teacher", hf, "--prompts",
+            write_jsonl(tmp_path / "q.jsonl", [{"id": f"q{i}", "prompt": q} for i, q in enumerate(SMOLLM2_QUESTIONS[:3])]),
+            "--out", prompts, "--chat-template", "--max-new-tokens", 1, "--temperature", 0, "--device", "cpu")
+    student = tmp_path / "student"
+    run_bin("kd-init", "--teacher", hf, "--out", student, "--layers", 24, "--seed", 0, "--device", "cpu")
+    common = ["--student", student, "--data", prompts, "--on-policy", 1, "--gen-temperature", 0, "--gen-max-new-tokens", 12,
+              "--alpha", 0, "--beta", 1, "--temperature", 1, "--steps", 1, "--batch-size", 3, "--seq-len", 96, "--device", "cpu"]
+    est = ["--on-policy-estimator", "sampled-token"]
+    run_bin("kd-distill", *common, *est, "--teacher", hf, "--out", tmp_path / "local")
+    server = PyServer(f32)
+    try:
+        served = ["--teacher-url", server.url, "--teacher-tokenizer", hf, "--teacher-top-k", K, "--teacher-concurrency", 1]
+        run_bin("kd-distill", *common, *est, *served, "--out", tmp_path / "served")
+        run_bin("kd-distill", *common, *served, "--divergence", "jsd", "--jsd-beta", 0.5, "--out", tmp_path / "jsd")
+    finally:
+        server.kill()
+    loc, srv, jsd = (next(csv.DictReader(open(tmp_path / d / "metrics.csv"))) for d in ("local", "served", "jsd"))
+    print(f"sampled-token estimate: local {loc['kd']}, served {srv['kd']}; JSD over the served top-{K}: {jsd['kd']}")
+    assert float(srv["sampled_tokens"]) == float(loc["sampled_tokens"]) > 0
+    assert float(srv["kd"]) == pytest.approx(float(loc["kd"]), abs=0.02)
+    assert float(srv["grad_norm"]) == pytest.approx(float(loc["grad_norm"]), rel=0.02)
+    assert float(srv["teacher_seconds"]) > 0
+    assert float(jsd["on_policy"]) == 1.0 and float(jsd["kd"]) > 0

@@ -59,7 +59,8 @@ impl Runtime {
 /// A teacher behind an OpenAI-compatible server instead of a local model.
 #[derive(clap::Args, Clone, Debug)]
 pub struct ServedArgs {
-    /// Base URL of a server holding the teacher (vLLM, SGLang, llama.cpp's llama-server),
+    /// Base URL of a server holding the teacher (vLLM, SGLang, llama.cpp's llama-server;
+    /// llama-cpp-python's server for teacher-forced scoring only),
     /// e.g. http://127.0.0.1:8000; used instead of --teacher. An API key, if the server
     /// wants one, is read from DISTILLERY_TEACHER_API_KEY (or OPENAI_API_KEY).
     #[arg(long, requires = "teacher_tokenizer")]
@@ -69,7 +70,7 @@ pub struct ServedArgs {
     /// server's tokenizer at start.
     #[arg(long)]
     pub teacher_tokenizer: Option<String>,
-    /// auto (from the server's /v1/models), llamacpp, vllm or sglang.
+    /// auto (from the server's /v1/models), llamacpp, vllm, sglang or llama-cpp-python.
     #[arg(long, default_value = "auto")]
     pub teacher_engine: String,
     /// Requests in flight at once.
@@ -101,20 +102,26 @@ impl ServedArgs {
         self.connect_with(url, tokenizer, Some(self.teacher_top_k), false)
     }
 
-    fn connect_with(&self, url: &str, tokenizer: &str, top_k: Option<usize>, scoring: bool) -> Result<distillery::teacher::served::ServedTeacher> {
-        use distillery::teacher::engine::Engine;
-        use distillery::teacher::served::{ServedOptions, ServedTeacher};
-        anyhow::ensure!(self.teacher_timeout > 0.0, "--teacher-timeout must be positive");
-        let opts = ServedOptions {
+    /// The settings a training run keeps, when --teacher-url is given.
+    pub fn settings(&self) -> Option<distillery::teacher::served::ServedSettings> {
+        let url = self.teacher_url.as_ref()?;
+        Some(self.settings_for(url, self.teacher_tokenizer.as_deref().unwrap_or_default()))
+    }
+
+    fn settings_for(&self, url: &str, tokenizer: &str) -> distillery::teacher::served::ServedSettings {
+        distillery::teacher::served::ServedSettings {
             url: url.to_string(),
             tokenizer: tokenizer.to_string(),
-            engine: Engine::parse(&self.teacher_engine)?,
+            engine: self.teacher_engine.clone(),
             concurrency: self.teacher_concurrency,
-            timeout: std::time::Duration::from_secs_f64(self.teacher_timeout),
+            timeout_s: self.teacher_timeout,
             retries: self.teacher_retries,
-            score_top_k: self.teacher_top_k,
-        };
-        ServedTeacher::connect(opts, top_k, scoring)
+            top_k: self.teacher_top_k,
+        }
+    }
+
+    fn connect_with(&self, url: &str, tokenizer: &str, top_k: Option<usize>, scoring: bool) -> Result<distillery::teacher::served::ServedTeacher> {
+        distillery::teacher::served::ServedTeacher::connect(self.settings_for(url, tokenizer).options()?, top_k, scoring)
     }
 }
 
@@ -226,6 +233,7 @@ impl LoopArgs {
             on_policy: Default::default(),
             cross_tokenizer: None,
             uld_top_k: 256,
+            served_teacher: None,
             teacher_tokenizer: None,
         }
     }

@@ -110,6 +110,8 @@ pub struct TrainBatch {
     /// `[n]` next tokens at those positions.
     pub targets: Tensor,
     pub examples: Vec<usize>,
+    /// Each row's ids and first target (what a served teacher is sent to score).
+    pub sequences: Vec<(Vec<i64>, usize)>,
 }
 
 impl TrainBatch {
@@ -131,6 +133,7 @@ impl TrainBatch {
             loss_positions: Tensor::from_slice(&pos).to_kind(Kind::Int64).to_device(device),
             targets: Tensor::from_slice(&tgt).to_device(device),
             examples: which.to_vec(),
+            sequences: which.iter().map(|&i| (examples[i].ids.clone(), examples[i].loss_from.max(1))).collect(),
         }
     }
 

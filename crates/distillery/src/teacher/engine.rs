@@ -8,6 +8,7 @@
 //! | llama.cpp | `POST /completion`, `return_tokens` | `n_probs`, ids in `completion_probabilities` | refused: the server answers `echo` with "Only no echo is supported" |
 //! | vLLM | `POST /v1/completions`, `return_token_ids` | `logprobs` + `return_tokens_as_token_ids` | `prompt_logprobs` (keys are token ids) |
 //! | SGLang | `POST /generate`, `input_ids` | `return_logprob`, `top_logprobs_num` | `logprob_start_len: 0`, `input_top_logprobs` |
+//! | llama-cpp-python | refused: answers carry text and token strings, no ids | refused | `echo` + `logprobs` on the decoded text ([`super::echo`]) |
 //!
 //! Log-probabilities are those of the model's own distribution (temperature 1, before any
 //! sampling filter): llama.cpp's default (`post_sampling_probs` false), vLLM's default
@@ -20,6 +21,8 @@ pub enum Engine {
     LlamaCpp,
     Vllm,
     Sglang,
+    /// llama-cpp-python's server: teacher-forced scoring only ([`super::echo`]).
+    LlamaCppPython,
 }
 
 /// One generation request: a token prompt and the sampling settings.
@@ -62,7 +65,8 @@ impl Engine {
             "llamacpp" | "llama.cpp" | "llama-server" => Some(Engine::LlamaCpp),
             "vllm" => Some(Engine::Vllm),
             "sglang" => Some(Engine::Sglang),
-            _ => bail!("--teacher-engine `{name}`: expected auto, llamacpp, vllm or sglang"),
+            "llama-cpp-python" | "llama_cpp_python" => Some(Engine::LlamaCppPython),
+            _ => bail!("--teacher-engine `{name}`: expected auto, llamacpp, vllm, sglang or llama-cpp-python"),
         })
     }
 
@@ -73,6 +77,8 @@ impl Engine {
             "llamacpp" | "llama.cpp" => Engine::LlamaCpp,
             "vllm" => Engine::Vllm,
             "sglang" => Engine::Sglang,
+            // llama_cpp/server/app.py lists its model as owned by "me".
+            "me" => Engine::LlamaCppPython,
             _ => return None,
         })
     }
@@ -82,6 +88,7 @@ impl Engine {
             Engine::LlamaCpp => "llama.cpp",
             Engine::Vllm => "vLLM",
             Engine::Sglang => "SGLang",
+            Engine::LlamaCppPython => "llama-cpp-python",
         }
     }
 
@@ -91,15 +98,25 @@ impl Engine {
             Engine::LlamaCpp => "no llama-server flag limits it (check the request's n_probs)",
             Engine::Vllm => "restart vLLM with --max-logprobs K (default 20)",
             Engine::Sglang => "check SGLang's top_logprobs_num limit for this model",
+            Engine::LlamaCppPython => "llama-cpp-python returns log-probabilities only with --logits_all true (its default)",
         }
     }
 
     pub fn generate_path(self) -> &'static str {
         match self {
             Engine::LlamaCpp => "/completion",
-            Engine::Vllm => "/v1/completions",
+            Engine::Vllm | Engine::LlamaCppPython => "/v1/completions",
             Engine::Sglang => "/generate",
         }
+    }
+
+    /// Why this engine cannot generate for the records (which carry ids), if it cannot.
+    pub fn cannot_generate(self) -> Option<&'static str> {
+        (self == Engine::LlamaCppPython).then_some(
+            "llama-cpp-python's server answers with text and token strings, not token ids, so its completions cannot become \
+             records; generate with llama.cpp's llama-server, vLLM or SGLang (llama-cpp-python serves teacher-forced scoring: \
+             kd-generate --score, kd-filter, kd-eval, kd-distill)",
+        )
     }
 
     pub fn generate_body(self, r: &GenRequest, model: &str) -> Value {
@@ -162,6 +179,7 @@ impl Engine {
                 "logprob_start_len": -1,
                 "stream": false,
             }),
+            Engine::LlamaCppPython => unreachable!("generation through llama-cpp-python is refused before any request"),
         }
     }
 
@@ -251,6 +269,7 @@ impl Engine {
                 };
                 Generated { ids, text: v["text"].as_str().unwrap_or_default().to_string(), top, missing: vec![] }
             }
+            Engine::LlamaCppPython => bail!("{}", Engine::LlamaCppPython.cannot_generate().unwrap_or_default()),
         };
         if let Some(top) = &g.top {
             for (i, row) in top.iter().enumerate().filter(|(i, _)| !g.missing.contains(i)) {
@@ -284,6 +303,7 @@ impl Engine {
                 "top_logprobs_num": k,
                 "stream": false,
             }),
+            Engine::LlamaCppPython => bail!("llama-cpp-python scores decoded text (teacher::echo), not ids"),
         })
     }
 
@@ -292,6 +312,7 @@ impl Engine {
         ensure!(from >= 1 && from <= ids.len(), "scoring from token {from} of {}", ids.len());
         let rows: Vec<&Value> = match self {
             Engine::LlamaCpp => bail!("llama.cpp's server cannot score given text"),
+            Engine::LlamaCppPython => bail!("llama-cpp-python's answers are read by teacher::echo"),
             Engine::Vllm => {
                 let p = v["choices"][0]["prompt_logprobs"].as_array().context("the answer has no `choices[0].prompt_logprobs`")?;
                 ensure!(p.len() == ids.len(), "prompt_logprobs has {} positions, the prompt {} tokens", p.len(), ids.len());
@@ -315,11 +336,33 @@ impl Engine {
         Ok(out)
     }
 
-    /// The request that tokenizes `text` without special tokens, and the ids in its answer.
-    pub fn tokenize_body(self, text: &str, model: &str) -> Value {
+    /// The request that tokenizes `text` without special tokens (llama-cpp-python adds the
+    /// model's BOS, if it has one, whatever it is asked), and the ids in its answer.
+    pub fn tokenize_request(self, text: &str, model: &str) -> (&'static str, Value) {
         match self {
-            Engine::LlamaCpp => json!({"content": text, "add_special": false}),
-            Engine::Vllm | Engine::Sglang => json!({"model": model, "prompt": text, "add_special_tokens": false}),
+            Engine::LlamaCpp => ("/tokenize", json!({"content": text, "add_special": false})),
+            Engine::Vllm | Engine::Sglang => ("/tokenize", json!({"model": model, "prompt": text, "add_special_tokens": false})),
+            Engine::LlamaCppPython => ("/extras/tokenize", json!({"model": model, "input": text})),
+        }
+    }
+
+    /// The token log-probability of each target in a vLLM or SGLang scoring answer (the
+    /// target is listed with its rank when outside the top-K).
+    pub fn parse_scored_targets(self, v: &Value, ids: &[i64], from: usize) -> Result<Vec<f64>> {
+        match self {
+            Engine::Vllm => {
+                let p = v["choices"][0]["prompt_logprobs"].as_array().context("the answer has no `choices[0].prompt_logprobs`")?;
+                ensure!(p.len() == ids.len(), "prompt_logprobs has {} positions, the prompt {} tokens", p.len(), ids.len());
+                (from..ids.len())
+                    .map(|t| p[t][ids[t].to_string()]["logprob"].as_f64().with_context(|| format!("prompt_logprobs[{t}] does not list token {}", ids[t])))
+                    .collect()
+            }
+            Engine::Sglang => {
+                let p = v["meta_info"]["input_token_logprobs"].as_array().context("the answer has no `meta_info.input_token_logprobs`")?;
+                ensure!(p.len() == ids.len(), "input_token_logprobs has {} positions, the prompt {} tokens", p.len(), ids.len());
+                (from..ids.len()).map(|t| p[t][0].as_f64().with_context(|| format!("input_token_logprobs[{t}] has no log-probability"))).collect()
+            }
+            _ => bail!("{} answers carry no target log-probabilities", self.name()),
         }
     }
 
@@ -332,9 +375,10 @@ impl Engine {
         Ok(match self {
             Engine::LlamaCpp => ("/apply-template", json!({"messages": messages})),
             Engine::Vllm => ("/tokenize", json!({"model": model, "messages": messages, "add_generation_prompt": true})),
-            Engine::Sglang => bail!(
-                "SGLang has no endpoint that renders its chat template into token ids; render prompts locally with --chat-template \
-                 (--teacher-tokenizer must carry the served model's chat template)"
+            Engine::Sglang | Engine::LlamaCppPython => bail!(
+                "{} has no endpoint that renders its chat template into token ids; render prompts locally with --chat-template \
+                 (--teacher-tokenizer must carry the served model's chat template)",
+                self.name()
             ),
         })
     }
@@ -497,6 +541,10 @@ mod tests {
         assert_eq!(Engine::Vllm.parse_scored(&v(VLLM_SCORE), &ids, 1, 2).unwrap(), want);
         assert_eq!(Engine::Sglang.parse_scored(&v(SGLANG), &ids, 1, 2).unwrap(), want);
         assert_eq!(Engine::Vllm.parse_scored(&v(VLLM_SCORE), &ids, 2, 2).unwrap(), want[1..]);
+        // Each target's own log-probability (token 9 of VLLM_SCORE's third position is not the target).
+        assert_eq!(Engine::Vllm.parse_scored_targets(&v(VLLM_SCORE), &ids, 1).unwrap(), [-1.0, -2.0]);
+        assert_eq!(Engine::Sglang.parse_scored_targets(&v(SGLANG), &ids, 1).unwrap(), [-1.0, -2.0]);
+        assert_eq!(Engine::Sglang.parse_scored_targets(&v(SGLANG), &ids, 2).unwrap(), [-2.0]);
         // A prompt of another length is caught, not misaligned.
         assert!(Engine::Vllm.parse_scored(&v(VLLM_SCORE), &ids[..2], 1, 2).unwrap_err().to_string().contains("3 positions"));
     }
@@ -505,6 +553,9 @@ mod tests {
     fn llamacpp_scoring_is_refused_with_the_reason() {
         let err = Engine::LlamaCpp.score_body(&[1, 2], 2, "m").unwrap_err().to_string();
         assert!(err.contains("Only no echo is supported") && err.contains("vLLM"), "{err}");
+        // llama-cpp-python scores but cannot generate records: said before any request.
+        assert!(Engine::LlamaCppPython.cannot_generate().unwrap().contains("not token ids"));
+        assert!(Engine::Vllm.cannot_generate().is_none());
     }
 
     #[test]
@@ -536,6 +587,7 @@ mod tests {
         assert_eq!(Engine::detect(&m("llamacpp")), Some(Engine::LlamaCpp));
         assert_eq!(Engine::detect(&m("vllm")), Some(Engine::Vllm));
         assert_eq!(Engine::detect(&m("sglang")), Some(Engine::Sglang));
+        assert_eq!(Engine::detect(&m("me")), Some(Engine::LlamaCppPython));
         assert_eq!(Engine::detect(&m("openai")), None);
     }
 }

@@ -6,6 +6,7 @@
 //! [`StoredTeacher`] serves the top-k log-probabilities a run stored earlier;
 //! [`served::ServedTeacher`] is a model behind an inference server (vLLM, SGLang, llama.cpp).
 pub mod engine;
+pub mod echo;
 pub mod served;
 
 use crate::base::batch::{chunk_rows, pad_right, row_chunks};
@@ -45,6 +46,10 @@ pub struct SparseTeacher {
 }
 
 impl SparseTeacher {
+    pub fn to_device(&self, device: tch::Device) -> SparseTeacher {
+        SparseTeacher { indices: self.indices.to_device(device), logprobs: self.logprobs.to_device(device), tail_logmass: self.tail_logmass.to_device(device) }
+    }
+
     pub fn narrow(&self, start: i64, len: i64) -> SparseTeacher {
         SparseTeacher {
             indices: self.indices.narrow(0, start, len),

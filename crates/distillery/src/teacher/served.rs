@@ -11,11 +11,13 @@
 //! retried with exponential backoff (so a restarted server is waited for), other answers
 //! fail with the server's message. Requests carry their own seed, so a retried or resumed
 //! request asks for the same completion.
+use super::echo::{self, TokenStrings};
 use super::engine::{Engine, GenRequest, TopRow};
 use super::{Predictions, Query, SparseTeacher, Teacher};
 use crate::base::rng::SplitMix64;
 use crate::data::teacher_logits::TopRows;
 use crate::model::decode::Sampling;
+use crate::model::token_bytes::TokenBytes;
 use crate::model::tokenizer::{SpecialTokens, Tok};
 use crate::model::{ModelConfig, ModelFiles};
 use anyhow::{bail, ensure, Context, Result};
@@ -23,9 +25,9 @@ use serde_json::{json, Value};
 use std::io::Read;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// The environment variables an API key is read from, in order.
 pub const API_KEY_VARS: [&str; 2] = ["DISTILLERY_TEACHER_API_KEY", "OPENAI_API_KEY"];
@@ -49,6 +51,35 @@ pub struct ServedOptions {
     pub score_top_k: usize,
 }
 
+/// The served-teacher settings a training run keeps in its configuration (the API key stays
+/// in the environment).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ServedSettings {
+    pub url: String,
+    pub tokenizer: String,
+    /// auto, llamacpp, vllm, sglang or llama-cpp-python.
+    pub engine: String,
+    pub concurrency: usize,
+    pub timeout_s: f64,
+    pub retries: usize,
+    pub top_k: usize,
+}
+
+impl ServedSettings {
+    pub fn options(&self) -> Result<ServedOptions> {
+        ensure!(self.timeout_s > 0.0, "--teacher-timeout must be positive");
+        Ok(ServedOptions {
+            url: self.url.clone(),
+            tokenizer: self.tokenizer.clone(),
+            engine: Engine::parse(&self.engine)?,
+            concurrency: self.concurrency,
+            timeout: Duration::from_secs_f64(self.timeout_s),
+            retries: self.retries,
+            score_top_k: self.top_k,
+        })
+    }
+}
+
 /// What the capability probe found.
 #[derive(Clone, Debug)]
 pub struct Capabilities {
@@ -57,6 +88,17 @@ pub struct Capabilities {
     pub tokenizer_checked: bool,
     pub top_k_checked: Option<usize>,
     pub scoring: bool,
+    /// The server puts a BOS before every text it is sent (llama-cpp-python, for models that
+    /// ask for one).
+    pub server_adds_bos: bool,
+}
+
+/// Teacher-forced scores of one sequence: the top-K row predicting each target, and the
+/// target's own log-probability where the server gives it (always for vLLM and SGLang).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scored {
+    pub rows: Vec<TopRow>,
+    pub targets: Vec<Option<f64>>,
 }
 
 pub struct ServedTeacher {
@@ -72,6 +114,30 @@ pub struct ServedTeacher {
     vocab: i64,
     /// Requests retried so far (faults survived).
     pub retried: AtomicU64,
+    /// The local tokenizer's BOS, if it has one.
+    bos: Option<i64>,
+    /// Token strings (llama-cpp-python keys its log-probabilities by them).
+    strings: OnceLock<TokenStrings>,
+    /// Top entries llama-cpp-python named by a string that several tokens write (left out).
+    pub ambiguous_entries: AtomicU64,
+}
+
+/// The BOS id: the config's `bos_token_id`, or the tokenizer config's `bos_token`.
+fn local_bos(files: &ModelFiles, tok: &Tok) -> Result<Option<i64>> {
+    if files.config.is_file() {
+        if let Some(b) = ModelConfig::from_file(&files.config)?.bos_token_id {
+            return Ok(Some(b));
+        }
+    }
+    Ok(files
+        .side_file("tokenizer_config.json")
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|c| match &c["bos_token"] {
+            Value::String(s) => Some(s.clone()),
+            v => v["content"].as_str().map(String::from),
+        })
+        .and_then(|s| tok.token_to_id(&s)))
 }
 
 /// The tokenizer files `--teacher-tokenizer` names: a model directory or hub id or `.gguf`
@@ -125,7 +191,15 @@ impl ServedTeacher {
             .max_idle_connections_per_host(opts.concurrency.max(1))
             .build();
         let api_key = API_KEY_VARS.iter().find_map(|v| std::env::var(v).ok().filter(|k| !k.is_empty()));
-        let caps = Capabilities { engine: Engine::LlamaCpp, model: String::new(), tokenizer_checked: false, top_k_checked: None, scoring: false };
+        let caps = Capabilities {
+            engine: Engine::LlamaCpp,
+            model: String::new(),
+            tokenizer_checked: false,
+            top_k_checked: None,
+            scoring: false,
+            server_adds_bos: false,
+        };
+        let bos = local_bos(&files, &tok)?;
         let mut t = ServedTeacher {
             base,
             opts,
@@ -139,6 +213,9 @@ impl ServedTeacher {
             special,
             name: String::new(),
             retried: AtomicU64::new(0),
+            bos,
+            strings: OnceLock::new(),
+            ambiguous_entries: AtomicU64::new(0),
         };
         t.probe(top_k, scoring)?;
         Ok(t)
@@ -162,10 +239,15 @@ impl ServedTeacher {
         let ctx = || format!("teacher server {} ({}, model `{model}`)", self.base, engine.name());
         // The tokenizers must agree, or every id in every record means something else.
         let local = self.tok.encode(PROBE_TEXT, false)?;
-        match self.post("/tokenize", &engine.tokenize_body(PROBE_TEXT, &model)) {
+        let (path, body) = engine.tokenize_request(PROBE_TEXT, &model);
+        match self.post(path, &body) {
             Ok(v) => {
                 let remote = Engine::parse_tokens(&v).with_context(ctx)?;
-                if remote != local {
+                // llama-cpp-python adds the model's BOS whatever it is asked, as it does to
+                // every text it scores.
+                self.caps.server_adds_bos =
+                    engine == Engine::LlamaCppPython && self.bos.is_some() && remote.first() == self.bos.as_ref() && remote[1..] == local[..];
+                if remote != local && !self.caps.server_adds_bos {
                     let at = remote.iter().zip(&local).position(|(a, b)| a != b).unwrap_or(remote.len().min(local.len()));
                     bail!(
                         "{}: its tokenizer and --teacher-tokenizer {} give different ids for the probe text {PROBE_TEXT:?} \
@@ -179,12 +261,17 @@ impl ServedTeacher {
                 self.caps.tokenizer_checked = true;
             }
             Err(e) if engine == Engine::Sglang => eprintln!("{}: tokenizer agreement not checked (/tokenize: {e:#})", ctx()),
-            Err(e) => return Err(e.context(format!("{}: POST /tokenize", ctx()))),
+            Err(e) => return Err(e.context(format!("{}: POST {path}", ctx()))),
         }
-        // Token ids and top-K of generated tokens.
         let mut prompt = self.tok.encode(PROBE_TEXT, true)?;
         prompt.truncate(8);
         let k = top_k.unwrap_or(0);
+        if let Some(why) = engine.cannot_generate() {
+            ensure!(scoring && k == 0, "{}: {why}", ctx());
+            let ctx = ctx();
+            return self.probe_echo(&prompt, &ctx);
+        }
+        // Token ids and top-K of generated tokens.
         let req = GenRequest { prompt: &prompt, max_tokens: 2, temperature: 0.0, top_p: None, top_k: None, seed: 0, top_logprobs: k, ignore_eos: true, stop: &[] };
         let answer = self.post(engine.generate_path(), &engine.generate_body(&req, &model)).map_err(|e| {
             let hint = if k > 0 { format!(" (top-{k} log-probabilities were asked for: {})", engine.logprobs_flag()) } else { String::new() };
@@ -213,6 +300,127 @@ impl ServedTeacher {
             self.opts.concurrency
         );
         Ok(())
+    }
+
+    /// llama-cpp-python: builds the token strings and checks that its echoed rows line up as
+    /// [`echo`] reads them: the row its echo gives for the last token of a probe must be the
+    /// row it gives as the next-token distribution of the text before it, with a leading BOS
+    /// and without.
+    fn probe_echo(&mut self, prompt: &[i64], ctx: &str) -> Result<()> {
+        let strings = TokenStrings::new(&TokenBytes::of(&self.tok)?);
+        let ambiguous = strings.ambiguous();
+        let _ = self.strings.set(strings);
+        let body: Vec<i64> = prompt.iter().copied().filter(|&t| Some(t) != self.bos).collect();
+        let mut probes = vec![];
+        if let Some(b) = self.bos {
+            probes.push([&[b][..], &body].concat());
+        }
+        if !self.caps.server_adds_bos {
+            probes.push(body.clone());
+        }
+        let k = self.opts.score_top_k;
+        for seq in &probes {
+            let last = seq.len() - 1;
+            let echoed = self.score(seq, last).with_context(|| format!("{}: the probe scoring request ({})", ctx, self.caps.engine.logprobs_flag()))?;
+            let text = self.echo_text(&seq[..last])?;
+            let v = self.post("/v1/completions", &echo::next_body(&text, k + echo::MARGIN, &self.caps.model)).with_context(|| ctx.to_string())?;
+            let (next, _, _) = echo::parse_next(&v, self.strings.get().expect("set above"), seq[last]).with_context(|| ctx.to_string())?;
+            let (a, b) = (&echoed.rows[0][..5.min(k)], &next[..5.min(k).min(next.len())]);
+            // The same tokens in the same order; the values differ in the last digits (one
+            // pass over the whole text against one over the prefix: other batch shapes).
+            let agree = a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.0 == y.0 && (x.1 - y.1).abs() < 0.05);
+            ensure!(
+                agree,
+                "{}: the echoed row predicting the last token of a probe ({a:?}) is not the server's next-token row for the text \
+                 before it ({b:?}); this llama-cpp-python lays out its echo log-probabilities differently from version 0.3, which \
+                 Distillery reads (score through vLLM or SGLang)",
+                ctx
+            );
+        }
+        self.caps.scoring = true;
+        eprintln!(
+            "teacher server {}: llama-cpp-python, model `{}`; tokenizer {}; scoring by echo checked{}; {ambiguous} token strings name \
+             several tokens (left out of rows); {} requests in flight (it serves one at a time)",
+            self.base,
+            self.caps.model,
+            if self.caps.tokenizer_checked { "agrees with --teacher-tokenizer" } else { "not checked" },
+            if self.caps.server_adds_bos { " (it adds a BOS to every text)" } else { "" },
+            self.opts.concurrency
+        );
+        Ok(())
+    }
+
+    /// The text llama-cpp-python is sent for `seq`: the ids decoded with their special tokens
+    /// (it parses them back), without the BOS it adds itself.
+    fn echo_text(&self, seq: &[i64]) -> Result<String> {
+        let ids = if self.caps.server_adds_bos {
+            ensure!(
+                seq.first().is_some() && seq.first() == self.bos.as_ref(),
+                "llama-cpp-python puts a BOS before every text, and these ids do not begin with one: it would score another sequence"
+            );
+            &seq[1..]
+        } else {
+            seq
+        };
+        self.tok.decode(ids, false)
+    }
+
+    /// Top-K of each scored row (`--teacher-top-k`).
+    pub fn score_top_k(&self) -> usize {
+        self.opts.score_top_k
+    }
+
+    /// [`Self::score`] of each `(ids, from)`, up to `concurrency` in flight.
+    pub fn score_many(&self, seqs: &[(&[i64], usize)]) -> Result<Vec<Scored>> {
+        self.map_concurrent(seqs.len(), |i| self.score(seqs[i].0, seqs[i].1).with_context(|| format!("{}: scoring sequence {i}", self.base)))
+    }
+
+    /// Teacher-forced scores of `ids` from target `from` (at least 1): the top-K
+    /// (`score_top_k`) row predicting each target and the target's log-probability.
+    pub fn score(&self, ids: &[i64], from: usize) -> Result<Scored> {
+        let engine = self.caps.engine;
+        let k = self.opts.score_top_k;
+        ensure!(from >= 1 && from < ids.len(), "scoring from token {from} of a sequence of {}", ids.len());
+        if engine != Engine::LlamaCppPython {
+            let v = self.post(score_path(engine), &engine.score_body(ids, k, &self.caps.model)?)?;
+            let rows = engine.parse_scored(&v, ids, from, k)?;
+            let targets = engine.parse_scored_targets(&v, ids, from)?.into_iter().map(Some).collect();
+            return Ok(Scored { rows, targets });
+        }
+        let strings = self.strings.get().context("llama-cpp-python's token strings were not built (the probe did not run)")?;
+        let kk = k + echo::MARGIN;
+        let v = self.post("/v1/completions", &echo::score_body(&self.echo_text(ids)?, kk, &self.caps.model))?;
+        let mut s = echo::parse_echo(&v, ids, self.bos, strings, from)?;
+        let mut dropped = s.dropped;
+        // Rows the echo leaves out (the first, those at a BOS): the next-token row of the prefix.
+        for (i, row) in s.rows.iter_mut().enumerate().filter(|(_, r)| r.is_none()) {
+            let t = from + i;
+            let text = self.echo_text(&ids[..t])?;
+            ensure!(!text.is_empty(), "llama-cpp-python gives no row predicting token {t}, which follows the BOS alone: score from token {} on", t + 1);
+            let v = self.post("/v1/completions", &echo::next_body(&text, kk, &self.caps.model))?;
+            let (r, target, d) = echo::parse_next(&v, strings, ids[t])?;
+            *row = Some(r);
+            s.targets[i] = target;
+            dropped += d;
+        }
+        self.ambiguous_entries.fetch_add(dropped as u64, Ordering::Relaxed);
+        let rows = s
+            .rows
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let mut r = r.expect("every gap was fetched");
+                ensure!(
+                    r.len() >= k,
+                    "token {}: {} of the top-{kk} remain once the token strings that name several tokens are left out; lower --teacher-top-k",
+                    from + i,
+                    r.len()
+                );
+                r.truncate(k);
+                Ok(r)
+            })
+            .collect::<Result<_>>()?;
+        Ok(Scored { rows, targets: s.targets })
     }
 
     fn request(&self, method: &str, path: &str) -> ureq::Request {
@@ -307,6 +515,9 @@ impl ServedTeacher {
         k: Option<i64>,
     ) -> Result<(Vec<Vec<i64>>, Option<Vec<TopRows>>)> {
         let engine = self.caps.engine;
+        if let Some(why) = engine.cannot_generate() {
+            bail!("teacher server {}: {why}", self.base);
+        }
         let seeds: Vec<u32> = rngs.iter_mut().map(|r| (r.next_u64() & 0x7fff_ffff) as u32).collect();
         let kk = k.unwrap_or(0) as usize;
         let outs = self.map_concurrent(prompts.len(), |i| {
@@ -415,6 +626,17 @@ fn top_rows(rows: &[TopRow], k: i64) -> Result<TopRows> {
     })
 }
 
+/// Served top-K rows as the sparse teacher the losses read (fp32 on the CPU).
+pub fn sparse_teacher(rows: &[TopRow], k: i64) -> Result<SparseTeacher> {
+    let (idx, lp, tail) = sparse_parts(rows, k)?;
+    let n = rows.len() as i64;
+    Ok(SparseTeacher {
+        indices: Tensor::from_slice(&idx).view([n, k]),
+        logprobs: Tensor::from_slice(&lp).view([n, k]),
+        tail_logmass: Tensor::from_slice(&tail),
+    })
+}
+
 fn sparse_parts(rows: &[TopRow], k: i64) -> Result<(Vec<i64>, Vec<f32>, Vec<f32>)> {
     let (mut idx, mut lp, mut tail) = (vec![], vec![], vec![]);
     for (i, r) in rows.iter().enumerate() {
@@ -459,7 +681,6 @@ impl Teacher for ServedTeacher {
 
     /// The server's top-K (`score_top_k`) at every target: a [`Predictions::TopK`] per query.
     fn predict(&self, queries: &[Query], _batch: usize, sink: &mut dyn FnMut(usize, i64, Predictions) -> Result<()>) -> Result<()> {
-        let engine = self.caps.engine;
         let k = self.opts.score_top_k;
         let rows = self.map_concurrent(queries.len(), |i| {
             let q = &queries[i];
@@ -467,22 +688,10 @@ impl Teacher for ServedTeacher {
             if from >= q.ids.len() {
                 return Ok(vec![]);
             }
-            let v = self.post(score_path(engine), &engine.score_body(q.ids, k, &self.caps.model)?)?;
-            engine.parse_scored(&v, q.ids, from, k).with_context(|| format!("{}: scoring record {}", self.base, q.record))
+            Ok(self.score(q.ids, from).with_context(|| format!("{}: scoring record {}", self.base, q.record))?.rows)
         })?;
         for (i, r) in rows.iter().enumerate() {
-            let (idx, lp, tail) = sparse_parts(r, k as i64)?;
-            let n = r.len() as i64;
-            let opts = (Kind::Float, Device::Cpu);
-            sink(
-                i,
-                0,
-                Predictions::TopK(SparseTeacher {
-                    indices: Tensor::from_slice(&idx).view([n, k as i64]),
-                    logprobs: Tensor::from_slice(&lp).view([n, k as i64]).to_kind(opts.0),
-                    tail_logmass: Tensor::from_slice(&tail),
-                }),
-            )?;
+            sink(i, 0, Predictions::TopK(sparse_teacher(r, k as i64)?))?;
         }
         Ok(())
     }
@@ -491,6 +700,10 @@ impl Teacher for ServedTeacher {
 impl ServedTeacher {
     /// A one-line account of the server for summaries.
     pub fn describe(&self) -> Value {
-        json!({"engine": self.caps.engine.name(), "model": self.caps.model, "retried_requests": self.retried.load(Ordering::Relaxed)})
+        let mut d = json!({"engine": self.caps.engine.name(), "model": self.caps.model, "retried_requests": self.retried.load(Ordering::Relaxed)});
+        if self.caps.engine == Engine::LlamaCppPython {
+            d["ambiguous_top_entries_left_out"] = json!(self.ambiguous_entries.load(Ordering::Relaxed));
+        }
+        d
     }
 }

@@ -365,6 +365,49 @@ pub fn add_to_grad(param: &Tensor, g: &Tensor) {
     }
 }
 
+/// The per-token reverse KL estimated from the sampled token, for on-policy batches whose
+/// teacher gives only the log-probability of the tokens the student sampled (a served teacher's
+/// top-K need not hold them; the estimate needs nothing else). For a completion token `y`
+/// sampled from the student `q` after its prefix, `log q(y) - log p(y)` is an unbiased estimate
+/// of KL(q || p) at that position, and `sg(log q(y) - log p(y)) * grad log q(y)` an unbiased
+/// estimate of its gradient (the score-function identity: `E_q[grad log q] = 0`), as in
+/// on-policy distillation with a per-token reward and no discounting of later tokens (Thinking
+/// Machines, 2025; TRL's server-side GKD). Its bias: it is exact only for tokens sampled at
+/// temperature 1 without top-p (otherwise the samples are not from `q`); it ignores the effect
+/// of a token on the later positions' KL (the sequence-level reverse KL's policy gradient); a
+/// single sample is noisy. Returns the sum of the estimates; with `backward`, each chunk's
+/// `weight * sum(sg(estimate) * log q(y))` is back-propagated into `hidden.grad()` and the head.
+pub fn chunked_sampled_reverse_kl(student: &CausalLm, hidden: &Tensor, targets: &Tensor, teacher_lp: &Tensor, chunk: i64, weight: f64, backward: bool) -> f64 {
+    let chunk = chunk_rows(chunk, student.config.vocab_size, hidden.device());
+    let mut sum = 0.0;
+    for (start, len) in row_chunks(hidden.size()[0], chunk) {
+        let logits = student.logits(&hidden.narrow(0, start, len)).to_kind(Kind::Float);
+        let tgt = targets.narrow(0, start, len);
+        let valid = tgt.ge(0).to_kind(Kind::Float);
+        let s_lp = logits.log_softmax(-1, Kind::Float).gather(1, &tgt.clamp_min(0).unsqueeze(1), false).squeeze_dim(1);
+        let estimate = (s_lp.detach() - teacher_lp.narrow(0, start, len).to_kind(Kind::Float)) * &valid;
+        sum += estimate.sum(Kind::Float).double_value(&[]);
+        if backward {
+            ((estimate * s_lp).sum(Kind::Float) * weight).backward();
+        }
+    }
+    sum
+}
+
+/// The teacher's log-probability of each target from its hidden states `[n, h_t]`, chunk by chunk.
+pub fn teacher_target_logprobs(teacher: &CausalLm, hidden: &Tensor, targets: &Tensor, chunk: i64) -> Tensor {
+    let chunk = chunk_rows(chunk, teacher.config.vocab_size, hidden.device());
+    tch::no_grad(|| {
+        let parts: Vec<Tensor> = row_chunks(hidden.size()[0], chunk)
+            .map(|(start, len)| {
+                let lp = teacher.logits(&hidden.narrow(0, start, len)).to_kind(Kind::Float).log_softmax(-1, Kind::Float);
+                lp.gather(1, &targets.narrow(0, start, len).clamp_min(0).unsqueeze(1), false).squeeze_dim(1)
+            })
+            .collect();
+        Tensor::cat(&parts, 0)
+    })
+}
+
 /// [`chunked_logit_losses`] through autograd, for every divergence and offline logits.
 pub fn chunked_logit_losses_autograd(
     student: &CausalLm,

@@ -15,13 +15,14 @@ use crate::train::cross::{chunked_span_loss, CrossTokenizer, CrossWeights, SpanR
 use crate::data::examples::{build_examples, Example, Sampler, TrainBatch};
 use crate::model::checkpoint::{load_model, save_pretrained, write_safetensors, ModelFiles};
 use crate::stages::eval::metrics::{evaluate, EvalMetrics};
+use crate::teacher::served::{sparse_teacher, ServedSettings, ServedTeacher};
 use crate::teacher::{LocalTeacher, SparseTeacher, StoredTeacher, Teacher};
 use crate::base::io::{ensure_space, sync_dir, write_atomic, write_json_atomic, write_via_temp};
 use crate::base::lock::OutputLock;
 use crate::base::signals::{signal_name, stop_requested, Stopped};
 use crate::train::losses::{
-    add_to_grad, attention_loss_sum, chunked_forward_kl, chunked_logit_losses_autograd, hidden_loss_sum, Divergence, HiddenMetric,
-    LogitLossWeights, TeacherRows,
+    add_to_grad, attention_loss_sum, chunked_forward_kl, chunked_logit_losses_autograd, chunked_sampled_reverse_kl, hidden_loss_sum,
+    teacher_target_logprobs, Divergence, HiddenMetric, LogitLossWeights, TeacherRows,
 };
 use crate::model::causal_lm::{Capture, CausalLm, LayerSet};
 use crate::model::InitMode;
@@ -101,6 +102,11 @@ pub struct DistillConfig {
     /// given (a directory, hub id or .gguf).
     #[serde(default)]
     pub teacher_tokenizer: Option<String>,
+    /// A teacher behind an inference server (`--teacher-url`) instead of `teacher`: it scores
+    /// every KD batch (its top-K, as stored logits would give) and writes `--seq-kd`
+    /// completions.
+    #[serde(default)]
+    pub served_teacher: Option<ServedSettings>,
 }
 
 fn default_uld_top_k() -> i64 {
@@ -121,11 +127,37 @@ pub struct OnPolicy {
     pub temperature: f64,
     pub top_p: Option<f64>,
     pub max_new_tokens: usize,
+    /// What on-policy batches minimise.
+    pub estimator: OnPolicyEstimator,
+}
+
+/// The loss of on-policy batches.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnPolicyEstimator {
+    /// The chosen divergence over the whole distribution (a served teacher's: its top-K and
+    /// one tail bucket).
+    #[default]
+    Divergence,
+    /// The reverse KL estimated from the sampled token alone
+    /// ([`crate::train::losses::chunked_sampled_reverse_kl`]).
+    SampledToken,
+}
+
+impl std::str::FromStr for OnPolicyEstimator {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<OnPolicyEstimator> {
+        match s {
+            "divergence" => Ok(OnPolicyEstimator::Divergence),
+            "sampled-token" => Ok(OnPolicyEstimator::SampledToken),
+            _ => bail!("--on-policy-estimator `{s}`: expected divergence or sampled-token"),
+        }
+    }
 }
 
 impl Default for OnPolicy {
     fn default() -> OnPolicy {
-        OnPolicy { lambda: 0.0, seq_kd: false, temperature: 1.0, top_p: None, max_new_tokens: 64 }
+        OnPolicy { lambda: 0.0, seq_kd: false, temperature: 1.0, top_p: None, max_new_tokens: 64, estimator: OnPolicyEstimator::Divergence }
     }
 }
 
@@ -152,12 +184,33 @@ impl DistillConfig {
         }
         ensure!(self.lr > 0.0, "--lr must be positive");
         let op = &self.on_policy;
+        let served = self.served_teacher.is_some();
         ensure!((0.0..=1.0).contains(&op.lambda), "--on-policy must be a probability in [0, 1], got {}", op.lambda);
+        if served {
+            ensure!(self.teacher.is_none(), "--teacher and --teacher-url name two teachers: give one");
+            ensure!(
+                self.teacher_logits.is_none(),
+                "--teacher-url scores every KD batch through the server; --teacher-logits is for a teacher that is not there"
+            );
+            ensure!(
+                self.hidden_weight == 0.0 && self.attn_weight == 0.0 && self.schedule != TrainSchedule::Progressive,
+                "hidden/attention matching and the progressive schedule read the teacher's layers, which a server does not return: \
+                 they need a local --teacher"
+            );
+            ensure!(self.cross_tokenizer.is_none(), "--cross-tokenizer with a served teacher is not supported: store its logits with kd-generate first");
+        }
+        if op.estimator == OnPolicyEstimator::SampledToken {
+            ensure!(op.lambda > 0.0, "--on-policy-estimator sampled-token is the loss of on-policy batches: set --on-policy above 0");
+            ensure!(
+                self.temperature == 1.0,
+                "--on-policy-estimator sampled-token estimates the reverse KL of the student's own distribution: use --temperature 1"
+            );
+        }
         if op.samples() {
             ensure!(
-                self.teacher.is_some() && self.teacher_logits.is_none(),
-                "--on-policy and --seq-kd need a live teacher (--teacher, without --teacher-logits): the teacher must score, \
-                 or write, completions that exist only during training, and stored logits cover the data's completions only"
+                (self.teacher.is_some() || served) && self.teacher_logits.is_none(),
+                "--on-policy and --seq-kd need a live teacher (--teacher or --teacher-url, without --teacher-logits): the teacher \
+                 must score, or write, completions that exist only during training, and stored logits cover the data's completions only"
             );
             ensure!(self.beta > 0.0, "--on-policy and --seq-kd train on the KD term: set --beta above 0");
             ensure!(op.max_new_tokens > 0, "--gen-max-new-tokens must be positive");
@@ -168,8 +221,8 @@ impl DistillConfig {
         ensure!(self.chunk >= 0, "--chunk must be 0 (automatic) or positive");
         ensure!(self.keep_last >= 1, "--keep-last must be at least 1");
         let online = self.teacher.is_some() && self.teacher_logits.is_none();
-        if self.beta > 0.0 && self.teacher.is_none() && self.teacher_logits.is_none() {
-            bail!("--beta > 0 needs a teacher (--teacher) or stored teacher logits (--teacher-logits)");
+        if self.beta > 0.0 && self.teacher.is_none() && self.teacher_logits.is_none() && !served {
+            bail!("--beta > 0 needs a teacher (--teacher or --teacher-url) or stored teacher logits (--teacher-logits)");
         }
         if (self.hidden_weight > 0.0 || self.attn_weight > 0.0 || self.schedule == TrainSchedule::Progressive) && !online {
             bail!("hidden/attention matching and the progressive schedule need a live teacher (--teacher without --teacher-logits)");
@@ -340,6 +393,9 @@ pub struct StepLog {
     /// Seconds spent sampling completions in this step.
     #[serde(default)]
     pub sample_seconds: f64,
+    /// Seconds the teacher took in this step (its forward passes, or the server's scoring).
+    #[serde(default)]
+    pub teacher_seconds: f64,
 }
 
 pub struct Summary {
@@ -451,6 +507,13 @@ pub struct Trainer {
     teacher: Option<LocalTeacher>,
     /// Stored top-k logits for offline KD.
     stored: Option<StoredTeacher>,
+    /// A teacher behind a server (`--teacher-url`): its top-K scores every KD batch.
+    served: Option<ServedTeacher>,
+    /// Seconds the teacher took in the current step (forward passes or server scoring).
+    teacher_seconds: f64,
+    /// Sampled tokens whose teacher log-probability the server did not give (outside its
+    /// top-K in llama-cpp-python's layout without a BOS): estimated from the tail.
+    estimated_targets: usize,
     /// The teacher side of every example when the tokenizers differ (`--cross-tokenizer`).
     cross: Option<CrossData>,
     examples: Vec<Example>,
@@ -560,6 +623,24 @@ impl Trainer {
             }
             None => None,
         };
+        let served = match &cfg.served_teacher {
+            Some(settings) => {
+                let t = ServedTeacher::connect(settings.options()?, None, true)?;
+                if cfg.on_policy.seq_kd {
+                    if let Some(why) = t.caps.engine.cannot_generate() {
+                        bail!("--seq-kd samples completions from the served teacher: {why}");
+                    }
+                }
+                ensure!(
+                    t.vocab_size() == student.config.vocab_size,
+                    "the served teacher's vocabulary ({} from --teacher-tokenizer) does not match the student's ({})",
+                    t.vocab_size(),
+                    student.config.vocab_size
+                );
+                Some(t)
+            }
+            None => None,
+        };
         let all_sampled = cfg.on_policy.lambda == 1.0 || cfg.on_policy.seq_kd;
         // Across tokenizers both sides read the text: stored ids are some tokenizer's, maybe
         // the teacher's, never both.
@@ -657,6 +738,9 @@ impl Trainer {
             student_files,
             teacher,
             stored,
+            served,
+            teacher_seconds: 0.0,
+            estimated_targets: 0,
             cross,
             examples,
             eval_seqs,
@@ -846,6 +930,31 @@ impl Trainer {
         })
     }
 
+    /// A served teacher's rows for a micro-batch's loss targets, in batch order: its top-K
+    /// (`--teacher-top-k`) and each target's own log-probability (where the server leaves
+    /// one out, the tail's mean: the tail mass spread over the tokens outside the top-K).
+    fn served_rows(&self, server: &ServedTeacher, batch: &TrainBatch) -> Result<(SparseTeacher, Tensor, usize)> {
+        // The batch's own rows: on-policy batches hold sampled sequences, not the data's.
+        let seqs: Vec<(&[i64], usize)> = batch.sequences.iter().filter(|(ids, from)| *from < ids.len()).map(|(ids, from)| (&ids[..], *from)).collect();
+        let scored = server.score_many(&seqs)?;
+        let k = server.score_top_k() as i64;
+        let rows: Vec<_> = scored.iter().flat_map(|s| s.rows.iter().cloned()).collect();
+        let sparse = sparse_teacher(&rows, k)?;
+        let rest = ((self.student.config.vocab_size - k) as f64).max(1.0).ln();
+        let tails = Vec::<f32>::try_from(&sparse.tail_logmass)?;
+        let (mut lp, mut estimated) = (Vec::with_capacity(rows.len()), 0);
+        for (i, t) in scored.iter().flat_map(|s| s.targets.iter()).enumerate() {
+            lp.push(match t {
+                Some(v) => *v as f32,
+                None => {
+                    estimated += 1;
+                    tails[i] - rest as f32
+                }
+            });
+        }
+        Ok((sparse, Tensor::from_slice(&lp), estimated))
+    }
+
     /// The micro-batches of `step`, each with whether it is on-policy. With `--on-policy`, a
     /// seeded coin per micro-batch (probability lambda) replaces its completions by the
     /// student's own, sampled from the current weights; with `--seq-kd` the others get the
@@ -879,16 +988,24 @@ impl Trainer {
             } else {
                 None
             };
-            let Some(model) = sampler_model else {
+            let by_server = !on && op.seq_kd && self.served.is_some();
+            if sampler_model.is_none() && !by_server {
                 out.push(batch);
                 policy.push(false);
                 continue;
-            };
+            }
             let prompts: Vec<Vec<i64>> = batch.examples.iter().map(|&e| self.examples[e].ids[..self.examples[e].prompt_len].to_vec()).collect();
             let mut rngs: Vec<_> = (0..prompts.len())
                 .map(|row| stream(self.cfg.seed, Stream::OnPolicySample { step: step as usize, micro: m, row }))
                 .collect();
-            let completions = generate(model, &prompts, &sampling, &mut rngs)?;
+            let completions = match (sampler_model, self.served.as_ref()) {
+                (Some(model), _) => generate(model, &prompts, &sampling, &mut rngs)?,
+                (None, Some(server)) => {
+                    let eos = sampling.eos.clone();
+                    server.generate(&prompts, &sampling, &mut rngs, &|ids: &[i64]| ids.last().is_some_and(|t| eos.contains(t)))?
+                }
+                (None, None) => unreachable!("checked above"),
+            };
             let sampled: Vec<Example> = batch
                 .examples
                 .iter()
@@ -933,6 +1050,18 @@ impl Trainer {
         };
         // The live teacher runs only when some loss term reads its output.
         let teacher_needed = want_hidden || want_attn || (depth.is_none() && self.cfg.beta > 0.0);
+        let sampled_estimate = on_policy && self.cfg.on_policy.estimator == OnPolicyEstimator::SampledToken;
+        let teacher_start = Instant::now();
+        // A served teacher scores the batch's sequences: its top-K rows and the targets' own
+        // log-probabilities.
+        let served_rows = match self.served.as_ref().filter(|_| depth.is_none() && self.cfg.beta > 0.0) {
+            Some(server) => Some(self.served_rows(server, batch)?),
+            None => None,
+        };
+        let served_rows = served_rows.map(|(rows, lp, estimated)| {
+            self.estimated_targets += estimated;
+            (rows, lp)
+        });
         // Across tokenizers the teacher reads its own ids (below), not the student's.
         let t_out = match self.teacher.as_ref().filter(|_| self.cfg.teacher_logits.is_none() && self.cross.is_none() && teacher_needed) {
             Some(t) => {
@@ -941,6 +1070,7 @@ impl Trainer {
             }
             None => None,
         };
+        self.teacher_seconds += teacher_start.elapsed().as_secs_f64();
         let mut scratch = self.head_grad_scratch.take();
         let model = self.forward_model();
         let s_out = model.forward_hidden(&batch.input_ids, Some(&batch.attention_mask), Capture { hidden_states: want_hidden, attentions: s_attn }, None)?;
@@ -953,10 +1083,27 @@ impl Trainer {
                 None => t,
             })
         };
-        if depth.is_none() && (alpha > 0.0 || self.cfg.beta > 0.0) {
+        if depth.is_none() && sampled_estimate {
+            // The reverse KL estimated from the student's own sampled tokens (no CE: alpha is 0
+            // on on-policy batches).
             let hs = batch.at_loss_positions(&s_out.hidden);
             let leaf = hs.detach().set_requires_grad(true);
-            let rows = if self.cfg.teacher_logits.is_some() && self.cfg.beta > 0.0 && self.cross.is_none() {
+            let teacher_lp = match (&served_rows, self.teacher.as_ref(), t_out.as_ref()) {
+                (Some((_, lp)), _, _) => lp.to_device(self.device),
+                (None, Some(t), Some(o)) => teacher_target_logprobs(&t.model, &batch.at_loss_positions(&o.hidden), &batch.targets, self.cfg.chunk),
+                _ => bail!("the sampled-token estimate needs the teacher's log-probabilities of the sampled tokens"),
+            };
+            sums.kd = chunked_sampled_reverse_kl(model, &leaf, &batch.targets, &teacher_lp, self.cfg.chunk, self.cfg.beta * scale / n_loss, true);
+            let g = leaf.grad();
+            if g.defined() {
+                add((hs * g).sum(Kind::Float));
+            }
+        } else if depth.is_none() && (alpha > 0.0 || self.cfg.beta > 0.0) {
+            let hs = batch.at_loss_positions(&s_out.hidden);
+            let leaf = hs.detach().set_requires_grad(true);
+            let rows = if let Some((rows, _)) = served_rows {
+                TeacherRows::Offline(rows.to_device(self.device))
+            } else if self.cfg.teacher_logits.is_some() && self.cfg.beta > 0.0 && self.cross.is_none() {
                 TeacherRows::Offline(self.stored_rows(batch)?)
             } else if let (Some(t), Some(o)) = (self.teacher.as_ref(), t_out.as_ref()) {
                 if self.cfg.beta > 0.0 { TeacherRows::Online { model: &t.model, hidden: batch.at_loss_positions(&o.hidden) } } else { TeacherRows::None }
@@ -1119,6 +1266,7 @@ impl Trainer {
     /// on-policy), forward and backward of each, and the masters' gradients unscaled.
     fn accumulate_step(&mut self, sampler: &mut Sampler, step: i64) -> Result<StepWork> {
         let depth = self.phase(step);
+        self.teacher_seconds = 0.0;
         if let Some(copy) = &self.compute_copy {
             copy.refresh();
         }
@@ -1225,6 +1373,7 @@ impl Trainer {
                 on_policy: policy.iter().filter(|&&on| on).count() as f64 / policy.len() as f64,
                 sampled_tokens: sampled.mean_tokens(),
                 sample_seconds: sampled.seconds,
+                teacher_seconds: std::mem::take(&mut self.teacher_seconds),
             };
             let eval_now = (self.cfg.eval_every > 0 && done % self.cfg.eval_every == 0) || done == self.cfg.steps;
             if eval_now {
@@ -1255,6 +1404,13 @@ impl Trainer {
             self.save_state(self.cfg.steps)?;
         }
         let secs = start.elapsed().as_secs_f64();
+        if self.estimated_targets > 0 {
+            eprintln!(
+                "kd-distill: {} sampled tokens had no log-probability from the server (outside its top-K); the sampled-token \
+                 estimate used the tail's mean for them",
+                self.estimated_targets
+            );
+        }
         Ok(Summary { steps: self.cfg.steps, skipped: self.skipped, final_eval, last, tokens_per_second: tokens_done as f64 / secs.max(1e-9) })
     }
 }

@@ -3,14 +3,16 @@
 use clap::Parser;
 use distillery::train::cross::CrossTokenizer;
 use distillery::train::losses::{Divergence, HiddenMetric};
-use distillery::train::trainer::{DistillConfig, LayerMap, OnPolicy, TrainSchedule, Trainer};
+use distillery::train::trainer::{DistillConfig, LayerMap, OnPolicy, OnPolicyEstimator, TrainSchedule, Trainer};
 use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(about = "Distil a teacher into a student")]
 struct Args {
     /// Teacher model (directory or hub id). With --teacher-logits it is used for evaluation only.
-    #[arg(long)]
+    /// Or --teacher-url: a teacher behind a server, whose top-K (--teacher-top-k) scores every
+    /// KD batch, on-policy ones included.
+    #[arg(long, conflicts_with = "teacher_url")]
     teacher: Option<String>,
     /// Student checkpoint to start from (kd-init output).
     #[arg(long)]
@@ -80,6 +82,13 @@ struct Args {
     gen_top_p: Option<f64>,
     #[arg(long, default_value_t = 64)]
     gen_max_new_tokens: usize,
+    /// The loss of on-policy batches: divergence (the chosen --divergence over the teacher's
+    /// distribution; a served teacher's top-K and one tail bucket) or sampled-token (the
+    /// reverse KL estimated from each sampled token's log-probabilities, student minus
+    /// teacher, through the score function: unbiased per token at --gen-temperature 1 without
+    /// --gen-top-p; needs only the sampled tokens' teacher log-probabilities).
+    #[arg(long, default_value = "divergence")]
+    on_policy_estimator: OnPolicyEstimator,
     /// Distil across tokenizers (the student's vocabulary differs from the teacher's): uld
     /// (sorted-probability Wasserstein distance per aligned span of text) or gold (the
     /// divergence on tokens both vocabularies spell the same, ULD on the rest).
@@ -88,11 +97,10 @@ struct Args {
     /// Probabilities per side that ULD compares, largest first.
     #[arg(long, default_value_t = 256)]
     uld_top_k: i64,
-    /// The teacher's tokenizer (a directory, hub id or .gguf) for stored logits
-    /// (--teacher-logits) across tokenizers, when no --teacher model is given: the stored rows
-    /// are the teacher's ids, whose text it spells.
-    #[arg(long)]
-    teacher_tokenizer: Option<String>,
+    /// (--teacher-tokenizer also names the teacher's tokenizer for stored logits across
+    /// tokenizers, --teacher-logits with --cross-tokenizer, when no --teacher model is given.)
+    #[command(flatten)]
+    served: kd_cli::ServedArgs,
     #[command(flatten)]
     run: kd_cli::LoopArgs,
 }
@@ -122,10 +130,12 @@ fn main() {
                 temperature: a.gen_temperature,
                 top_p: a.gen_top_p,
                 max_new_tokens: a.gen_max_new_tokens,
+                estimator: a.on_policy_estimator,
             },
             cross_tokenizer: a.cross_tokenizer,
             uld_top_k: a.uld_top_k,
-            teacher_tokenizer: a.teacher_tokenizer,
+            teacher_tokenizer: if a.served.teacher_url.is_none() { a.served.teacher_tokenizer.clone() } else { None },
+            served_teacher: a.served.settings(),
             ..base
         };
         let mut trainer = Trainer::setup(cfg, a.run.resume)?;

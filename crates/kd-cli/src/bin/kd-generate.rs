@@ -111,7 +111,8 @@ fn main() {
         if let Some(t) = a.served.connect(if a.score { None } else { k }, a.score)? {
             if a.score {
                 anyhow::ensure!(k <= Some(a.served.teacher_top_k), "--score --store-logits {}: above --teacher-top-k {}", k.unwrap(), a.served.teacher_top_k);
-                return score(&o, &records, &t, &t.tok);
+                let summary = score(&o, &records, &t, &t.tok)?;
+                return Ok(format!("{summary}\nteacher server: {}", t.describe()));
             }
             if a.chat_template {
                 let tpl = chat_template(&t.files)?;
