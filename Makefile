@@ -64,6 +64,7 @@ sweep:
 
 bench: build
 	$(PYTHON) scripts/bench.py --out docs/BENCHMARKS.md
+	$(PYTHON) scripts/bench_on_policy.py --out docs/BENCHMARKS.md
 
 # What a GPU machine needs (../shared/GPU.md): the stage binaries and the mixed-precision
 # test binary in .gpu/bin (ignored by git), run there by scripts/gpu_check.py.

@@ -81,6 +81,48 @@ def distill(a):
     return {"step_seconds": step_s, "tokens_per_second": a.batch * a.seq / step_s, **peak_memory(a.device)}
 
 
+def on_policy(a):
+    """One GKD step as TRL's GKDTrainer takes it, eagerly: the student samples completions
+    with transformers' `generate`, the teacher scores them, and the student minimises the
+    generalized JSD (beta 0.5, temperature 1) over completion tokens; the three parts timed."""
+    teacher = load(a.teacher, a.device, torch.float32).eval()
+    student = load(a.student, a.device, torch.float32)
+    opt = adamw(list(student.parameters()), a.device)
+    vocab = student.config.vocab_size
+    prompts = batch_ids(vocab, a.batch, a.prompt_len, a.device, seed=1)
+    beta = torch.tensor(0.5)
+    parts = {"sample_seconds": [], "teacher_seconds": [], "update_seconds": []}
+    for step in range(a.steps):
+        sync(a.device)
+        t0 = time.perf_counter()
+        student.eval()
+        with torch.no_grad():
+            seqs = student.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=1.0, top_k=0,
+                                    top_p=1.0, max_new_tokens=a.new, min_new_tokens=a.new, pad_token_id=2)
+        student.train()
+        sync(a.device)
+        t1 = time.perf_counter()
+        with torch.no_grad():
+            t_lp = teacher(seqs).logits[:, a.prompt_len - 1:-1].float().log_softmax(-1)
+        sync(a.device)
+        t2 = time.perf_counter()
+        s_lp = student(seqs).logits[:, a.prompt_len - 1:-1].float().log_softmax(-1)
+        mix = torch.logsumexp(torch.stack([s_lp + torch.log(1 - beta), t_lp + torch.log(beta)]), dim=0)
+        jsd = beta * (t_lp.exp() * (t_lp - mix)).sum(-1) + (1 - beta) * (s_lp.exp() * (s_lp - mix)).sum(-1)
+        jsd.mean().backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(a.device)
+        t3 = time.perf_counter()
+        for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
+            parts[k].append(v)
+    out = {k: statistics.median(v[a.warmup:]) for k, v in parts.items()}
+    out["step_seconds"] = sum(out.values())
+    out["tokens_per_second"] = a.batch * a.new / out["step_seconds"]
+    return {**out, **peak_memory(a.device)}
+
+
 @torch.no_grad()
 def generate(a):
     dtype = torch.bfloat16 if a.bf16 else torch.float32
@@ -118,7 +160,7 @@ def evaluate(a):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["distill", "generate", "eval"])
+    p.add_argument("mode", choices=["distill", "generate", "eval", "on-policy"])
     p.add_argument("--teacher", required=True)
     p.add_argument("--student")
     p.add_argument("--batch", type=int, default=8)
@@ -135,7 +177,7 @@ def main():
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    result = {"distill": distill, "generate": generate, "eval": evaluate}[a.mode](a)
+    result = {"distill": distill, "generate": generate, "eval": evaluate, "on-policy": on_policy}[a.mode](a)
     print(json.dumps(result))
 
 

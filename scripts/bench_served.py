@@ -1,7 +1,9 @@
-"""Generation through a served teacher: records/s and tokens/s of kd-generate against a
-llama.cpp `llama-server` on 127.0.0.1 at several numbers of requests in flight.
+"""Generation and scoring through a served teacher: records/s and tokens/s of kd-generate
+against a llama.cpp `llama-server` on 127.0.0.1 at several numbers of requests in flight,
+or (`--score`) of kd-generate --score (teacher-forced top-K of existing text) against
+llama-cpp-python's server, the llama.cpp-based server that scores given text.
 
-    python3 scripts/bench_served.py [--teacher data/demo-teacher] [--prompts N] [--tokens N] [--in-flight 1,4,16]
+    python3 scripts/bench_served.py [--teacher data/demo-teacher] [--prompts N] [--tokens N] [--in-flight 1,4,16] [--score]
 
 The teacher is exported to an F32 GGUF with kd-export; the server gets as many slots as the
 most requests in flight; every setting generates the same prompts (`--ignore-eos`, so every
@@ -31,7 +33,10 @@ def main():
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--in-flight", default="1,4,16")
     ap.add_argument("--top-k", type=int, default=20)
+    ap.add_argument("--score", action="store_true")
     a = ap.parse_args()
+    if a.score:
+        return score(a)
     levels = [int(x) for x in a.in_flight.split(",")]
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
@@ -61,6 +66,50 @@ def main():
     print("|---:|---:|---:|---:|---:|---:|")
     for n, recs, toks, secs in rows:
         print(f"| {n} | {recs} | {toks} | {secs:.1f} | {recs / secs:.2f} | {toks / secs:.0f} |")
+
+
+def score(a):
+    """kd-generate --score through llama-cpp-python: KJV passages of about --tokens tokens.
+    Seconds are the stage's wall time, its start and capability probe included."""
+    import time
+
+    levels = [int(x) for x in a.in_flight.split(",")]
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        gguf = d / "teacher-f32.gguf"
+        subprocess.run([str(BIN / "kd-export"), "--model", a.teacher, "--format", "gguf", "--type", "f32", "--out", str(gguf)],
+                       check=True, capture_output=True)
+        lines = gzip.open(ROOT / "data" / "kjv" / "train.jsonl.gz", "rt").read().splitlines()[: a.prompts]
+        # About --tokens tokens each (KJV averages about 4 characters a token here).
+        recs = d / "texts.jsonl"
+        # A short prompt, then the passage's first --tokens tokens or so as the completion
+        # scored (llama-cpp-python has no row for a first token after the BOS alone).
+        texts = [json.loads(l)["text"] for l in lines]
+        recs.write_text("".join(json.dumps({"id": f"t{i}", "prompt": "Read:", "completion": " " + t[: a.tokens * 4]}) + "\n"
+                                for i, t in enumerate(texts)))
+        port = llamacpp.free_port()
+        server = llamacpp.serve_python(gguf, port)
+        rows = []
+        try:
+            for n in levels:
+                t0 = time.perf_counter()
+                res = subprocess.run([str(BIN / "kd-generate"), "--score", "--teacher-url", f"http://127.0.0.1:{port}",
+                                      "--teacher-tokenizer", a.teacher, "--prompts", str(recs), "--out", str(d / f"s{n}.jsonl"),
+                                      "--store-logits", str(a.top_k), "--teacher-top-k", str(a.top_k),
+                                      "--teacher-concurrency", str(n), "--batch-size", str(a.prompts)],
+                                     capture_output=True, text=True)
+                secs = time.perf_counter() - t0
+                if res.returncode != 0:
+                    raise SystemExit(f"kd-generate --score failed:\n{res.stderr}")
+                m = re.search(r"scored (\d+) records, (\d+) positions", res.stdout)
+                rows.append((n, int(m.group(1)), int(m.group(2)), secs))
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    print("| requests in flight | records | scored positions | seconds | records/s | tokens/s |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for n, recs_n, toks, secs in rows:
+        print(f"| {n} | {recs_n} | {toks} | {secs:.1f} | {recs_n / secs:.2f} | {toks / secs:.0f} |")
 
 
 if __name__ == "__main__":

@@ -396,7 +396,11 @@ impl ServedTeacher {
         for (i, row) in s.rows.iter_mut().enumerate().filter(|(_, r)| r.is_none()) {
             let t = from + i;
             let text = self.echo_text(&ids[..t])?;
-            ensure!(!text.is_empty(), "llama-cpp-python gives no row predicting token {t}, which follows the BOS alone: score from token {} on", t + 1);
+            ensure!(
+                !text.is_empty(),
+                "llama-cpp-python gives no row predicting token {t}, which follows the BOS alone (its echo leaves the first position \
+                 out, and it cannot complete an empty text): score completions after a prompt, or through vLLM or SGLang"
+            );
             let v = self.post("/v1/completions", &echo::next_body(&text, kk, &self.caps.model))?;
             let (r, target, d) = echo::parse_next(&v, strings, ids[t])?;
             *row = Some(r);
