@@ -14,7 +14,7 @@ export PATH := $(VENV_ABS)/bin:$(PATH)
 BIN := target/release
 PIPELINE ?= pipelines/default.mk
 
-.PHONY: setup build test test-rust test-python test-llamacpp soak fuzz bench gpu-bin demo-teacher clean sweep
+.PHONY: setup build test test-rust test-python test-llamacpp soak fuzz bench bench-smollm2 gpu-bin demo-teacher clean sweep
 
 setup: build
 
@@ -65,6 +65,12 @@ sweep:
 bench: build
 	$(PYTHON) scripts/bench.py --out docs/BENCHMARKS.md
 	$(PYTHON) scripts/bench_on_policy.py --out docs/BENCHMARKS.md
+
+# The real model on the CPU: SmolLM2-135M-Instruct and its pruned student, fp32 and bf16,
+# against the best PyTorch variant, and generation against llama.cpp (about 15 minutes).
+bench-smollm2: build
+	$(PYTHON) scripts/llamacpp.py build
+	$(PYTHON) scripts/bench_smollm2.py --out docs/BENCHMARKS.md
 
 # What a GPU machine needs (../shared/GPU.md): the stage binaries and the mixed-precision
 # test binary in .gpu/bin (ignored by git), run there by scripts/gpu_check.py.

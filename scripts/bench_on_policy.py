@@ -7,8 +7,10 @@ same shapes, same sampled length. Writes the "On-policy step" section of docs/BE
     python scripts/bench_on_policy.py [--out docs/BENCHMARKS.md] [--repeats 3]
 
 Distillery's parts come from its metrics.csv: `sample_seconds` (the student's sampling),
-`teacher_seconds` (the teacher's forward on the sampled sequences), and the rest of the step
-(the student's forward and backward, the loss, clipping and the update). Medians over the
+`teacher_seconds` (the teacher's forward on the sampled sequences up to its last hidden
+states), and the rest of the step (the student's forward and backward, the loss with the
+teacher's output head computed chunk by chunk inside it, clipping and the update); the
+reference's teacher part includes its output head. Medians over the
 steps after warm-up, then over runs; the two sides alternate.
 """
 import argparse
@@ -98,7 +100,7 @@ def main():
              f"{a.repeats} alternating runs; the speed range is the lowest and highest ratio of back-to-back runs.", "",
              "| part of the step | Distillery | PyTorch eager (TRL-style) | ratio (PyTorch time / Distillery time) |",
              "|---|---:|---:|---:|"]
-    for key, name in [("sample_seconds", "student samples the completions"), ("teacher_seconds", "teacher scores them"),
+    for key, name in [("sample_seconds", "student samples the completions"), ("teacher_seconds", "teacher scores them (Distillery: without its output head)"),
                       ("update_seconds", "student forward, backward, update"), ("step_seconds", "whole step")]:
         o, r = med["ours"][key], med["ref"][key]
         lines.append(f"| {name} | {1000 * o:.0f} ms | {1000 * r:.0f} ms | {r / o:.2f}x |")

@@ -393,7 +393,8 @@ pub struct StepLog {
     /// Seconds spent sampling completions in this step.
     #[serde(default)]
     pub sample_seconds: f64,
-    /// Seconds the teacher took in this step (its forward passes, or the server's scoring).
+    /// Seconds the teacher took in this step: its forward passes up to the last hidden
+    /// states (its output head runs chunk by chunk inside the loss), or the server's scoring.
     #[serde(default)]
     pub teacher_seconds: f64,
 }

