@@ -360,6 +360,19 @@ def main():
     Path(a.out).write_text(text + kept_sections(Path(a.out), text))
 
 
+def replace_section(path, heading, text):
+    """Writes `text` (starting with `## heading`) into the markdown file at `path` in place of
+    its section of that heading, or at the end; the other sections stay as they are."""
+    path = Path(path)
+    old = path.read_text() if path.exists() else ""
+    marker = f"\n## {heading}\n"
+    if marker in old:
+        head, rest = old.split(marker, 1)
+        tail = rest.split("\n## ", 1)
+        old = head + ("\n## " + tail[1] if len(tail) > 1 else "\n")
+    path.write_text(old.rstrip("\n") + "\n\n" + text)
+
+
 def kept_sections(path, text):
     """Sections of the existing file that other benchmark scripts wrote (their `## ` headings
     are not among this script's), kept after the new text instead of being overwritten."""

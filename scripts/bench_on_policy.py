@@ -110,13 +110,7 @@ def main():
               f"(range {min(ratios):.2f}–{max(ratios):.2f}x)."]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(a.out)
-    old = out.read_text() if out.exists() else ""
-    if "\n## On-policy step\n" in old:
-        head, rest = old.split("\n## On-policy step\n", 1)
-        tail = rest.split("\n## ", 1)
-        old = head + ("\n## " + tail[1] if len(tail) > 1 else "\n")
-    out.write_text(old.rstrip("\n") + "\n\n" + text)
+    bench.replace_section(a.out, "On-policy step", text)
 
 
 if __name__ == "__main__":

@@ -181,13 +181,7 @@ def main():
         lines.append(f"| {name} | {tps:.0f} | {bench.mib(rss)} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(a.out)
-    old = out.read_text() if out.exists() else ""
-    if "\n## Real model on the CPU\n" in old:
-        head, rest = old.split("\n## Real model on the CPU\n", 1)
-        tail = rest.split("\n## ", 1)
-        old = head + ("\n## " + tail[1] if len(tail) > 1 else "\n")
-    out.write_text(old.rstrip("\n") + "\n\n" + text)
+    bench.replace_section(a.out, "Real model on the CPU", text)
 
 
 if __name__ == "__main__":
