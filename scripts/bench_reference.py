@@ -1,6 +1,6 @@
 """The PyTorch reference a strong practitioner would write: transformers models with SDPA
 attention, the same KD loss, bf16 autocast when asked (on the CPU too), `torch.optim.AdamW`
-with `fused=True`, and optionally `torch.compile` (`--compile`; bench.py reports the best of
+with `fused=True`, and optionally `torch.compile` (`--compile`; bench_smollm2.py reports the best of
 the variants). Run by scripts/bench.py in its own process so its time
 and peak memory are measured alone. Prints one JSON line.
 
