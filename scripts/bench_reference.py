@@ -117,8 +117,9 @@ def on_policy(a):
         t3 = time.perf_counter()
         for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2)):
             parts[k].append(v)
+    totals = [sum(x) for x in zip(*parts.values())]
     out = {k: statistics.median(v[a.warmup:]) for k, v in parts.items()}
-    out["step_seconds"] = sum(out.values())
+    out["step_seconds"] = statistics.median(totals[a.warmup:])
     out["tokens_per_second"] = a.batch * a.new / out["step_seconds"]
     return {**out, **peak_memory(a.device)}
 

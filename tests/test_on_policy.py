@@ -181,7 +181,7 @@ def test_sampled_token_estimate_matches_its_pytorch_reference(trained_llama, stu
     (0.7 * estimate_sum / n).backward()
     norm = math.sqrt(sum(p.grad.double().pow(2).sum().item() for p in s_model.parameters() if p.grad is not None))
     assert float(got["grad_norm"]) == pytest.approx(norm, rel=1e-4)
-    # Only for on-policy batches, at temperature 1.
+    # Only for on-policy batches.
     bad = run_bin("kd-distill", "--teacher", trained_llama, "--student", student, "--data", prompts, "--out", tmp_path / "x",
                   "--on-policy-estimator", "sampled-token", "--steps", 1, "--device", "cpu", check=False)
     assert bad.returncode != 0 and "set --on-policy above 0" in bad.stderr, bad.stderr

@@ -375,7 +375,7 @@ pub fn add_to_grad(param: &Tensor, g: &Tensor) {
 /// Machines, 2025; TRL's server-side GKD). Its bias: it is exact only for tokens sampled at
 /// temperature 1 without top-p (otherwise the samples are not from `q`); it ignores the effect
 /// of a token on the later positions' KL (the sequence-level reverse KL's policy gradient); a
-/// single sample is noisy. Returns the sum of the estimates; with `backward`, each chunk's
+/// single sample is noisy. Targets whose `teacher_lp` is NaN are left out. Returns the sum of the estimates; with `backward`, each chunk's
 /// `weight * sum(sg(estimate) * log q(y))` is back-propagated into `hidden.grad()` and the head.
 pub fn chunked_sampled_reverse_kl(student: &CausalLm, hidden: &Tensor, targets: &Tensor, teacher_lp: &Tensor, chunk: i64, weight: f64, backward: bool) -> f64 {
     let chunk = chunk_rows(chunk, student.config.vocab_size, hidden.device());
@@ -383,9 +383,11 @@ pub fn chunked_sampled_reverse_kl(student: &CausalLm, hidden: &Tensor, targets: 
     for (start, len) in row_chunks(hidden.size()[0], chunk) {
         let logits = student.logits(&hidden.narrow(0, start, len)).to_kind(Kind::Float);
         let tgt = targets.narrow(0, start, len);
-        let valid = tgt.ge(0).to_kind(Kind::Float);
+        // A target without a teacher log-probability (NaN) is left out.
+        let t_lp = teacher_lp.narrow(0, start, len).to_kind(Kind::Float);
+        let valid = tgt.ge(0).logical_and(&t_lp.isfinite()).to_kind(Kind::Float);
         let s_lp = logits.log_softmax(-1, Kind::Float).gather(1, &tgt.clamp_min(0).unsqueeze(1), false).squeeze_dim(1);
-        let estimate = (s_lp.detach() - teacher_lp.narrow(0, start, len).to_kind(Kind::Float)) * &valid;
+        let estimate = (s_lp.detach() - t_lp.nan_to_num(0.0, 0.0, 0.0)) * &valid;
         sum += estimate.sum(Kind::Float).double_value(&[]);
         if backward {
             ((estimate * s_lp).sum(Kind::Float) * weight).backward();

@@ -201,10 +201,6 @@ impl DistillConfig {
         }
         if op.estimator == OnPolicyEstimator::SampledToken {
             ensure!(op.lambda > 0.0, "--on-policy-estimator sampled-token is the loss of on-policy batches: set --on-policy above 0");
-            ensure!(
-                self.temperature == 1.0,
-                "--on-policy-estimator sampled-token estimates the reverse KL of the student's own distribution: use --temperature 1"
-            );
         }
         if op.samples() {
             ensure!(
@@ -513,7 +509,7 @@ pub struct Trainer {
     /// Seconds the teacher took in the current step (forward passes or server scoring).
     teacher_seconds: f64,
     /// Sampled tokens whose teacher log-probability the server did not give (outside its
-    /// top-K in llama-cpp-python's layout without a BOS): estimated from the tail.
+    /// top-K in llama-cpp-python's layout without a BOS): left out of the sampled-token estimate.
     estimated_targets: usize,
     /// The teacher side of every example when the tokenizers differ (`--cross-tokenizer`).
     cross: Option<CrossData>,
@@ -642,6 +638,12 @@ impl Trainer {
             }
             None => None,
         };
+        if cfg.on_policy.estimator == OnPolicyEstimator::SampledToken && (cfg.on_policy.temperature != 1.0 || cfg.on_policy.top_p.is_some_and(|p| p < 1.0)) {
+            eprintln!(
+                "kd-distill: warning: --on-policy-estimator sampled-token is unbiased only for tokens sampled from the student itself \
+                 (--gen-temperature 1 without --gen-top-p); these samples come from another distribution, so it is biased"
+            );
+        }
         let all_sampled = cfg.on_policy.lambda == 1.0 || cfg.on_policy.seq_kd;
         // Across tokenizers both sides read the text: stored ids are some tokenizer's, maybe
         // the teacher's, never both.
@@ -932,8 +934,9 @@ impl Trainer {
     }
 
     /// A served teacher's rows for a micro-batch's loss targets, in batch order: its top-K
-    /// (`--teacher-top-k`) and each target's own log-probability (where the server leaves
-    /// one out, the tail's mean: the tail mass spread over the tokens outside the top-K).
+    /// (`--teacher-top-k`) and each target's own log-probability, NaN where the server leaves
+    /// it out (the sampled-token estimate then leaves that position out: a stand-in such as
+    /// the tail's mean would be far off for a token the server cannot name, EOS above all).
     fn served_rows(&self, server: &ServedTeacher, batch: &TrainBatch) -> Result<(SparseTeacher, Tensor, usize)> {
         // The batch's own rows: on-policy batches hold sampled sequences, not the data's.
         let seqs: Vec<(&[i64], usize)> = batch.sequences.iter().filter(|(ids, from)| *from < ids.len()).map(|(ids, from)| (&ids[..], *from)).collect();
@@ -941,15 +944,13 @@ impl Trainer {
         let k = server.score_top_k() as i64;
         let rows: Vec<_> = scored.iter().flat_map(|s| s.rows.iter().cloned()).collect();
         let sparse = sparse_teacher(&rows, k)?;
-        let rest = ((self.student.config.vocab_size - k) as f64).max(1.0).ln();
-        let tails = Vec::<f32>::try_from(&sparse.tail_logmass)?;
         let (mut lp, mut estimated) = (Vec::with_capacity(rows.len()), 0);
-        for (i, t) in scored.iter().flat_map(|s| s.targets.iter()).enumerate() {
+        for t in scored.iter().flat_map(|s| s.targets.iter()) {
             lp.push(match t {
                 Some(v) => *v as f32,
                 None => {
                     estimated += 1;
-                    tails[i] - rest as f32
+                    f32::NAN
                 }
             });
         }
@@ -1071,6 +1072,10 @@ impl Trainer {
             }
             None => None,
         };
+        if let Device::Cuda(i) = self.device {
+            // Kernels run asynchronously: wait for the teacher's before reading the clock.
+            tch::Cuda::synchronize(i as i64);
+        }
         self.teacher_seconds += teacher_start.elapsed().as_secs_f64();
         let mut scratch = self.head_grad_scratch.take();
         let model = self.forward_model();
@@ -1407,8 +1412,8 @@ impl Trainer {
         let secs = start.elapsed().as_secs_f64();
         if self.estimated_targets > 0 {
             eprintln!(
-                "kd-distill: {} sampled tokens had no log-probability from the server (outside its top-K); the sampled-token \
-                 estimate used the tail's mean for them",
+                "kd-distill: {} target tokens had no log-probability from the server (outside its top-K, or a string that \
+                 names several tokens); the sampled-token estimate left them out",
                 self.estimated_targets
             );
         }
