@@ -112,13 +112,30 @@ def outputs(out):
 
 def same_outputs(a, b):
     """Equal records; equal stored ids; logprobs equal up to one float16 step (llama.cpp
-    batches concurrent requests differently from run to run, which moves the last bits)."""
+    batches concurrent requests differently from run to run, which moves the last bits, and
+    so can reorder two tokens whose log-probabilities tie to that precision: allowed in a
+    few rows, and only between such near-ties)."""
     assert a[0] == b[0]
     if a[1] is None:
         return b[1] is None
-    assert torch.equal(a[1]["indices"], b[1]["indices"])
+    ia, ib = a[1]["indices"], b[1]["indices"]
+    la, lb = a[1]["logprobs"].float(), b[1]["logprobs"].float()
+    rows = (ia != ib).any(1).nonzero().flatten().tolist()
+    assert len(rows) <= max(1, ia.shape[0] // 100), f"{len(rows)} of {ia.shape[0]} rows hold other tokens"
+    for r in rows:
+        ma, mb = dict(zip(ia[r].tolist(), la[r].tolist())), dict(zip(ib[r].tolist(), lb[r].tolist()))
+        for t in set(ma) | set(mb):
+            va, vb = ma.get(t), mb.get(t)
+            if va is not None and vb is not None:
+                assert abs(va - vb) <= 1e-3 + 2e-3 * abs(vb), (r, t, va, vb)
+            else:
+                # In one top-K only: it ties with the other side's last entry.
+                last = min(mb.values()) if va is not None else min(ma.values())
+                assert abs((va if va is not None else vb) - last) <= 2e-3 + 2e-3 * abs(last), (r, t, va, vb, last)
+        same = (ia[r] == ib[r])
+        la[r, ~same], lb[r, ~same] = 0.0, 0.0
     # One float16 step at most (2^-10 relative).
-    assert torch.allclose(a[1]["logprobs"].float(), b[1]["logprobs"].float(), rtol=2e-3, atol=1e-3)
+    assert torch.allclose(la, lb, rtol=2e-3, atol=1e-3)
     return True
 
 
