@@ -26,6 +26,14 @@ import llamacpp  # noqa: E402
 BIN = Path(os.environ.get("KD_BIN") or ROOT / "target" / "release")
 
 
+def export_f32(teacher, d):
+    """The teacher as an F32 GGUF in folder `d` (kd-export)."""
+    gguf = d / "teacher-f32.gguf"
+    subprocess.run([str(BIN / "kd-export"), "--model", teacher, "--format", "gguf", "--type", "f32", "--out", str(gguf)],
+                   check=True, capture_output=True)
+    return gguf
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher", default=str(ROOT / "data" / "demo-teacher"))
@@ -40,9 +48,7 @@ def main():
     levels = [int(x) for x in a.in_flight.split(",")]
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        gguf = d / "teacher-f32.gguf"
-        subprocess.run([str(BIN / "kd-export"), "--model", a.teacher, "--format", "gguf", "--type", "f32", "--out", str(gguf)],
-                       check=True, capture_output=True)
+        gguf = export_f32(a.teacher, d)
         lines = gzip.open(ROOT / "data" / "kjv" / "prompts.jsonl.gz", "rt").read().splitlines()[: a.prompts]
         prompts = d / "prompts.jsonl"
         prompts.write_text("\n".join(lines) + "\n")
@@ -76,14 +82,12 @@ def score(a):
     levels = [int(x) for x in a.in_flight.split(",")]
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
-        gguf = d / "teacher-f32.gguf"
-        subprocess.run([str(BIN / "kd-export"), "--model", a.teacher, "--format", "gguf", "--type", "f32", "--out", str(gguf)],
-                       check=True, capture_output=True)
+        gguf = export_f32(a.teacher, d)
         lines = gzip.open(ROOT / "data" / "kjv" / "train.jsonl.gz", "rt").read().splitlines()[: a.prompts]
-        # About --tokens tokens each (KJV averages about 4 characters a token here).
         recs = d / "texts.jsonl"
-        # A short prompt, then the passage's first --tokens tokens or so as the completion
-        # scored (llama-cpp-python has no row for a first token after the BOS alone).
+        # A short prompt, then the passage's first --tokens tokens or so (KJV averages about 4
+        # characters a token here) as the completion scored (llama-cpp-python has no row for a
+        # first token after the BOS alone).
         texts = [json.loads(l)["text"] for l in lines]
         recs.write_text("".join(json.dumps({"id": f"t{i}", "prompt": "Read:", "completion": " " + t[: a.tokens * 4]}) + "\n"
                                 for i, t in enumerate(texts)))

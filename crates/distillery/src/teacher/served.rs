@@ -129,15 +129,21 @@ fn local_bos(files: &ModelFiles, tok: &Tok) -> Result<Option<i64>> {
             return Ok(Some(b));
         }
     }
-    Ok(files
+    Ok(tokenizer_config_token(files, tok, "bos_token"))
+}
+
+/// The id of a special token named in tokenizer_config.json (`"eos_token": "</s>"` or
+/// `{"content": "</s>", ...}`).
+fn tokenizer_config_token(files: &ModelFiles, tok: &Tok, key: &str) -> Option<i64> {
+    files
         .side_file("tokenizer_config.json")
         .and_then(|p| std::fs::read_to_string(p).ok())
         .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .and_then(|c| match &c["bos_token"] {
+        .and_then(|c| match &c[key] {
             Value::String(s) => Some(s.clone()),
             v => v["content"].as_str().map(String::from),
         })
-        .and_then(|s| tok.token_to_id(&s)))
+        .and_then(|s| tok.token_to_id(&s))
 }
 
 /// The tokenizer files `--teacher-tokenizer` names: a model directory or hub id or `.gguf`
@@ -158,15 +164,7 @@ fn special_tokens(files: &ModelFiles, tok: &Tok) -> Result<SpecialTokens> {
     if files.config.is_file() {
         return SpecialTokens::resolve(files, &ModelConfig::from_file(&files.config)?);
     }
-    let eos = files
-        .side_file("tokenizer_config.json")
-        .and_then(|p| std::fs::read_to_string(p).ok())
-        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-        .and_then(|c| match &c["eos_token"] {
-            Value::String(s) => Some(s.clone()),
-            v => v["content"].as_str().map(String::from),
-        })
-        .and_then(|s| tok.token_to_id(&s));
+    let eos = tokenizer_config_token(files, tok, "eos_token");
     Ok(SpecialTokens { eos: eos.into_iter().collect(), pad: eos })
 }
 
