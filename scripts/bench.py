@@ -186,7 +186,7 @@ def largest_batch(try_batch, start, limit=64):
     return best
 
 
-def bench(shapes, device, bf16, workdir):
+def bench(shapes, device, bf16, workdir, compile_reference=True):
     w = Path(workdir)
     dtype = torch.bfloat16 if bf16 else torch.float32
     teacher = make_model(shapes["teacher"], w / "teacher", dtype)
@@ -221,8 +221,9 @@ def bench(shapes, device, bf16, workdir):
         step = statistics.median([t1 - t0 for t0, t1 in zip(secs[warm - 1:], secs[warm:])])
         return b * seq / step, rss, gmem
 
-    def ref_distill():
-        o, rss, gmem = run_measured(reference_distill_cmd(teacher, student, b, seq, steps, warm, device, bf16), gpu)
+    def ref_distill(*extra):
+        o, rss, gmem = run_measured(reference_distill_cmd(teacher, student, b, seq, steps, warm, device, bf16) + list(extra),
+                                    gpu)
         return reference_tokens_per_second(o), rss, gmem
 
     # Teacher generation (greedy, fixed length).
@@ -250,16 +251,27 @@ def bench(shapes, device, bf16, workdir):
                                      "--batch-size", b, "--device", device, "--dtype", dt], gpu)
         return json.loads(metrics.read_text())["perplexity_tokens_per_second"], rss, gmem
 
-    def ref_eval():
+    def ref_eval(*extra):
         o, rss, gmem = run_measured(reference_cmd("eval", "--teacher", teacher, "--batch", b, "--seq", seq,
-                                                  "--batches", steps, "--device", device, *flag_bf16), gpu)
+                                                  "--batches", steps, "--device", device, *flag_bf16, *extra), gpu)
         return reference_tokens_per_second(o), rss, gmem
 
+    def compiled(theirs):
+        """The reference under torch.compile, once (compiling costs minutes on a small CPU);
+        None where it fails."""
+        try:
+            return theirs("--compile")
+        except RuntimeError as e:
+            print(f"torch.compile variant failed: {e}", file=sys.stderr)
+            return None
+
     rows = []
-    for name, ours, theirs in [("distillation step", ours_distill, ref_distill),
-                               (f"generation (batch {shapes['gen_batch']})", ours_generate, ref_generate),
-                               ("evaluation (perplexity)", ours_eval, ref_eval)]:
-        rows.append((name, *alternate(ours, theirs, reps)))
+    # Generation has no compiled variant: transformers' generate recompiles as the cache grows.
+    for name, ours, theirs, compilable in [("distillation step", ours_distill, ref_distill, True),
+                                           (f"generation (batch {shapes['gen_batch']})", ours_generate, ref_generate, False),
+                                           ("evaluation (perplexity)", ours_eval, ref_eval, True)]:
+        rows.append((name, *alternate(ours, theirs, reps),
+                     compiled(theirs) if compilable and compile_reference else None))
     return rows
 
 
@@ -290,6 +302,7 @@ def main():
     p.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--no-vocab", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant of the reference")
     p.add_argument("--repeats", type=int, help="runs of each side per workload (default: 3 on CPU, 1 on GPU)")
     a = p.parse_args()
     device = "cuda" if a.gpu else "cpu"
@@ -298,7 +311,7 @@ def main():
         shapes["repeats"] = a.repeats
     cpu = platform.processor() or platform.machine()
     with tempfile.TemporaryDirectory() as work:
-        rows = bench(shapes, device, a.gpu, work)
+        rows = bench(shapes, device, a.gpu, work, compile_reference=not a.no_compile)
         vocab = [] if (a.no_vocab or a.gpu) else vocab_memory(work, device)
     where = torch.cuda.get_device_name(0) if a.gpu else f"CPU ({os.cpu_count()} cores, {cpu})"
     t, s = shapes["teacher"], shapes["student"]
@@ -306,33 +319,45 @@ def main():
         "# Benchmarks",
         "",
         f"Produced by `make bench` (`python scripts/bench.py`) on {where}, "
-        f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. Distillery and the PyTorch eager reference "
-        "(`scripts/bench_reference.py`: transformers models, the same KD loss, torch AdamW) run the same shapes in one run.",
+        f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}. Distillery and the PyTorch reference "
+        "(`scripts/bench_reference.py`: transformers models with SDPA attention, the same KD loss, torch AdamW "
+        "(fused on CUDA)) run the same shapes in one run, "
+        + ("the reference both eager and under `torch.compile`; the speed and memory ratios are against the faster "
+           "of the two." if not a.no_compile else "the reference eager only (`--no-compile`)."),
         "",
         f"Teacher: Llama, hidden {t['hidden_size']}, {t['num_hidden_layers']} layers, vocabulary {t['vocab_size']}. "
         f"Student: hidden {s['hidden_size']}, {s['num_hidden_layers']} layers. Batch {shapes['batch']}, "
         f"sequence {shapes['seq']}, {'bf16 (Distillery: a bf16 compute copy with fp32 masters; PyTorch: bf16 autocast)' if a.gpu else 'fp32'}.",
         "",
-        f"Each side ran {shapes['repeats']} time(s), alternating; tokens/s is the median over runs (a run's "
-        "step time is the median over its steps after warm-up), the range is the lowest and highest ratio of one "
-        "pair of back-to-back runs, and peak memory is the largest seen.",
+        f"Distillery and eager PyTorch ran {shapes['repeats']} time(s) each, alternating; tokens/s is the median over "
+        "runs (a run's step time is the median over its steps after warm-up), the range is the lowest and highest "
+        "ratio of one pair of back-to-back runs (against eager), and peak memory is the largest seen. The compiled "
+        "reference ran once, after them (compilation excluded from its time).",
         "",
-        "| workload | Distillery tokens/s | PyTorch tokens/s | speed ratio | range | Distillery peak memory | PyTorch peak memory | memory ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| workload | Distillery tokens/s | PyTorch eager | PyTorch compiled | speed ratio (best) | range (eager pairs) "
+        "| Distillery peak memory | best reference's peak memory | memory ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, ours, theirs, lo, hi, rss, ref_rss, g, rg in rows:
-        mem, rmem = (g, rg) if a.gpu else (rss, ref_rss)
-        mem_ratio = "–" if not (mem and rmem) else f"{mem / rmem:.2f}x"
-        lines.append(f"| {name} | {ours:.0f} | {theirs:.0f} | {ours / theirs:.2f}x | {lo:.2f}–{hi:.2f}x | {mib(mem)} | "
-                     f"{mib(rmem)} | {mem_ratio} |")
-    _, ours_tps, ref_tps, *_ = rows[0]
+    step_ms = []
+    for name, ours, eager, lo, hi, rss, ref_rss, g, rg, comp in rows:
+        best, best_mem = eager, (rg if a.gpu else ref_rss)
+        if comp and comp[0] > eager:
+            best, best_mem = comp[0], (comp[2] if a.gpu else comp[1])
+        mem = g if a.gpu else rss
+        mem_ratio = "–" if not (mem and best_mem) else f"{mem / best_mem:.2f}x"
+        which = "compiled" if comp and comp[0] > eager else "eager"
+        comp_txt = "–" if comp is None else f"{comp[0]:.0f}"
+        lines.append(f"| {name} | {ours:.0f} | {eager:.0f} | {comp_txt} | {ours / best:.2f}x ({which}) | "
+                     f"{lo:.2f}–{hi:.2f}x | {mib(mem)} | {mib(best_mem)} | {mem_ratio} |")
+        step_ms.append((ours, best, which))
+    (ours_tps, ref_tps, which) = step_ms[0]
     tokens = shapes["batch"] * shapes["seq"]
     lines += ["", f"Distillation step time ({tokens} tokens): Distillery {1000 * tokens / ours_tps:.0f} ms, "
-              f"PyTorch {1000 * tokens / ref_tps:.0f} ms."]
+              f"PyTorch ({which}) {1000 * tokens / ref_tps:.0f} ms."]
     if a.gpu:
         fpt = flops_per_token(s, shapes["seq"], True) + flops_per_token(t, shapes["seq"], False)
         peak = peak_flops(where)
-        _, ours, theirs, *_ = rows[0]
+        ours, theirs, _ = step_ms[0]
         if peak:
             lines += ["", f"Model FLOPs utilisation of the distillation step (student forward and backward plus teacher "
                       f"forward, {fpt / 1e9:.1f} GFLOP per token, against {peak / 1e12:.0f} TFLOP/s dense bf16): "

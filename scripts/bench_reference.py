@@ -146,8 +146,12 @@ def evaluate(a):
     dtype = torch.bfloat16 if a.bf16 else torch.float32
     model = load(a.teacher, a.device, dtype).eval()
     vocab = model.config.vocab_size
+    if a.compile:
+        model = torch.compile(model)
     batches = [batch_ids(vocab, a.batch, a.seq, a.device, seed=i) for i in range(a.batches)]
     model(batches[0])
+    if a.compile:
+        model(batches[1 % len(batches)])  # a second call, in case the first one's guards recompile
     sync(a.device)
     t0 = time.perf_counter()
     nll = 0.0

@@ -128,7 +128,7 @@ def main():
 
     if not a.no_bench:
         bench_out = out / "BENCHMARKS-gpu.md"
-        subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--gpu", "--repeats", "1",
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--gpu", "--repeats", "1", "--no-compile",
                         "--out", str(bench_out)], check=True, env={**os.environ, "KD_BIN": str(BIN)})
         lines += ["", f"Benchmarks: {bench_out.name}."]
     lines += ["", "Failed: " + "; ".join(failed) if failed else "All checks passed."]
