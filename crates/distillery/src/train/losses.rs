@@ -340,7 +340,15 @@ pub fn chunked_forward_kl(
             let _ = g.scatter_add_(1, &tgt, &Tensor::full([len, 1], -scale, (Kind::Float, g.device())));
             // head_grad += g^T @ h, in place; the hidden gradient g @ W goes back through autograd.
             let _ = head_grad.shallow_clone().addmm_(&g.tr(), &hd.to_kind(Kind::Float));
-            g.matmul(&head_f32) // [len, hidden]
+            if head.kind() == Kind::BFloat16 {
+                // The hidden gradient is rounded to the bf16 compute copy's dtype below anyway;
+                // its product in bf16 (fp32 accumulation inside the GEMM) costs half the fp32
+                // one. bf16 keeps fp32's exponent range, so small entries of `g` do not vanish
+                // (f16 would flush them; it keeps the fp32 product).
+                g.to_kind(Kind::BFloat16).matmul(head) // [len, hidden]
+            } else {
+                g.matmul(&head_f32) // [len, hidden]
+            }
         });
         // Hand the hidden gradient to autograd: d/dx sum(x * g) = g.
         (&h * grad_h.to_kind(h.kind())).sum(Kind::Float).backward();
