@@ -32,6 +32,8 @@ struct Group {
     decay: bool,
     /// Indices into `params`.
     members: Vec<usize>,
+    /// Where each member starts in the group's flat buffers.
+    offsets: Vec<i64>,
     flat: Tensor,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
@@ -56,9 +58,13 @@ fn same_memory(t: &Tensor, view: &Tensor) -> bool {
 
 impl Group {
     fn view(&self, buf: &Tensor, params: &[(String, Tensor)], member: usize) -> Tensor {
-        let offset: i64 = self.members[..member].iter().map(|&i| params[i].1.numel() as i64).sum();
         let p = &params[self.members[member]].1;
-        buf.narrow(0, offset, p.numel() as i64).view(p.size().as_slice())
+        buf.narrow(0, self.offsets[member], p.numel() as i64).view(p.size().as_slice())
+    }
+
+    /// Whether `grad`, member `member`'s gradient, is already its view of the flat gradients.
+    fn is_bound(&self, grad: &Tensor, params: &[(String, Tensor)], member: usize) -> bool {
+        grad.defined() && self.grad.as_ref().is_some_and(|buf| same_memory(grad, &self.view(buf, params, member)))
     }
 }
 
@@ -72,10 +78,18 @@ impl AdamW {
             if members.is_empty() {
                 continue;
             }
+            let offsets: Vec<i64> = members
+                .iter()
+                .scan(0i64, |start, &i| {
+                    let here = *start;
+                    *start += params[i].1.numel() as i64;
+                    Some(here)
+                })
+                .collect();
             let total: i64 = members.iter().map(|&i| params[i].1.numel() as i64).sum();
             let device = params[members[0]].1.device();
             let zeros = || Tensor::zeros([total], (Kind::Float, device));
-            let group = Group { decay, members, flat: zeros(), exp_avg: zeros(), exp_avg_sq: zeros(), grad: None };
+            let group = Group { decay, members, offsets, flat: zeros(), exp_avg: zeros(), exp_avg_sq: zeros(), grad: None };
             tch::no_grad(|| {
                 for k in 0..group.members.len() {
                     let view = group.view(&group.flat, &params, k);
@@ -104,13 +118,10 @@ impl AdamW {
             }
         });
         // Gradients outside the flat buffers (not yet gathered, or replaced since) one by one.
-        for gi in 0..self.groups.len() {
-            for k in 0..self.groups[gi].members.len() {
-                let g = &self.groups[gi];
-                let mut p = self.params[g.members[k]].1.shallow_clone();
-                let grad = p.grad();
-                let bound = grad.defined() && g.grad.as_ref().is_some_and(|buf| same_memory(&grad, &g.view(buf, &self.params, k)));
-                if !bound {
+        for g in &self.groups {
+            for (k, &i) in g.members.iter().enumerate() {
+                let mut p = self.params[i].1.shallow_clone();
+                if !g.is_bound(&p.grad(), &self.params, k) {
                     p.zero_grad();
                 }
             }
@@ -150,8 +161,8 @@ impl AdamW {
                     }
                     let buf = g.grad.as_ref().map(Tensor::shallow_clone).unwrap();
                     for (k, mut grad) in grads.into_iter().enumerate() {
-                        let view = g.view(&buf, params, k);
-                        if !same_memory(&grad, &view) {
+                        if !g.is_bound(&grad, params, k) {
+                            let view = g.view(&buf, params, k);
                             view.shallow_clone().copy_(&grad);
                             if grad.kind() == Kind::Float {
                                 grad.set_data(&view);
