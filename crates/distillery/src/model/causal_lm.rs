@@ -61,6 +61,25 @@ impl Linear {
     }
 }
 
+/// Adds the gradient of an embedding lookup, `grad` `[b, t, hidden]` at the rows `ids` `[b, t]`,
+/// to `table`'s gradient: in place once that exists (autograd's embedding backward would
+/// build a dense `[rows, hidden]` gradient first, the size of the table), else through
+/// autograd, which creates it.
+fn accumulate_rows(table: &Tensor, ids: &Tensor, grad: &Tensor) {
+    if !table.requires_grad() {
+        return;
+    }
+    let mut table_grad = table.grad();
+    if table_grad.defined() && table_grad.kind() == grad.kind() {
+        let width = grad.size().last().copied().unwrap_or(0);
+        tch::no_grad(|| {
+            let _ = table_grad.index_add_(0, &ids.reshape([-1]), &grad.reshape([-1, width]));
+        });
+    } else {
+        (Tensor::embedding(table, ids, -1, false, false) * grad).sum(Kind::Float).backward();
+    }
+}
+
 #[derive(Debug)]
 enum Norm {
     Rms { weight: Tensor, eps: f64 },
@@ -126,6 +145,10 @@ pub enum AttnMask {
     Additive(Tensor),
 }
 
+/// One layer's place in a KV cache: its key/value buffers, the positions already cached, and
+/// the capacity to allocate.
+type CacheSlot<'a> = Option<(&'a mut Option<(Tensor, Tensor)>, i64, i64)>;
+
 fn rotate_half(x: &Tensor) -> Tensor {
     let half = x.size().last().copied().unwrap() / 2;
     let x1 = x.narrow(-1, 0, half);
@@ -177,7 +200,7 @@ impl Attention {
         x: &Tensor,
         rope: Option<&(Tensor, Tensor)>,
         mask: &AttnMask,
-        cache: Option<(&mut Option<(Tensor, Tensor)>, i64, i64)>,
+        cache: CacheSlot<'_>,
         want_probs: bool,
         observer: &mut dyn ForwardObserver, layer: usize,
     ) -> (Tensor, Option<Tensor>) {
@@ -327,6 +350,37 @@ impl Block {
             mlp: Mlp::new(&p / "mlp", cfg, std),
         }
     }
+
+    /// The layer's output `[b, t, hidden]` and, when asked, its attention probabilities.
+    fn forward(&self, x: &Tensor, ctx: &LayerInputs, slot: CacheSlot<'_>, want_probs: bool, observer: &mut dyn ForwardObserver, layer: usize) -> (Tensor, Option<Tensor>) {
+        let normed = self.norm_attn.forward(x);
+        let (a, probs) = self.attn.forward(&normed, ctx.rope.as_ref(), &ctx.mask, slot, want_probs, observer, layer);
+        let mid = x + a;
+        let normed2 = self.norm_mlp.forward(&mid);
+        let out = &mid + self.mlp.forward(&normed2, observer, layer);
+        observer.layer(layer, x, [&normed, &normed2], &out);
+        (out, probs)
+    }
+}
+
+/// What every layer of one forward call reads besides its input: rotary tables and the mask
+/// (and the token ids and positions the embeddings looked up, for a checkpointed backward).
+struct LayerInputs {
+    rope: Option<(Tensor, Tensor)>,
+    mask: AttnMask,
+    input_ids: Tensor,
+    positions: Tensor,
+}
+
+/// What a forward pass with activation checkpointing keeps for its backward pass
+/// ([`CausalLm::forward_checkpointed`], [`CausalLm::backward_checkpointed`]): each layer's
+/// input (a leaf whose gradient the later layers and any loss on it fill) and the leaves of
+/// captured attention maps.
+pub struct Checkpointed {
+    inputs: Vec<Tensor>,
+    last: Tensor,
+    probs: Vec<Option<Tensor>>,
+    ctx: LayerInputs,
 }
 
 /// Per-layer keys and values of the positions seen so far, in buffers `[b, kv_heads,
@@ -596,9 +650,107 @@ impl CausalLm {
         mut cache: Option<&mut KvCache>,
         observer: &mut dyn ForwardObserver,
     ) -> Result<ForwardOutput> {
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let (mut x, ctx) = self.embed_inputs(input_ids, attention_mask, past)?;
+        let mut hidden_states = vec![];
+        let mut attentions = vec![];
+        if capture.hidden_states {
+            hidden_states.push(x.shallow_clone());
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| (&mut c.layers[i], past, c.capacity));
+            let (out, probs) = layer.forward(&x, &ctx, slot, capture.attentions.contains(i), observer, i);
+            x = out;
+            if capture.hidden_states {
+                hidden_states.push(x.shallow_clone());
+            }
+            if !capture.attentions.is_empty() {
+                attentions.push(probs);
+            }
+        }
+        if let Some(c) = cache {
+            c.len = past + input_ids.size()[1];
+        }
+        Ok(ForwardOutput { hidden: self.final_norm.forward(&x), hidden_states, attentions })
+    }
+
+    /// A training forward pass that keeps only each layer's input (activation, or gradient,
+    /// checkpointing): the layers run without recording a graph, and
+    /// [`CausalLm::backward_checkpointed`] runs each again, with its graph, during the backward
+    /// pass. Activation memory falls from every layer's intermediates (about 30 `[b, t,
+    /// hidden]`-sized tensors a layer) to one tensor a layer plus one layer's intermediates,
+    /// for one more forward pass of the layers.
+    ///
+    /// The output's `hidden` carries a graph through the final norm; its `hidden_states` and
+    /// `attentions` are leaves. Back-propagate every loss on them first (their gradients land
+    /// in the leaves), then call [`CausalLm::backward_checkpointed`], which carries those
+    /// gradients through the layers into the parameters.
+    pub fn forward_checkpointed(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, capture: Capture) -> Result<(ForwardOutput, Checkpointed)> {
+        let (mut x, ctx) = tch::no_grad(|| self.embed_inputs(input_ids, attention_mask, 0))?;
+        let (mut inputs, mut probs) = (vec![], vec![]);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let leaf = x.set_requires_grad(true);
+            let (out, p) = tch::no_grad(|| layer.forward(&leaf, &ctx, None, capture.attentions.contains(i), &mut NoObserver, i));
+            inputs.push(leaf);
+            probs.push(p.map(|p| p.set_requires_grad(true)));
+            x = out;
+        }
+        let last = x.set_requires_grad(true);
+        let hidden_states = if capture.hidden_states {
+            inputs.iter().chain([&last]).map(Tensor::shallow_clone).collect()
+        } else {
+            vec![]
+        };
+        let attentions = if capture.attentions.is_empty() { vec![] } else { probs.iter().map(|p| p.as_ref().map(Tensor::shallow_clone)).collect() };
+        let hidden = self.final_norm.forward(&last);
+        Ok((ForwardOutput { hidden, hidden_states, attentions }, Checkpointed { inputs, last, probs, ctx }))
+    }
+
+    /// The backward pass through the layers of [`CausalLm::forward_checkpointed`]: from the
+    /// last layer down, the layer runs again on its saved input and the gradients of its output
+    /// (and of its attention map, if captured) go back through it, into its parameters and its
+    /// input, which is the previous layer's output; the embeddings get the first input's.
+    /// Layers that no gradient reaches are not recomputed.
+    pub fn backward_checkpointed(&self, saved: Checkpointed) {
+        let Checkpointed { mut inputs, last, mut probs, ctx } = saved;
+        let mut grad = last.grad();
+        drop(last);
+        for (i, layer) in self.layers.iter().enumerate().rev() {
+            let input = inputs.pop().expect("one input per layer");
+            let probs_leaf = probs.pop().flatten();
+            let probs_grad = probs_leaf.as_ref().map(Tensor::grad).filter(Tensor::defined);
+            if grad.defined() || probs_grad.is_some() {
+                // The same attention path as the forward pass (eager where the map was captured).
+                let (out, p) = layer.forward(&input, &ctx, None, probs_leaf.is_some(), &mut NoObserver, i);
+                // d/dy sum(y * g) = g: the surrogate hands each gradient to autograd exactly.
+                let mut surrogate = None;
+                if grad.defined() {
+                    surrogate = Some((out * &grad).sum(Kind::Float));
+                }
+                if let (Some(p), Some(g)) = (p, probs_grad) {
+                    let s = (p * g).sum(Kind::Float);
+                    surrogate = Some(match surrogate {
+                        Some(t) => t + s,
+                        None => s,
+                    });
+                }
+                surrogate.expect("a gradient to carry").backward();
+            }
+            grad = input.grad();
+        }
+        if grad.defined() {
+            accumulate_rows(&self.embed, &ctx.input_ids, &grad);
+            if let Some(wpe) = &self.pos_embed {
+                accumulate_rows(wpe, &ctx.positions, &grad);
+            }
+        }
+    }
+
+    /// Checks the inputs, embeds the tokens (plus learned positions) and builds what every
+    /// layer reads: the rotary tables and the attention mask.
+    fn embed_inputs(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, past: i64) -> Result<(Tensor, LayerInputs)> {
         let device = self.device();
         let Ok((b, t)) = input_ids.size2() else { bail!("input ids must be [batch, tokens], got {:?}", input_ids.size()) };
-        let past = cache.as_ref().map_or(0, |c| c.len());
         let total = past + t;
         self.check_positions(total)?;
         if past == 0 && b * t > 0 {
@@ -635,32 +787,7 @@ impl CausalLm {
             let emb = Tensor::cat(&[&freqs, &freqs], -1);
             (emb.cos().to_kind(x.kind()), emb.sin().to_kind(x.kind()))
         });
-
-        let mut hidden_states = vec![];
-        let mut attentions = vec![];
-        if capture.hidden_states {
-            hidden_states.push(x.shallow_clone());
-        }
-        for (i, layer) in self.layers.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| (&mut c.layers[i], past, c.capacity));
-            let x_in = x.shallow_clone();
-            let normed = layer.norm_attn.forward(&x);
-            let (a, probs) = layer.attn.forward(&normed, rope.as_ref(), &mask, slot, capture.attentions.contains(i), observer, i);
-            x = x + a;
-            let normed2 = layer.norm_mlp.forward(&x);
-            x = &x + layer.mlp.forward(&normed2, observer, i);
-            observer.layer(i, &x_in, [&normed, &normed2], &x);
-            if capture.hidden_states {
-                hidden_states.push(x.shallow_clone());
-            }
-            if !capture.attentions.is_empty() {
-                attentions.push(probs);
-            }
-        }
-        if let Some(c) = cache {
-            c.len = total;
-        }
-        Ok(ForwardOutput { hidden: self.final_norm.forward(&x), hidden_states, attentions })
+        Ok((x, LayerInputs { rope, mask, input_ids: input_ids.shallow_clone(), positions }))
     }
 
     /// `[b, 1, t, past + t]` additive mask: causal by index, padded keys hidden, and the

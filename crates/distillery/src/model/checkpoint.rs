@@ -327,6 +327,8 @@ pub fn load_model(spec: &str, device: Device, kind: Kind) -> Result<(CausalLm, M
     }
     let model = CausalLm::new(config, device, kind, InitMode::ForLoading);
     assign_weights(&model, tensors, &files.name)?;
+    // The read copies are gone; their memory goes back to the OS rather than staying resident.
+    crate::base::alloc::release_free_memory();
     Ok((model, files))
 }
 

@@ -250,15 +250,15 @@ pub fn chunked_logit_losses(
     if !fused {
         return chunked_logit_losses_autograd(student, hidden, targets, teacher, w, normalizer, backward);
     }
-    chunked_forward_kl(student, hidden, targets, teacher, w, normalizer, student.lm_head_weight(), &mut None)
+    chunked_forward_kl(student, hidden, targets, teacher, w, normalizer, student.lm_head_weight())
 }
 
 /// The fused forward-KL path of [`chunked_logit_losses`], with its head gradient added to
 /// `head_param`'s gradient: the fp32 master of a reduced-precision `student`, or the head
-/// itself. The head gradient of every chunk is accumulated in place (`addmm_`) into one fp32
-/// `[vocab, hidden]` buffer, kept in `scratch` between calls, and handed over once; the loss
-/// sums stay on the device and are read once, so a chunk costs no host synchronisation.
-#[allow(clippy::too_many_arguments)]
+/// itself. The head gradient of every chunk is accumulated in place (`addmm_`) straight into
+/// that fp32 gradient once it exists (the optimizer keeps it between steps), else into one
+/// `[vocab, hidden]` buffer handed over at the end; the loss sums stay on the device and are
+/// read once, so a chunk costs no host synchronisation.
 pub fn chunked_forward_kl(
     student: &CausalLm,
     hidden: &Tensor,
@@ -267,18 +267,13 @@ pub fn chunked_forward_kl(
     w: &LogitLossWeights,
     normalizer: f64,
     head_param: &Tensor,
-    scratch: &mut Option<Tensor>,
 ) -> LogitLossSums {
     let chunk = chunk_rows(w.chunk, student.config.vocab_size, hidden.device());
     let head = student.lm_head_weight();
     let device = hidden.device();
-    let head_grad = match scratch.take() {
-        Some(mut b) if b.size() == head.size() && b.device() == device => {
-            let _ = b.zero_();
-            b
-        }
-        _ => Tensor::zeros(head.size(), (Kind::Float, device)),
-    };
+    let existing = head_param.grad();
+    let in_place = existing.defined() && existing.kind() == Kind::Float && existing.size() == head.size() && existing.device() == device;
+    let head_grad = if in_place { existing } else { Tensor::zeros(head.size(), (Kind::Float, device)) };
     let head_f32 = if head.kind() == Kind::Float { head.shallow_clone() } else { head.to_kind(Kind::Float) };
     let mut ce_sum = Tensor::zeros([], (Kind::Double, device));
     let mut kd_sum = Tensor::zeros([], (Kind::Double, device));
@@ -353,8 +348,9 @@ pub fn chunked_forward_kl(
         // Hand the hidden gradient to autograd: d/dx sum(x * g) = g.
         (&h * grad_h.to_kind(h.kind())).sum(Kind::Float).backward();
     }
-    add_to_grad(head_param, &head_grad);
-    *scratch = Some(head_grad);
+    if !in_place {
+        add_to_grad(head_param, &head_grad);
+    }
     let sums = Tensor::stack(&[ce_sum, kd_sum], 0).to_device(tch::Device::Cpu);
     let sums = Vec::<f64>::try_from(sums).expect("two f64 loss sums");
     LogitLossSums { ce: sums[0], kd: if matches!(teacher, TeacherRows::None) { 0.0 } else { sums[1] } }

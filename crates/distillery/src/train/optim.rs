@@ -141,6 +141,31 @@ impl AdamW {
         });
     }
 
+    /// Makes every gradient a zero view of its group's flat buffer before the first backward
+    /// pass, so the first step accumulates in place too (otherwise autograd allocates one
+    /// gradient per parameter that the first `gather` copies over: a model-sized transient).
+    /// Only for runs where every parameter gets a gradient at every step: a parameter that got
+    /// none would then be stepped with a zero gradient (decayed) instead of skipped, as torch
+    /// skips a parameter whose `.grad` is `None`.
+    pub fn bind_gradients(&mut self) {
+        // tch cannot assign `.grad`: the backward pass of a zero-weighted sum creates each one
+        // (zeros), and `gather` then moves it into the flat buffer.
+        let seed = self
+            .params
+            .iter()
+            .fold(None::<Tensor>, |acc, (_, p)| {
+                let term = p.view([-1]).narrow(0, 0, 1).sum(Kind::Float) * 0.0;
+                Some(match acc {
+                    Some(a) => a + term,
+                    None => term,
+                })
+            });
+        if let Some(seed) = seed {
+            seed.backward();
+            let _ = self.gather();
+        }
+    }
+
     /// Each group's gradients as one flat buffer, or `None` for a group where some parameter
     /// has no gradient (it is then stepped tensor by tensor, skipping those, as torch does).
     ///

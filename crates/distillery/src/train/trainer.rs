@@ -107,6 +107,11 @@ pub struct DistillConfig {
     /// completions.
     #[serde(default)]
     pub served_teacher: Option<ServedSettings>,
+    /// Recompute each student layer's activations in the backward pass instead of keeping
+    /// them (activation checkpointing): one more forward pass of the layers, for activation
+    /// memory of one tensor a layer plus one layer's intermediates.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 fn default_uld_top_k() -> i64 {
@@ -495,8 +500,6 @@ pub struct Trainer {
     compute_copy: Option<ComputeCopy>,
     /// Dynamic loss scaling, for f16 only (bf16 has fp32's exponent range).
     scaler: Option<LossScaler>,
-    /// The fp32 `[vocab, hidden]` buffer the fused loss accumulates the head gradient in.
-    head_grad_scratch: Option<Tensor>,
     /// End-of-sequence ids and the padding id, for sampled (on-policy, --seq-kd) batches.
     special: SpecialTokens,
     student_files: ModelFiles,
@@ -724,7 +727,12 @@ impl Trainer {
         let mut params: Vec<(String, Tensor)> = student.vs.variables().into_iter().collect();
         params.extend(proj.vs.variables());
         params.sort_by(|a, b| a.0.cmp(&b.0));
-        let opt = AdamW::new(params, cfg.weight_decay);
+        let mut opt = AdamW::new(params, cfg.weight_decay);
+        if cfg.schedule == TrainSchedule::Standard && (cfg.alpha > 0.0 || cfg.beta > 0.0) {
+            // The logit losses reach every parameter at every step (the progressive schedule
+            // leaves the upper layers without gradients, which AdamW must skip).
+            opt.bind_gradients();
+        }
         let schedule = Schedule { lr: cfg.lr, warmup: cfg.warmup, total: cfg.steps, min_ratio: cfg.min_lr_ratio };
         let stored = cfg.teacher_logits.as_ref().map(|p| {
             let pointers = data_records.iter().map(|(_, r)| r.get("teacher_logits").cloned().map(|v| (v, 0))).collect();
@@ -735,7 +743,6 @@ impl Trainer {
             device,
             compute_copy: (compute != Kind::Float).then(|| ComputeCopy::new(&student, compute)),
             scaler: (compute == Kind::Half).then(LossScaler::new),
-            head_grad_scratch: None,
             special,
             student,
             student_files,
@@ -762,6 +769,9 @@ impl Trainer {
         } else if state_dir.exists() && !resume {
             bail!("{} holds the state of an earlier run; add --resume to continue it, or choose another --out", state_dir.display());
         }
+        // What setup freed (tokenizer JSON, the parameters' storage before the optimizer's
+        // flat buffers, the state read on resume) goes back to the OS.
+        crate::base::alloc::release_free_memory();
         Ok(trainer)
     }
 
@@ -1077,9 +1087,14 @@ impl Trainer {
             tch::Cuda::synchronize(i as i64);
         }
         self.teacher_seconds += teacher_start.elapsed().as_secs_f64();
-        let mut scratch = self.head_grad_scratch.take();
         let model = self.forward_model();
-        let s_out = model.forward_hidden(&batch.input_ids, Some(&batch.attention_mask), Capture { hidden_states: want_hidden, attentions: s_attn }, None)?;
+        let capture = Capture { hidden_states: want_hidden, attentions: s_attn };
+        let (s_out, checkpointed) = if self.cfg.gradient_checkpointing {
+            let (out, saved) = model.forward_checkpointed(&batch.input_ids, Some(&batch.attention_mask), capture)?;
+            (out, Some(saved))
+        } else {
+            (model.forward_hidden(&batch.input_ids, Some(&batch.attention_mask), capture, None)?, None)
+        };
         let valid = batch.attention_mask.ne(0);
         let mut sums = LossSums::default();
         let mut surrogate: Option<Tensor> = None;
@@ -1127,7 +1142,7 @@ impl Trainer {
             let s = if fused {
                 // The head gradient goes straight into the fp32 master, never rounded to the
                 // compute dtype.
-                chunked_forward_kl(model, &leaf, &batch.targets, &rows, &w, n_loss / scale, self.student.lm_head_weight(), &mut scratch)
+                chunked_forward_kl(model, &leaf, &batch.targets, &rows, &w, n_loss / scale, self.student.lm_head_weight())
             } else {
                 chunked_logit_losses_autograd(model, &leaf, &batch.targets, &rows, &w, n_loss / scale, true)
             };
@@ -1238,7 +1253,9 @@ impl Trainer {
         if let Some(s) = surrogate {
             s.backward();
         }
-        self.head_grad_scratch = scratch;
+        if let Some(saved) = checkpointed {
+            model.backward_checkpointed(saved);
+        }
         if let Some(copy) = self.compute_copy.as_mut() {
             copy.move_gradients();
         }
@@ -1420,6 +1437,8 @@ impl Trainer {
         Ok(Summary { steps: self.cfg.steps, skipped: self.skipped, final_eval, last, tokens_per_second: tokens_done as f64 / secs.max(1e-9) })
     }
 }
+
+
 
 fn read_metric_rows(path: &Path, up_to_step: i64) -> Result<Vec<StepLog>> {
     // A resumed run rewrites the rows logged after its checkpoint, so the CSV stays one row
