@@ -50,6 +50,9 @@ def distill(a):
     teacher = load(a.teacher, a.device, dtype).eval()
     # fp32 master weights with bf16 autocast, the standard mixed-precision recipe.
     student = load(a.student, a.device, torch.float32).train()
+    if a.gradient_checkpointing:
+        # transformers' activation checkpointing, the non-reentrant variant PyTorch recommends.
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = adamw(list(student.parameters()), a.device)
     if a.compile:
         student, teacher = torch.compile(student), torch.compile(teacher)
@@ -178,6 +181,7 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="distill: recompute the student's layers in backward")
     p.add_argument("--threads", type=int, default=0)
     a = p.parse_args()
     if a.threads:

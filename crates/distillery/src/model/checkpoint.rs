@@ -343,10 +343,9 @@ pub fn kind_name(kind: Kind) -> &'static str {
 /// Writes `tensors` as one safetensors file with the `{"format": "pt"}` metadata that
 /// `transformers` checks for.
 pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()> {
-    use safetensors::tensor::{Dtype, TensorView};
-    let mut buffers = Vec::with_capacity(tensors.len());
+    use safetensors::tensor::Dtype;
+    let mut views = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let t = t.to_device(Device::Cpu).contiguous();
         let (dtype, size) = match t.kind() {
             Kind::Float => (Dtype::F32, 4),
             Kind::BFloat16 => (Dtype::BF16, 2),
@@ -356,20 +355,49 @@ pub fn write_safetensors(tensors: &[(String, Tensor)], path: &Path) -> Result<()
             Kind::Double => (Dtype::F64, 8),
             k => bail!("cannot save tensor `{name}` of kind {k:?}"),
         };
-        let numel = t.numel();
-        let mut data = vec![0u8; numel * size];
-        t.copy_data_u8(&mut data, numel);
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-        buffers.push((name.clone(), dtype, shape, data));
+        views.push((name.clone(), TensorBytes { tensor: t.shallow_clone(), dtype, shape, len: t.numel() * size }));
     }
-    let views: Vec<(String, TensorView)> = buffers
-        .iter()
-        .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
-        .collect::<Result<_, safetensors::SafeTensorError>>()?;
     let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
-    safetensors::tensor::serialize_to_file(views, &metadata, path)
-        .with_context(|| format!("writing {}", path.display()))?;
+    safetensors::tensor::serialize_to_file(views, &metadata, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// A tensor as safetensors writes it: its bytes are copied out only when the writer reaches
+/// it, so saving holds one tensor's bytes at a time rather than a second copy of them all (a
+/// training state is three times the model).
+struct TensorBytes {
+    tensor: Tensor,
+    dtype: safetensors::tensor::Dtype,
+    shape: Vec<usize>,
+    len: usize,
+}
+
+impl safetensors::tensor::View for TensorBytes {
+    fn dtype(&self) -> safetensors::tensor::Dtype {
+        self.dtype
+    }
+
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        if self.tensor.device() == Device::Cpu && self.tensor.is_contiguous() && self.len > 0 {
+            // SAFETY: `self.tensor` keeps its storage alive for the borrow's lifetime, and the
+            // `len` bytes from its data pointer are exactly its elements (contiguous, on the CPU);
+            // nothing writes to it while the file is written.
+            return std::borrow::Cow::Borrowed(unsafe { std::slice::from_raw_parts(self.tensor.data_ptr() as *const u8, self.len) });
+        }
+        let t = self.tensor.to_device(Device::Cpu).contiguous();
+        let mut bytes = vec![0u8; self.len];
+        t.copy_data_u8(&mut bytes, t.numel());
+        std::borrow::Cow::Owned(bytes)
+    }
+
+    fn data_len(&self) -> usize {
+        self.len
+    }
 }
 
 /// Saves `model` as a Hugging Face checkpoint directory, atomically: `config.json`,

@@ -5,8 +5,10 @@ use crate::model::config::ModelConfig;
 use anyhow::{Context, Result};
 use serde_json::Value;
 
+/// Cheap to clone: clones share one tokenizer (a 49k-token BPE holds tens of MB).
+#[derive(Clone)]
 pub struct Tok {
-    inner: tokenizers::Tokenizer,
+    inner: std::sync::Arc<tokenizers::Tokenizer>,
 }
 
 /// A template post-processor may only name special tokens it defines: tokenizers checks
@@ -28,6 +30,16 @@ fn check_templates(p: &Value) -> Result<()> {
 }
 
 impl Tok {
+    /// [`Tok::load`], or a clone of `loaded` (loaded from `loaded_files`) when both models
+    /// have the same `tokenizer.json` (a student cut from its teacher): one copy in memory.
+    pub fn load_or_share(files: &ModelFiles, loaded: &Tok, loaded_files: &ModelFiles) -> Result<Tok> {
+        let read = |f: &ModelFiles| f.side_file("tokenizer.json").and_then(|p| std::fs::read(p).ok());
+        match (read(files), read(loaded_files)) {
+            (Some(a), Some(b)) if a == b => Ok(loaded.clone()),
+            _ => Tok::load(files),
+        }
+    }
+
     pub fn load(files: &ModelFiles) -> Result<Tok> {
         let path = files
             .side_file("tokenizer.json")
@@ -41,7 +53,7 @@ impl Tok {
         let loaded = std::panic::catch_unwind(|| <tokenizers::Tokenizer as std::str::FromStr>::from_str(&text))
             .map_err(|_| anyhow::anyhow!("{}: cannot load tokenizer: the tokenizers library failed on this file", path.display()))?;
         let inner = loaded.map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
-        Ok(Tok { inner })
+        Ok(Tok { inner: std::sync::Arc::new(inner) })
     }
 
     /// Token ids as `tokenizer(text, add_special_tokens=...)` gives them.
@@ -61,7 +73,7 @@ impl Tok {
     }
 
     pub fn from_inner(inner: tokenizers::Tokenizer) -> Tok {
-        Tok { inner }
+        Tok { inner: std::sync::Arc::new(inner) }
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -608,7 +608,7 @@ impl Trainer {
         let teacher = match &cfg.teacher {
             Some(t) => {
                 let (teacher, tfiles) = load_model(t, device, compute).with_context(|| format!("loading teacher `{t}`"))?;
-                let ttok = Tok::load(&tfiles)?;
+                let ttok = Tok::load_or_share(&tfiles, &tok, &student_files)?;
                 if cfg.cross_tokenizer.is_none() && (teacher.config.vocab_size != student.config.vocab_size || ttok.vocab_size() != tok.vocab_size()) {
                     bail!(
                         "student vocabulary ({} logits, tokenizer {}) does not match the teacher's ({} logits, tokenizer {}); \
