@@ -11,8 +11,11 @@
    crates/distillery/tests/mixed_precision.rs, carried as BIN/mixed_precision): cosine above
    0.99 and norms within 5% for the head, a middle layer, an attention projection and the
    hidden-state projection, and no head-gradient entry lost to underflow.
+   The same binary checks that a step with activation checkpointing gives the plain step's
+   gradients (fp32 and bf16) on the device.
 3. A bf16 kd-distill run on the device (tiny teacher and student, hidden and attention
-   matching on): the losses must stay finite.
+   matching on): the losses must stay finite; the same run with --gradient-checkpointing must
+   give the same losses (within 1% relative: bf16 sums the residual gradient in another order).
 4. `scripts/bench.py --gpu` (Llama-3.2 1B/3B shapes), written to OUT/BENCHMARKS-gpu.md.
 
 OUT/gpu-check.md is rewritten after every check, so a run cut short keeps what finished;
@@ -124,6 +127,17 @@ def main():
     lines += ["", f"## kd-distill, {dtype}, {len(rows)} steps with CE, KD, hidden and attention terms", "",
               f"First loss {float(rows[0]['loss']):.4f}, last {float(rows[-1]['loss']):.4f}; all finite: "
               f"{'yes' if finite else 'NO'}."]
+    flush()
+    run(BIN / "kd-distill", "--teacher", teacher, "--student", student, "--data", records, "--out", work / "checkpointed",
+        "--steps", 10, "--batch-size", 4, "--hidden-weight", 0.5, "--attn-weight", 0.2, "--device", a.device,
+        "--dtype", dtype, "--gradient-checkpointing")
+    ckpt = list(csv.DictReader(open(work / "checkpointed" / "metrics.csv")))
+    worst = max(abs(float(c["loss"]) - float(r["loss"])) / max(abs(float(r["loss"])), 1e-9) for r, c in zip(rows, ckpt))
+    same = len(ckpt) == len(rows) and worst < 1e-2
+    if not same:
+        failed.append("kd-distill with --gradient-checkpointing departs from the plain run")
+    lines += ["", f"With --gradient-checkpointing: last loss {float(ckpt[-1]['loss']):.4f}; largest relative loss "
+              f"difference from the plain run over {len(ckpt)} steps {worst:.2e} ({'ok' if same else 'TOO LARGE'})."]
     flush()
 
     if not a.no_bench:

@@ -51,6 +51,27 @@ fn update_slice(device: tch::Device) -> i64 {
     }
 }
 
+/// The L2 norm of a flat fp32 tensor, as an fp64 scalar on its device, accurate at any length.
+/// One ATen reduction over a long fp32 tensor drifts low as it grows: 0.46% at 57M elements
+/// (the gradients of SmolLM2's 8-layer copy; fp64 gives 68.779, `norm()` 68.462). Rows of
+/// 2^16 elements are each reduced accurately (2e-6 there) in one kernel, then combined in fp64.
+fn accurate_norm(flat: &Tensor) -> Tensor {
+    const ROW: i64 = 1 << 16;
+    let n = flat.numel() as i64;
+    let rows = n / ROW;
+    let mut parts = vec![];
+    if rows > 0 {
+        parts.push(flat.narrow(0, 0, rows * ROW).view([rows, ROW]).norm_scalaropt_dim(2, [1], false).to_kind(Kind::Double));
+    }
+    if n > rows * ROW {
+        parts.push(flat.narrow(0, rows * ROW, n - rows * ROW).norm().to_kind(Kind::Double).view([1]));
+    }
+    if parts.is_empty() {
+        return Tensor::zeros([], (Kind::Double, flat.device()));
+    }
+    Tensor::cat(&parts, 0).norm()
+}
+
 /// Whether `t` is exactly the memory of `view` (same start, shape and strides).
 fn same_memory(t: &Tensor, view: &Tensor) -> bool {
     t.data_ptr() == view.data_ptr() && t.size() == view.size() && t.stride() == view.stride() && t.kind() == view.kind()
@@ -212,11 +233,11 @@ impl AdamW {
         if flats.is_empty() {
             return 0.0;
         }
-        let total = Tensor::stack(&flats.iter().map(|g| g.norm()).collect::<Vec<_>>(), 0).norm();
+        let total = Tensor::stack(&flats.iter().map(accurate_norm).collect::<Vec<_>>(), 0).norm();
         if max_norm > 0.0 {
             // On the device: no host round trip decides whether to clip.
             // max_norm / (norm + 1e-6), capped at 1, as clip_grad_norm_ computes it.
-            let coef = (total.ones_like() * max_norm / (&total + 1e-6)).clamp_max(1.0);
+            let coef = (total.ones_like() * max_norm / (&total + 1e-6)).clamp_max(1.0).to_kind(Kind::Float);
             tch::no_grad(|| {
                 for g in &flats {
                     let _ = g.shallow_clone().g_mul_(&coef);
@@ -234,7 +255,7 @@ impl AdamW {
         if grads.is_empty() {
             return 0.0;
         }
-        let norms: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).norm()).collect();
+        let norms: Vec<Tensor> = grads.iter().map(|g| accurate_norm(&g.to_kind(Kind::Float).reshape([-1]))).collect();
         let total = Tensor::stack(&norms, 0).norm().double_value(&[]);
         if max_norm > 0.0 {
             let coef = (max_norm / (total + 1e-6)).min(1.0);
@@ -385,6 +406,20 @@ impl Schedule {
 mod tests {
     use super::*;
     use tch::Device;
+
+    #[test]
+    fn gradient_norm_is_accurate_for_long_buffers() {
+        // 17M elements, a model's worth: ATen's single fp32 reduction drifts by about 1e-3
+        // here; the row-wise norm stays within 1e-5 of the fp64 norm, tail included.
+        tch::manual_seed(0);
+        let g = Tensor::randn([(1 << 24) + 12345], (Kind::Float, Device::Cpu)) * 0.01 + 0.003;
+        let exact = g.to_kind(Kind::Double).norm().double_value(&[]);
+        let ours = accurate_norm(&g).double_value(&[]);
+        assert!(((ours - exact) / exact).abs() < 1e-5, "row-wise {ours} against fp64 {exact}");
+        let short = g.narrow(0, 0, 1000);
+        let exact_short = short.to_kind(Kind::Double).norm().double_value(&[]);
+        assert!(((accurate_norm(&short).double_value(&[]) - exact_short) / exact_short).abs() < 1e-6);
+    }
 
     /// One scalar AdamW step written out by hand, as torch.optim.AdamW's formulas give it.
     fn reference_step(p: f64, g: f64, m: f64, v: f64, t: i32, lr: f64, wd: f64) -> (f64, f64, f64) {
