@@ -132,12 +132,13 @@ def main():
         "--steps", 10, "--batch-size", 4, "--hidden-weight", 0.5, "--attn-weight", 0.2, "--device", a.device,
         "--dtype", dtype, "--gradient-checkpointing")
     ckpt = list(csv.DictReader(open(work / "checkpointed" / "metrics.csv")))
-    worst = max(abs(float(c["loss"]) - float(r["loss"])) / max(abs(float(r["loss"])), 1e-9) for r, c in zip(rows, ckpt))
+    worst = max((abs(float(c["loss"]) - float(r["loss"])) / max(abs(float(r["loss"])), 1e-9) for r, c in zip(rows, ckpt)),
+                default=math.inf)
     same = len(ckpt) == len(rows) and worst < 1e-2
     if not same:
         failed.append("kd-distill with --gradient-checkpointing departs from the plain run")
-    lines += ["", f"With --gradient-checkpointing: last loss {float(ckpt[-1]['loss']):.4f}; largest relative loss "
-              f"difference from the plain run over {len(ckpt)} steps {worst:.2e} ({'ok' if same else 'TOO LARGE'})."]
+    lines += ["", f"With --gradient-checkpointing: {len(ckpt)} steps logged; largest relative loss difference from "
+              f"the plain run {worst:.2e} ({'ok' if same else 'TOO LARGE or missing'})."]
     flush()
 
     if not a.no_bench:

@@ -64,7 +64,9 @@ impl Linear {
 /// Adds the gradient of an embedding lookup, `grad` `[b, t, hidden]` at the rows `ids` `[b, t]`,
 /// to `table`'s gradient: in place once that exists (autograd's embedding backward would
 /// build a dense `[rows, hidden]` gradient first, the size of the table), else through
-/// autograd, which creates it.
+/// autograd, which creates it. In bf16 or f16 the rows of a repeated token are summed in fp32
+/// first and added once (`index_add_` would round after every repeat, on a GPU in an order
+/// its atomics choose).
 fn accumulate_rows(table: &Tensor, ids: &Tensor, grad: &Tensor) {
     if !table.requires_grad() {
         return;
@@ -72,8 +74,15 @@ fn accumulate_rows(table: &Tensor, ids: &Tensor, grad: &Tensor) {
     let mut table_grad = table.grad();
     if table_grad.defined() && table_grad.kind() == grad.kind() {
         let width = grad.size().last().copied().unwrap_or(0);
+        let (ids, grad) = (ids.reshape([-1]), grad.reshape([-1, width]));
         tch::no_grad(|| {
-            let _ = table_grad.index_add_(0, &ids.reshape([-1]), &grad.reshape([-1, width]));
+            if grad.kind() == Kind::Float {
+                let _ = table_grad.index_add_(0, &ids, &grad);
+            } else {
+                let (tokens, slot, _) = ids.internal_unique2(true, true, false);
+                let sums = Tensor::zeros([tokens.size()[0], width], (Kind::Float, grad.device())).index_add(0, &slot, &grad.to_kind(Kind::Float));
+                let _ = table_grad.index_add_(0, &tokens, &sums.to_kind(grad.kind()));
+            }
         });
     } else {
         (Tensor::embedding(table, ids, -1, false, false) * grad).sum(Kind::Float).backward();
@@ -683,8 +692,10 @@ impl CausalLm {
     ///
     /// The output's `hidden` carries a graph through the final norm; its `hidden_states` and
     /// `attentions` are leaves. Back-propagate every loss on them first (their gradients land
-    /// in the leaves), then call [`CausalLm::backward_checkpointed`], which carries those
-    /// gradients through the layers into the parameters.
+    /// in the leaves), then drop the output (its hidden states are the saved inputs) and call
+    /// [`CausalLm::backward_checkpointed`], which carries those gradients through the layers
+    /// into the parameters. (On a GPU the recomputed pass, with autograd on, may pick another
+    /// attention kernel than the first, so its outputs can differ in the last bits.)
     pub fn forward_checkpointed(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, capture: Capture) -> Result<(ForwardOutput, Checkpointed)> {
         let (mut x, ctx) = tch::no_grad(|| self.embed_inputs(input_ids, attention_mask, 0))?;
         let (mut inputs, mut probs) = (vec![], vec![]);

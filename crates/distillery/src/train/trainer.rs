@@ -1254,6 +1254,10 @@ impl Trainer {
             s.backward();
         }
         if let Some(saved) = checkpointed {
+            // The captured hidden states are the saved layer inputs themselves: dropped here,
+            // each input (and its gradient) is freed as the backward pass leaves its layer.
+            drop(s_out);
+            drop(t_out);
             model.backward_checkpointed(saved);
         }
         if let Some(copy) = self.compute_copy.as_mut() {
