@@ -51,6 +51,25 @@ fn model(dir: &Path, layers: i64, hidden: i64, seed: i64) -> String {
     dir.display().to_string()
 }
 
+/// A scratch folder with a teacher (4 layers, hidden 96), a narrower student (2 layers,
+/// hidden 64: the hidden matching goes through the learned projection) and 16 records of 40
+/// random words drawn with `data_seed`: (folder, teacher, student, records).
+fn fixture(name: &str, data_seed: u64) -> (PathBuf, String, String, PathBuf) {
+    let root = scratch(name);
+    let teacher = model(&root.join("teacher"), 4, 96, 0);
+    let student = model(&root.join("student"), 2, 64, 1);
+    let data = root.join("train.jsonl");
+    let mut rng = distillery::base::rng::SplitMix64::for_key(data_seed, 0);
+    let lines: Vec<String> = (0..16)
+        .map(|i| {
+            let words: Vec<String> = (0..40).map(|_| format!("w{}", rng.below(vocab() as usize))).collect();
+            json!({"id": format!("r{i}"), "text": words.join(" ")}).to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    (root, teacher, student, data)
+}
+
 fn config(root: &Path, teacher: &str, student: &str, data: &Path, dtype: &str) -> DistillConfig {
     serde_json::from_value(json!({
         "teacher": teacher, "student": student, "data": data, "out": root.join(format!("out-{dtype}")),
@@ -76,19 +95,7 @@ fn norm(t: &Tensor) -> f64 {
 #[test]
 fn reduced_precision_steps_give_the_fp32_gradients() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let root = scratch("grads");
-    let teacher = model(&root.join("teacher"), 4, 96, 0);
-    // Narrower than the teacher: the hidden matching goes through the learned projection.
-    let student = model(&root.join("student"), 2, 64, 1);
-    let data = root.join("train.jsonl");
-    let mut rng = distillery::base::rng::SplitMix64::for_key(7, 0);
-    let lines: Vec<String> = (0..16)
-        .map(|i| {
-            let words: Vec<String> = (0..40).map(|_| format!("w{}", rng.below(vocab() as usize))).collect();
-            json!({"id": format!("r{i}"), "text": words.join(" ")}).to_string()
-        })
-        .collect();
-    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let (root, teacher, student, data) = fixture("grads", 7);
 
     let grads = |dtype: &str| -> HashMap<String, Tensor> {
         let mut t = Trainer::setup(config(&root, &teacher, &student, &data, dtype), false).unwrap();
@@ -122,18 +129,7 @@ fn reduced_precision_steps_give_the_fp32_gradients() {
 #[test]
 fn checkpointed_steps_give_the_plain_gradients() {
     let _turn = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let root = scratch("checkpointed");
-    let teacher = model(&root.join("teacher"), 4, 96, 0);
-    let student = model(&root.join("student"), 2, 64, 1);
-    let data = root.join("train.jsonl");
-    let mut rng = distillery::base::rng::SplitMix64::for_key(9, 0);
-    let lines: Vec<String> = (0..16)
-        .map(|i| {
-            let words: Vec<String> = (0..40).map(|_| format!("w{}", rng.below(vocab() as usize))).collect();
-            json!({"id": format!("r{i}"), "text": words.join(" ")}).to_string()
-        })
-        .collect();
-    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let (root, teacher, student, data) = fixture("checkpointed", 9);
     for dtype in ["f32", "bf16"] {
         let grads = |checkpointed: bool| -> HashMap<String, Tensor> {
             let mut cfg = config(&root, &teacher, &student, &data, dtype);

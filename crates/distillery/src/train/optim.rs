@@ -107,7 +107,8 @@ impl AdamW {
                     Some(here)
                 })
                 .collect();
-            let total: i64 = members.iter().map(|&i| params[i].1.numel() as i64).sum();
+            let last = *members.last().unwrap();
+            let total = offsets.last().unwrap() + params[last].1.numel() as i64;
             let device = params[members[0]].1.device();
             let zeros = || Tensor::zeros([total], (Kind::Float, device));
             let group = Group { decay, members, offsets, flat: zeros(), exp_avg: zeros(), exp_avg_sq: zeros(), grad: None };
