@@ -1,7 +1,9 @@
 // Link settings for every stage binary.
 //
-// * `--no-as-needed -ltorch`: Rust links with `--as-needed`, which would drop
-//   `libtorch.so` (and with it `libtorch_cuda.so`), leaving CUDA unavailable.
+// * libtorch's CUDA half is not linked: Rust links with `--as-needed`, which drops
+//   `libtorch.so` and `libtorch_cuda.so` (no symbol of theirs is used), and
+//   `base::device::load_cuda` loads `libtorch_cuda.so` when a GPU is asked for, so a CPU
+//   run does not carry the CUDA libraries (235 MiB resident).
 // * rpath to the venv's `torch/lib`, so the binaries run without `LD_LIBRARY_PATH`.
 // * the tch and libtorch versions compiled in (`DISTILLERY_TCH_VERSION`,
 //   `DISTILLERY_LIBTORCH_VERSION`), for the reproducibility card of kd-report.
@@ -9,8 +11,6 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=PYTHON");
-    println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-    println!("cargo:rustc-link-arg=-ltorch");
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".to_string());
     let out = Command::new(&python)
         .args(["-c", "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib')); print(torch.__version__)"])

@@ -47,7 +47,7 @@ fn gradients(model: &CausalLm, ids: &Tensor, mask: &Tensor, checkpointed: bool) 
         + probs.clamp_min(1e-9).log().mean(Kind::Float);
     loss.backward();
     if let Some(saved) = saved {
-        model.backward_checkpointed(saved);
+        model.backward_checkpointed(saved, None);
     }
     model
         .vs

@@ -21,8 +21,12 @@ fn vocab() -> i64 {
     std::env::var("DISTILLERY_MP_VOCAB").ok().and_then(|v| v.parse().ok()).unwrap_or(32768)
 }
 
+/// The device the comparison runs on. Resolving it loads libtorch's CUDA library for a GPU,
+/// which must happen before the first `manual_seed` (libtorch keeps its first answer about CUDA).
 fn device() -> String {
-    std::env::var("DISTILLERY_MP_DEVICE").unwrap_or_else(|_| "cpu".into())
+    let d = std::env::var("DISTILLERY_MP_DEVICE").unwrap_or_else(|_| "cpu".into());
+    distillery::base::device::parse_device(&d).unwrap();
+    d
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -55,6 +59,7 @@ fn model(dir: &Path, layers: i64, hidden: i64, seed: i64) -> String {
 /// hidden 64: the hidden matching goes through the learned projection) and 16 records of 40
 /// random words drawn with `data_seed`: (folder, teacher, student, records).
 fn fixture(name: &str, data_seed: u64) -> (PathBuf, String, String, PathBuf) {
+    device();
     let root = scratch(name);
     let teacher = model(&root.join("teacher"), 4, 96, 0);
     let student = model(&root.join("student"), 2, 64, 1);

@@ -5,16 +5,25 @@ use tch::{Device, Kind};
 /// `auto` takes CUDA when present, else the CPU; `cuda:N` picks a GPU.
 pub fn parse_device(s: &str) -> Result<Device> {
     Ok(match s {
-        "auto" => Device::cuda_if_available(),
-        "cpu" => Device::Cpu,
-        "cuda" => {
-            if !tch::Cuda::is_available() {
-                bail!("--device cuda: no CUDA device is available");
+        "auto" => {
+            if nvidia_driver_present() && load_cuda().is_ok() {
+                Device::cuda_if_available()
+            } else {
+                Device::Cpu
             }
-            Device::Cuda(0)
         }
-        s if s.starts_with("cuda:") => {
-            let n: usize = s[5..].parse().map_err(|_| anyhow::anyhow!("--device: bad GPU index in `{s}`"))?;
+        "cpu" => Device::Cpu,
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let n: usize = match s.strip_prefix("cuda:") {
+                Some(i) => i.parse().map_err(|_| anyhow::anyhow!("--device: bad GPU index in `{s}`"))?,
+                None => 0,
+            };
+            if let Err(why) = load_cuda() {
+                bail!("--device {s}: libtorch's CUDA library cannot be loaded: {why}");
+            }
+            if !tch::Cuda::is_available() {
+                bail!("--device {s}: no CUDA device is available");
+            }
             if n >= tch::Cuda::device_count() as usize {
                 bail!("--device {s}: only {} CUDA device(s)", tch::Cuda::device_count());
             }
@@ -22,6 +31,48 @@ pub fn parse_device(s: &str) -> Result<Device> {
         }
         other => bail!("--device must be auto, cpu, cuda or cuda:N, got `{other}`"),
     })
+}
+
+/// Whether an NVIDIA driver is installed: without one no CUDA device can exist, so `auto`
+/// need not load libtorch's CUDA half to find out.
+fn nvidia_driver_present() -> bool {
+    std::path::Path::new("/proc/driver/nvidia/version").exists() || std::path::Path::new("/dev/nvidiactl").exists()
+}
+
+/// Loads `libtorch_cuda.so` (and through it cuBLAS, cuDNN and the other CUDA libraries) the
+/// first time a GPU is asked for. The binaries do not link it: its loading alone made a CPU
+/// run's resident memory 235 MiB larger and its start slower. It is the one beside the
+/// `libtorch_cpu.so` this process runs on, loaded with global symbols, as Python's `torch`
+/// loads it. It must be loaded before libtorch is asked anything about CUDA (`manual_seed`
+/// does ask): libtorch settles on "no CUDA" at the first question and keeps that answer.
+pub fn load_cuda() -> std::result::Result<(), String> {
+    static LOADED: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
+    LOADED.get_or_init(|| {
+        let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| format!("reading /proc/self/maps: {e}"))?;
+        let cpu_lib = maps
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .find(|path| path.ends_with("/libtorch_cpu.so"))
+            .ok_or("libtorch_cpu.so is not among this process's libraries")?;
+        let cuda_lib = std::path::Path::new(cpu_lib).with_file_name("libtorch_cuda.so");
+        if !cuda_lib.is_file() {
+            return Err(format!("{} does not exist (a CPU-only libtorch)", cuda_lib.display()));
+        }
+        let c_path = std::ffi::CString::new(cuda_lib.to_string_lossy().as_bytes()).map_err(|e| e.to_string())?;
+        // SAFETY: dlopen with a valid C string; the handle is kept (never closed) for the
+        // process's life, as libtorch's registrations in it must stay valid.
+        let handle = unsafe { libc::dlopen(c_path.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+        if handle.is_null() {
+            // SAFETY: dlerror returns a thread-local C string describing the failure, or null.
+            let why = unsafe {
+                let e = libc::dlerror();
+                if e.is_null() { "unknown error".to_string() } else { std::ffi::CStr::from_ptr(e).to_string_lossy().into_owned() }
+            };
+            return Err(format!("{}: {why}", cuda_lib.display()));
+        }
+        Ok(())
+    })
+    .clone()
 }
 
 /// `auto` is fp32 on the CPU and bf16 on a GPU.
@@ -53,4 +104,31 @@ pub fn device_name(device: Device) -> String {
 pub fn device_and_kind(device: &str, dtype: &str) -> Result<(Device, Kind)> {
     let d = parse_device(device)?;
     Ok((d, parse_dtype(dtype, d)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Loaded late, libtorch's CUDA half still registers itself: on a machine without a GPU,
+    /// a CUDA tensor then fails for want of a driver or device, not for want of the library
+    /// ("Cannot initialize CUDA without ATen_cuda library", or no CUDA kernel for `empty`).
+    #[test]
+    fn cuda_loaded_on_demand_registers_with_libtorch() {
+        let before = std::fs::read_to_string("/proc/self/maps").unwrap();
+        assert!(!before.contains("libtorch_cuda.so"), "libtorch_cuda.so is linked: it should load on demand");
+        if let Err(why) = load_cuda() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+        assert!(std::fs::read_to_string("/proc/self/maps").unwrap().contains("libtorch_cuda.so"));
+        match tch::Tensor::f_zeros([2], (Kind::Float, Device::Cuda(0))) {
+            Ok(t) => assert_eq!(t.device(), Device::Cuda(0)),
+            Err(e) => {
+                let msg = e.to_string();
+                eprintln!("{}", msg.lines().next().unwrap_or(""));
+                assert!(!msg.contains("ATen_cuda") && !msg.contains("Could not run"), "CUDA is not registered: {msg}");
+            }
+        }
+    }
 }

@@ -72,12 +72,13 @@ fn accumulate_rows(table: &Tensor, ids: &Tensor, grad: &Tensor) {
         return;
     }
     let mut table_grad = table.grad();
-    if table_grad.defined() && table_grad.kind() == grad.kind() {
+    if table_grad.defined() && (table_grad.kind() == grad.kind() || table_grad.kind() == Kind::Float) {
         let width = grad.size().last().copied().unwrap_or(0);
         let (ids, grad) = (ids.reshape([-1]), grad.reshape([-1, width]));
         tch::no_grad(|| {
-            if grad.kind() == Kind::Float {
-                let _ = table_grad.index_add_(0, &ids, &grad);
+            if table_grad.kind() == Kind::Float {
+                // An fp32 table (the model's own, or the fp32 master of a low-precision copy).
+                let _ = table_grad.index_add_(0, &ids, &grad.to_kind(Kind::Float));
             } else {
                 let (tokens, slot, _) = ids.internal_unique2(true, true, false);
                 let sums = Tensor::zeros([tokens.size()[0], width], (Kind::Float, grad.device())).index_add(0, &slot, &grad.to_kind(Kind::Float));
@@ -722,7 +723,12 @@ impl CausalLm {
     /// (and of its attention map, if captured) go back through it, into its parameters and its
     /// input, which is the previous layer's output; the embeddings get the first input's.
     /// Layers that no gradient reaches are not recomputed.
-    pub fn backward_checkpointed(&self, saved: Checkpointed) {
+    ///
+    /// `embedding_tables` are the token (and learned-position) tables whose gradients receive
+    /// the embedded rows': this model's own when `None`. A trainer with a low-precision compute
+    /// copy passes its fp32 masters' (`embedding_tables` of the master model): the rows are then
+    /// summed in fp32, and no dense low-precision gradient of the whole table is made.
+    pub fn backward_checkpointed(&self, saved: Checkpointed, embedding_tables: Option<(&Tensor, Option<&Tensor>)>) {
         let Checkpointed { mut inputs, last, mut probs, ctx } = saved;
         let mut grad = last.grad();
         drop(last);
@@ -750,11 +756,17 @@ impl CausalLm {
             grad = input.grad();
         }
         if grad.defined() {
-            accumulate_rows(&self.embed, &ctx.input_ids, &grad);
-            if let Some(wpe) = &self.pos_embed {
+            let (embed, pos_embed) = embedding_tables.unwrap_or_else(|| self.embedding_tables());
+            accumulate_rows(embed, &ctx.input_ids, &grad);
+            if let Some(wpe) = pos_embed {
                 accumulate_rows(wpe, &ctx.positions, &grad);
             }
         }
+    }
+
+    /// The token embedding table and, for learned positions (GPT-2), the position table.
+    pub fn embedding_tables(&self) -> (&Tensor, Option<&Tensor>) {
+        (&self.embed, self.pos_embed.as_ref())
     }
 
     /// Checks the inputs, embeds the tokens (plus learned positions) and builds what every

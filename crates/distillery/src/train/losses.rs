@@ -274,7 +274,13 @@ pub fn chunked_forward_kl(
     let existing = head_param.grad();
     let in_place = existing.defined() && existing.kind() == Kind::Float && existing.size() == head.size() && existing.device() == device;
     let head_grad = if in_place { existing } else { Tensor::zeros(head.size(), (Kind::Float, device)) };
-    let head_f32 = if head.kind() == Kind::Float { head.shallow_clone() } else { head.to_kind(Kind::Float) };
+    // The hidden gradient's product runs in bf16 for a bf16 head (below); fp32 otherwise,
+    // which for f16 needs an fp32 copy of the head (not made for bf16: 113 MiB at SmolLM2's).
+    let head_f32 = match head.kind() {
+        Kind::BFloat16 => None,
+        Kind::Float => Some(head.shallow_clone()),
+        _ => Some(head.to_kind(Kind::Float)),
+    };
     let mut ce_sum = Tensor::zeros([], (Kind::Double, device));
     let mut kd_sum = Tensor::zeros([], (Kind::Double, device));
     for (start, len) in row_chunks(hidden.size()[0], chunk) {
@@ -335,14 +341,13 @@ pub fn chunked_forward_kl(
             let _ = g.scatter_add_(1, &tgt, &Tensor::full([len, 1], -scale, (Kind::Float, g.device())));
             // head_grad += g^T @ h, in place; the hidden gradient g @ W goes back through autograd.
             let _ = head_grad.shallow_clone().addmm_(&g.tr(), &hd.to_kind(Kind::Float));
-            if head.kind() == Kind::BFloat16 {
+            match &head_f32 {
                 // The hidden gradient is rounded to the bf16 compute copy's dtype below anyway;
                 // its product in bf16 (fp32 accumulation inside the GEMM) costs half the fp32
                 // one. bf16 keeps fp32's exponent range, so small entries of `g` do not vanish
                 // (f16 would flush them; it keeps the fp32 product).
-                g.to_kind(Kind::BFloat16).matmul(head) // [len, hidden]
-            } else {
-                g.matmul(&head_f32) // [len, hidden]
+                None => g.to_kind(Kind::BFloat16).matmul(head), // [len, hidden]
+                Some(head_f32) => g.matmul(head_f32),
             }
         });
         // Hand the hidden gradient to autograd: d/dx sum(x * g) = g.

@@ -445,14 +445,30 @@ impl ComputeCopy {
         });
     }
 
-    /// Adds the copy's gradients to the masters' fp32 gradients and clears the copy's.
+    /// Adds the copy's gradients to the masters' fp32 gradients and clears the copy's. Large
+    /// gradients go over in slices: on the CPU a mixed-dtype add first converts its whole
+    /// operand, which for a model's embedding table is a 100+ MiB fp32 transient.
     fn move_gradients(&mut self) {
+        const SLICE: i64 = 1 << 22;
         for (m, c) in &mut self.pairs {
             let g = c.grad();
-            if g.defined() {
-                add_to_grad(m, &g.to_kind(Kind::Float));
-                c.zero_grad();
+            if !g.defined() {
+                continue;
             }
+            let mg = m.grad();
+            if mg.defined() && mg.is_contiguous() && g.is_contiguous() {
+                let (dst, src) = (mg.view([-1]), g.view([-1]));
+                let n = src.size()[0];
+                tch::no_grad(|| {
+                    for start in (0..n).step_by(SLICE as usize) {
+                        let len = SLICE.min(n - start);
+                        let _ = dst.narrow(0, start, len).g_add_(&src.narrow(0, start, len));
+                    }
+                });
+            } else {
+                add_to_grad(m, &g.to_kind(Kind::Float));
+            }
+            c.zero_grad();
         }
     }
 }
@@ -1258,7 +1274,9 @@ impl Trainer {
             // each input (and its gradient) is freed as the backward pass leaves its layer.
             drop(s_out);
             drop(t_out);
-            model.backward_checkpointed(saved);
+            // Under a compute copy the embedded rows' gradient goes straight to the fp32 masters.
+            let masters = self.compute_copy.is_some().then(|| self.student.embedding_tables());
+            model.backward_checkpointed(saved, masters);
         }
         if let Some(copy) = self.compute_copy.as_mut() {
             copy.move_gradients();
