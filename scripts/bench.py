@@ -157,6 +157,16 @@ def kd_distill_cmd(teacher, student, data, out, batch, seq, steps, device, *extr
             "--steps", steps, "--batch-size", batch, "--seq-len", seq, "--device", device, *extra]
 
 
+def compiled_reference(run, what=""):
+    """`run()`: the reference under torch.compile, run once (compiling costs minutes on a small
+    CPU); None, with the reason on stderr, where compilation fails."""
+    try:
+        return run()
+    except RuntimeError as e:
+        print(f"torch.compile variant failed{what}: {e}", file=sys.stderr)
+        return None
+
+
 def reference_cmd(mode, *args):
     return [sys.executable, ROOT / "scripts" / "bench_reference.py", mode, *args]
 
@@ -256,22 +266,13 @@ def bench(shapes, device, bf16, workdir, compile_reference=True):
                                                   "--batches", steps, "--device", device, *flag_bf16, *extra), gpu)
         return reference_tokens_per_second(o), rss, gmem
 
-    def compiled(theirs):
-        """The reference under torch.compile, once (compiling costs minutes on a small CPU);
-        None where it fails."""
-        try:
-            return theirs("--compile")
-        except RuntimeError as e:
-            print(f"torch.compile variant failed: {e}", file=sys.stderr)
-            return None
-
     rows = []
     # Generation has no compiled variant: transformers' generate recompiles as the cache grows.
     for name, ours, theirs, compilable in [("distillation step", ours_distill, ref_distill, True),
                                            (f"generation (batch {shapes['gen_batch']})", ours_generate, ref_generate, False),
                                            ("evaluation (perplexity)", ours_eval, ref_eval, True)]:
         rows.append((name, *alternate(ours, theirs, reps),
-                     compiled(theirs) if compilable and compile_reference else None))
+                     compiled_reference(lambda: theirs("--compile")) if compilable and compile_reference else None))
     return rows
 
 

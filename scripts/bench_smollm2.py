@@ -205,11 +205,8 @@ def main():
                 if r == 0:
                     # Both sides with activation checkpointing (transformers' for the reference).
                     runs["eager_ckpt"].append(reference_distill(teacher, student, a.steps, dtype, False, checkpointing=True))
-                    # torch.compile costs minutes to compile on 2 cores: one run.
-                    try:
-                        runs["compile"].append(reference_distill(teacher, student, a.steps, dtype, True))
-                    except RuntimeError as e:
-                        print(f"torch.compile variant failed ({dtype}): {e}", file=sys.stderr)
+                    compiled = bench.compiled_reference(lambda: reference_distill(teacher, student, a.steps, dtype, True), f" ({dtype})")
+                    runs["compile"] += [compiled] if compiled else []
             med = {k: (statistics.median(x[0] for x in v), max(x[1] for x in v)) if v else (float("nan"), None)
                    for k, v in runs.items()}
             best = max((k for k in ("eager", "compile") if runs[k]), key=lambda k: med[k][0])
