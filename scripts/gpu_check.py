@@ -12,7 +12,9 @@
    0.99 and norms within 5% for the head, a middle layer, an attention projection and the
    hidden-state projection, and no head-gradient entry lost to underflow.
    The same binary checks that a step with activation checkpointing gives the plain step's
-   gradients (fp32 and bf16) on the device.
+   gradients (fp32 and bf16) on the device, and reports which GEMM a bf16 head's own gradient
+   ran as (on CUDA one bf16 GEMM accumulating into fp32, `addmm.dtype_out`, where its probe
+   passes; else an fp32 GEMM).
 3. A bf16 kd-distill run on the device (tiny teacher and student, hidden and attention
    matching on): the losses must stay finite; the same run with --gradient-checkpointing must
    give the same losses (within 1% relative: bf16 sums the residual gradient in another order).
@@ -93,7 +95,9 @@ def main():
             flush()
 
     # Reduced-precision gradients against fp32 at Llama 3's vocabulary.
-    probe = next((b for b in [BIN / "mixed_precision", *sorted((ROOT / "target" / "release" / "deps").glob("mixed_precision-*"))]
+    # The carried binary, else the newest one cargo built here (older builds stay in deps/).
+    built = [b for b in (ROOT / "target" / "release" / "deps").glob("mixed_precision-*") if not b.suffix]
+    probe = next((b for b in [BIN / "mixed_precision", *sorted(built, key=lambda b: b.stat().st_mtime, reverse=True)]
                   if b.is_file() and os.access(b, os.X_OK)), None)
     lines += ["", "## First-step gradients, bf16 and f16 against fp32 (vocabulary 128256 on a GPU)", ""]
     if probe is None:

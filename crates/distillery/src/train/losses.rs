@@ -14,7 +14,7 @@ use crate::model::CausalLm;
 pub use crate::teacher::SparseTeacher;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
@@ -253,6 +253,33 @@ pub fn chunked_logit_losses(
     chunked_forward_kl(student, hidden, targets, teacher, w, normalizer, student.lm_head_weight())
 }
 
+/// Whether `device` adds a product of bf16 matrices into an fp32 one in a single GEMM, fp32
+/// accumulation throughout (libtorch's `addmm.dtype_out`, CUDA only in 2.11; the CPU reports
+/// it missing). Checked once per device on a small product against fp32 arithmetic, with the
+/// output aliasing the accumulator as the loss uses it, so a build where it is absent or
+/// behaves otherwise keeps the fp32 GEMM.
+pub fn bf16_gemm_accumulates_in_fp32(device: Device) -> bool {
+    use std::sync::Mutex;
+    static CHECKED: Mutex<Vec<(Device, bool)>> = Mutex::new(Vec::new());
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(&(_, ok)) = checked.iter().find(|(d, _)| *d == device) {
+        return ok;
+    }
+    let ok = tch::no_grad(|| {
+        let values = |n: i64, k: i64, kind: Kind| (Tensor::arange(n * k, (Kind::Float, device)).remainder(7) - 3.0).reshape([n, k]).to_kind(kind) / 4.0;
+        // `a` transposed, as the loss passes the logit gradient.
+        let (a, b) = (values(16, 48, Kind::BFloat16).tr(), values(16, 32, Kind::BFloat16));
+        let acc = values(48, 32, Kind::Float) + 0.125;
+        let want = &acc + a.to_kind(Kind::Float).matmul(&b.to_kind(Kind::Float));
+        match acc.f_addmm_dtype_out(&acc, &a, &b, Kind::Float) {
+            Ok(_) => acc.kind() == Kind::Float && (&acc - &want).abs().max().double_value(&[]) < 1e-3,
+            Err(_) => false,
+        }
+    });
+    checked.push((device, ok));
+    ok
+}
+
 /// The fused forward-KL path of [`chunked_logit_losses`], with its head gradient added to
 /// `head_param`'s gradient: the fp32 master of a reduced-precision `student`, or the head
 /// itself. The head gradient of every chunk is accumulated in place (`addmm_`) straight into
@@ -340,14 +367,26 @@ pub fn chunked_forward_kl(
             };
             let _ = g.scatter_add_(1, &tgt, &Tensor::full([len, 1], -scale, (Kind::Float, g.device())));
             // head_grad += g^T @ h, in place; the hidden gradient g @ W goes back through autograd.
-            let _ = head_grad.shallow_clone().addmm_(&g.tr(), &hd.to_kind(Kind::Float));
             match &head_f32 {
                 // The hidden gradient is rounded to the bf16 compute copy's dtype below anyway;
                 // its product in bf16 (fp32 accumulation inside the GEMM) costs half the fp32
                 // one. bf16 keeps fp32's exponent range, so small entries of `g` do not vanish
-                // (f16 would flush them; it keeps the fp32 product).
-                None => g.to_kind(Kind::BFloat16).matmul(head), // [len, hidden]
-                Some(head_f32) => g.matmul(head_f32),
+                // (f16 would flush them; it keeps the fp32 products).
+                None => {
+                    let g16 = g.to_kind(Kind::BFloat16);
+                    if bf16_gemm_accumulates_in_fp32(device) {
+                        // One bf16 GEMM adding into the fp32 gradient (tensor cores, fp32
+                        // accumulation): the fp32 product below runs without them on a GPU.
+                        let _ = head_grad.addmm_dtype_out(&head_grad, &g16.tr(), &hd, Kind::Float);
+                    } else {
+                        let _ = head_grad.shallow_clone().addmm_(&g.tr(), &hd.to_kind(Kind::Float));
+                    }
+                    g16.matmul(head) // [len, hidden]
+                }
+                Some(head_f32) => {
+                    let _ = head_grad.shallow_clone().addmm_(&g.tr(), &hd.to_kind(Kind::Float));
+                    g.matmul(head_f32)
+                }
             }
         });
         // Hand the hidden gradient to autograd: d/dx sum(x * g) = g.
@@ -456,4 +495,17 @@ pub fn chunked_logit_losses_autograd(
         }
     }
     sums
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPU has no `addmm.dtype_out` in libtorch 2.11: the probe says so (and keeps the fp32
+    /// GEMM) instead of failing.
+    #[test]
+    fn the_cpu_keeps_the_fp32_head_gradient_gemm() {
+        assert!(!bf16_gemm_accumulates_in_fp32(Device::Cpu));
+        assert!(!bf16_gemm_accumulates_in_fp32(Device::Cpu), "the answer is remembered");
+    }
 }
