@@ -51,7 +51,8 @@ pub fn load_cuda() -> std::result::Result<(), String> {
         let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| format!("reading /proc/self/maps: {e}"))?;
         let cpu_lib = maps
             .lines()
-            .filter_map(|l| l.split_whitespace().nth(5))
+            // The path is the rest of the line from its first `/` (it may hold spaces).
+            .filter_map(|l| l.find('/').map(|i| l[i..].trim_end()))
             .find(|path| path.ends_with("/libtorch_cpu.so"))
             .ok_or("libtorch_cpu.so is not among this process's libraries")?;
         let cuda_lib = std::path::Path::new(cpu_lib).with_file_name("libtorch_cuda.so");
