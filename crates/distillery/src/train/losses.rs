@@ -308,6 +308,7 @@ pub fn chunked_forward_kl(
         Kind::Float => Some(head.shallow_clone()),
         _ => Some(head.to_kind(Kind::Float)),
     };
+    let bf16_head_gemm_into_fp32 = head_f32.is_none() && bf16_gemm_accumulates_in_fp32(device);
     let mut ce_sum = Tensor::zeros([], (Kind::Double, device));
     let mut kd_sum = Tensor::zeros([], (Kind::Double, device));
     for (start, len) in row_chunks(hidden.size()[0], chunk) {
@@ -374,7 +375,7 @@ pub fn chunked_forward_kl(
                 // (f16 would flush them; it keeps the fp32 products).
                 None => {
                     let g16 = g.to_kind(Kind::BFloat16);
-                    if bf16_gemm_accumulates_in_fp32(device) {
+                    if bf16_head_gemm_into_fp32 {
                         // One bf16 GEMM adding into the fp32 gradient (tensor cores, fp32
                         // accumulation): the fp32 product below runs without them on a GPU.
                         let _ = head_grad.addmm_dtype_out(&head_grad, &g16.tr(), &hd, Kind::Float);
@@ -402,11 +403,24 @@ pub fn chunked_forward_kl(
 
 /// Adds `g` to `param`'s gradient (in place once it exists; the first time through autograd,
 /// which is the only way to create a gradient through this binding: d/dp sum(p * g) = g).
+/// A `g` of another dtype (a bf16 compute copy's gradient into its fp32 master) is added in
+/// slices: on the CPU a mixed-dtype add converts its whole operand first, which for a model's
+/// embedding table is a 100+ MiB fp32 transient. The sums are the same either way.
 pub fn add_to_grad(param: &Tensor, g: &Tensor) {
+    const SLICE: i64 = 1 << 22;
     let mut grad = param.grad();
     if grad.defined() {
         tch::no_grad(|| {
-            let _ = grad.g_add_(&g.to_kind(grad.kind()));
+            if grad.kind() == g.kind() || !grad.is_contiguous() || !g.is_contiguous() || grad.size() != g.size() {
+                let _ = grad.g_add_(&g.to_kind(grad.kind()));
+                return;
+            }
+            let (dst, src) = (grad.view([-1]), g.view([-1]));
+            let n = src.size()[0];
+            for start in (0..n).step_by(SLICE as usize) {
+                let len = SLICE.min(n - start);
+                let _ = dst.narrow(0, start, len).g_add_(&src.narrow(0, start, len));
+            }
         });
     } else {
         (param * g.to_kind(param.kind()).detach()).sum(Kind::Float).backward();

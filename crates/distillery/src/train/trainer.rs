@@ -445,30 +445,14 @@ impl ComputeCopy {
         });
     }
 
-    /// Adds the copy's gradients to the masters' fp32 gradients and clears the copy's. Large
-    /// gradients go over in slices: on the CPU a mixed-dtype add first converts its whole
-    /// operand, which for a model's embedding table is a 100+ MiB fp32 transient.
+    /// Adds the copy's gradients to the masters' fp32 gradients and clears the copy's.
     fn move_gradients(&mut self) {
-        const SLICE: i64 = 1 << 22;
         for (m, c) in &mut self.pairs {
             let g = c.grad();
-            if !g.defined() {
-                continue;
+            if g.defined() {
+                add_to_grad(m, &g);
+                c.zero_grad();
             }
-            let mg = m.grad();
-            if mg.defined() && mg.is_contiguous() && g.is_contiguous() {
-                let (dst, src) = (mg.view([-1]), g.view([-1]));
-                let n = src.size()[0];
-                tch::no_grad(|| {
-                    for start in (0..n).step_by(SLICE as usize) {
-                        let len = SLICE.min(n - start);
-                        let _ = dst.narrow(0, start, len).g_add_(&src.narrow(0, start, len));
-                    }
-                });
-            } else {
-                add_to_grad(m, &g.to_kind(Kind::Float));
-            }
-            c.zero_grad();
         }
     }
 }
