@@ -109,7 +109,7 @@ fn reduced_precision_steps_give_the_fp32_gradients() {
         g.into_iter().collect()
     };
     let dev = distillery::base::device::parse_device(&device()).unwrap();
-    let path = if distillery::train::losses::bf16_gemm_accumulates_in_fp32(dev) { "one bf16 GEMM accumulating into fp32" } else { "an fp32 GEMM" };
+    let path = if distillery::base::gemm::bf16_gemm_accumulates_in_fp32(dev) { "one bf16 GEMM accumulating into fp32" } else { "an fp32 GEMM" };
     eprintln!("gradient path: a bf16 head's own gradient is {path} on {}", device());
     let want = grads("f32");
     for dtype in ["bf16", "f16"] {
