@@ -1,8 +1,8 @@
 //! The base layer: what every other layer uses and nothing model-specific. Atomic file
 //! output, resumable journals, output locks, stop signals, padded token batches and row
 //! chunks, seeded random streams, device and precision selection, the bf16 matrix product
-//! into fp32, progress on stderr, the allocator settings of a stage process, the command
-//! log, and the statistics of reports.
+//! into fp32, parallel loops on libtorch's threads, progress on stderr, the allocator
+//! settings of a stage process, the command log, and the statistics of reports.
 pub mod alloc;
 pub mod batch;
 pub mod device;
@@ -10,6 +10,7 @@ pub mod gemm;
 pub mod io;
 pub mod journal;
 pub mod lock;
+pub mod omp;
 pub mod progress;
 pub mod provenance;
 pub mod rng;

@@ -12,6 +12,7 @@
 use crate::base::batch::{chunk_rows, row_chunks};
 use crate::base::gemm::{addmm_bf16_into_f32, bf16_gemm_accumulates_in_fp32};
 use crate::model::CausalLm;
+use crate::train::logit_grad::{forward_kl_logit_grad, LogitGradWeights, RowSums};
 pub use crate::teacher::SparseTeacher;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -283,64 +284,98 @@ pub fn chunked_forward_kl(
         _ => Some(head.to_kind(Kind::Float)),
     };
     let bf16_head_gemm_into_fp32 = head_f32.is_none() && bf16_gemm_accumulates_in_fp32(device);
+    // On the CPU the elementwise work runs as one sweep per row (`logit_grad`), writing the
+    // gradient in the dtype of the head products that read it, into one buffer reused by
+    // every chunk; other devices and dtypes (f16) keep the libtorch ops.
+    let fp32_or_bf16 = |k: Kind| matches!(k, Kind::Float | Kind::BFloat16);
+    let sweep_buffer = (device == Device::Cpu
+        && fp32_or_bf16(head.kind())
+        && match teacher {
+            TeacherRows::Online { model, .. } => fp32_or_bf16(model.lm_head_weight().kind()),
+            _ => true,
+        })
+    .then(|| {
+        let kind = if bf16_head_gemm_into_fp32 { Kind::BFloat16 } else { Kind::Float };
+        Tensor::empty([chunk.min(hidden.size()[0]), student.config.vocab_size], (kind, device))
+    });
+    let host_targets = sweep_buffer.as_ref().map(|_| Vec::<i64>::try_from(targets).expect("targets are i64"));
+    let sweep_weights = LogitGradWeights {
+        ce: (w.alpha / normalizer) as f32,
+        kd: (w.beta * w.temperature / normalizer) as f32,
+        temperature: w.temperature as f32,
+    };
+    let mut swept = RowSums::default();
     let mut ce_sum = Tensor::zeros([], (Kind::Double, device));
     let mut kd_sum = Tensor::zeros([], (Kind::Double, device));
     for (start, len) in row_chunks(hidden.size()[0], chunk) {
         let h = hidden.narrow(0, start, len);
         let tgt = targets.narrow(0, start, len).unsqueeze(1);
         let grad_h = tch::no_grad(|| {
-            // Every [len, vocab] buffer below is rewritten in place once it is no longer
-            // read: on CPU each fresh buffer of this size costs page faults as well as a pass.
             let hd = h.detach();
-            let mut z = student.logits(&hd).to_kind(Kind::Float); // [len, vocab]
-            let ls = z.log_softmax(-1, Kind::Float);
-            let _ = ce_sum.g_sub_(&ls.gather(1, &tgt, false).sum(Kind::Double));
-            let scale = w.alpha / normalizer;
-            // g = d(alpha * CE)/dz = alpha * (softmax(z) - onehot(target)), over the normaliser
-            let mut g = match teacher {
-                TeacherRows::Online { model, hidden: ht } => {
-                    let t = w.temperature;
-                    let mut zt = model.logits(&ht.narrow(0, start, len)).to_kind(Kind::Float);
-                    if t != 1.0 {
-                        let _ = zt.g_div_scalar_(t);
+            let g = if let (Some(buffer), Some(host_targets)) = (&sweep_buffer, &host_targets) {
+                let z = student.logits(&hd);
+                let y = match teacher {
+                    TeacherRows::Online { model, hidden: ht } => Some(model.logits(&ht.narrow(0, start, len))),
+                    _ => None,
+                };
+                let g = buffer.narrow(0, 0, len);
+                let targets = &host_targets[start as usize..(start + len) as usize];
+                swept = swept + forward_kl_logit_grad(&z, y.as_ref(), targets, sweep_weights, &g).expect("logits, targets and buffer were checked");
+                g
+            } else {
+                // Every [len, vocab] buffer below is rewritten in place once it is no longer
+                // read: on CPU each fresh buffer of this size costs page faults as well as a pass.
+                let mut z = student.logits(&hd).to_kind(Kind::Float); // [len, vocab]
+                let ls = z.log_softmax(-1, Kind::Float);
+                let _ = ce_sum.g_sub_(&ls.gather(1, &tgt, false).sum(Kind::Double));
+                let scale = w.alpha / normalizer;
+                // g = d(alpha * CE)/dz = alpha * (softmax(z) - onehot(target)), over the normaliser
+                let mut g = match teacher {
+                    TeacherRows::Online { model, hidden: ht } => {
+                        let t = w.temperature;
+                        let mut zt = model.logits(&ht.narrow(0, start, len)).to_kind(Kind::Float);
+                        if t != 1.0 {
+                            let _ = zt.g_div_scalar_(t);
+                        }
+                        let mut lt = zt.log_softmax(-1, Kind::Float);
+                        drop(zt);
+                        let mut pt = lt.exp();
+                        let ls_t = if t == 1.0 {
+                            ls.shallow_clone()
+                        } else {
+                            let _ = z.g_div_scalar_(t);
+                            z.log_softmax(-1, Kind::Float)
+                        };
+                        drop(z);
+                        let diff = lt.g_sub_(&ls_t);
+                        let _ = kd_sum.g_add_(&(pt.view([-1]).dot(&diff.view([-1])).to_kind(Kind::Double) * (t * t)));
+                        drop(lt);
+                        // d(beta * T^2 * KL(p_t || softmax(z/T)))/dz = beta * T * (softmax(z/T) - p_t)
+                        let c = w.beta * t / normalizer;
+                        let _ = pt.g_mul_scalar_(c);
+                        if t == 1.0 {
+                            drop(ls_t);
+                            let mut g = ls;
+                            let _ = g.exp_().g_mul_scalar_(scale + c).g_sub_(&pt);
+                            g
+                        } else {
+                            let mut q = ls_t;
+                            let _ = q.exp_().g_mul_scalar_(c).g_sub_(&pt);
+                            drop(pt);
+                            let mut g = ls;
+                            let _ = g.exp_().g_mul_scalar_(scale).g_add_(&q);
+                            g
+                        }
                     }
-                    let mut lt = zt.log_softmax(-1, Kind::Float);
-                    drop(zt);
-                    let mut pt = lt.exp();
-                    let ls_t = if t == 1.0 {
-                        ls.shallow_clone()
-                    } else {
-                        let _ = z.g_div_scalar_(t);
-                        z.log_softmax(-1, Kind::Float)
-                    };
-                    drop(z);
-                    let diff = lt.g_sub_(&ls_t);
-                    let _ = kd_sum.g_add_(&(pt.view([-1]).dot(&diff.view([-1])).to_kind(Kind::Double) * (t * t)));
-                    drop(lt);
-                    // d(beta * T^2 * KL(p_t || softmax(z/T)))/dz = beta * T * (softmax(z/T) - p_t)
-                    let c = w.beta * t / normalizer;
-                    let _ = pt.g_mul_scalar_(c);
-                    if t == 1.0 {
-                        drop(ls_t);
+                    _ => {
                         let mut g = ls;
-                        let _ = g.exp_().g_mul_scalar_(scale + c).g_sub_(&pt);
-                        g
-                    } else {
-                        let mut q = ls_t;
-                        let _ = q.exp_().g_mul_scalar_(c).g_sub_(&pt);
-                        drop(pt);
-                        let mut g = ls;
-                        let _ = g.exp_().g_mul_scalar_(scale).g_add_(&q);
+                        let _ = g.exp_().g_mul_scalar_(scale);
                         g
                     }
-                }
-                _ => {
-                    let mut g = ls;
-                    let _ = g.exp_().g_mul_scalar_(scale);
-                    g
-                }
+                };
+                let _ = g.scatter_add_(1, &tgt, &Tensor::full([len, 1], -scale, (Kind::Float, g.device())));
+                g
             };
-            let _ = g.scatter_add_(1, &tgt, &Tensor::full([len, 1], -scale, (Kind::Float, g.device())));
             // head_grad += g^T @ h, in place; the hidden gradient g @ W goes back through autograd.
             match &head_f32 {
                 // The hidden gradient is rounded to the bf16 compute copy's dtype below anyway;
@@ -352,7 +387,7 @@ pub fn chunked_forward_kl(
                     // One bf16 GEMM adding into the fp32 gradient, fp32 accumulation inside (GPU:
                     // tensor cores; CPU: MKL, 2-3x the fp32 product's rate at 85 rows a chunk).
                     if !(bf16_head_gemm_into_fp32 && addmm_bf16_into_f32(&head_grad, &g16.tr(), &hd)) {
-                        let _ = head_grad.shallow_clone().addmm_(&g.tr(), &hd.to_kind(Kind::Float));
+                        let _ = head_grad.shallow_clone().addmm_(&g.to_kind(Kind::Float).tr(), &hd.to_kind(Kind::Float));
                     }
                     g16.matmul(head) // [len, hidden]
                 }
@@ -370,7 +405,7 @@ pub fn chunked_forward_kl(
     }
     let sums = Tensor::stack(&[ce_sum, kd_sum], 0).to_device(Device::Cpu);
     let sums = Vec::<f64>::try_from(sums).expect("two f64 loss sums");
-    LogitLossSums { ce: sums[0], kd: if matches!(teacher, TeacherRows::None) { 0.0 } else { sums[1] } }
+    LogitLossSums { ce: sums[0] + swept.ce, kd: if matches!(teacher, TeacherRows::None) { 0.0 } else { sums[1] + swept.kd } }
 }
 
 /// Adds `g` to `param`'s gradient (in place once it exists; the first time through autograd,
