@@ -15,6 +15,16 @@ use anyhow::{bail, ensure, Result};
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
 
+/// Normal(0, `std`) weights; zeros for `std` 0, the placeholders of [`InitMode::ForLoading`]
+/// (drawing normals to multiply them by 0 cost a second or so of a 135M-parameter load).
+fn weight_init(std: f64) -> Init {
+    if std == 0.0 {
+        Init::Const(0.0)
+    } else {
+        Init::Randn { mean: 0.0, stdev: std }
+    }
+}
+
 /// `x @ W^T + b` for HF `nn.Linear`, or `x @ W + b` for GPT-2's `Conv1D` (weight `[in, out]`).
 #[derive(Debug)]
 pub struct Linear {
@@ -26,7 +36,7 @@ pub struct Linear {
 impl Linear {
     fn new(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool, std: f64) -> Linear {
         Linear {
-            weight: p.var("weight", &[out_dim, in_dim], Init::Randn { mean: 0.0, stdev: std }),
+            weight: p.var("weight", &[out_dim, in_dim], weight_init(std)),
             bias: bias.then(|| p.var("bias", &[out_dim], Init::Const(0.0))),
             conv1d: false,
         }
@@ -34,7 +44,7 @@ impl Linear {
 
     fn conv1d(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool, std: f64) -> Linear {
         Linear {
-            weight: p.var("weight", &[in_dim, out_dim], Init::Randn { mean: 0.0, stdev: std }),
+            weight: p.var("weight", &[in_dim, out_dim], weight_init(std)),
             bias: bias.then(|| p.var("bias", &[out_dim], Init::Const(0.0))),
             conv1d: true,
         }
@@ -552,7 +562,7 @@ impl CausalLm {
         };
         let cfg = &config;
         let root = vs.root();
-        let randn = Init::Randn { mean: 0.0, stdev: std };
+        let randn = weight_init(std);
         let spec = cfg.spec();
         let base = &root / spec.body;
         let embed = (&base / spec.embed).var("weight", &[cfg.vocab_size, cfg.hidden_size], randn);
@@ -591,6 +601,12 @@ impl CausalLm {
     /// Logits for hidden states `[.., hidden] -> [.., vocab]`.
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
         hidden.linear::<Tensor>(self.lm_head_weight(), None)
+    }
+
+    /// [`CausalLm::logits`] of `hidden` `[n, hidden]` written into `out` `[n, vocab]` (of the
+    /// head's dtype), a buffer reused from chunk to chunk.
+    pub fn logits_into(&self, hidden: &Tensor, out: &Tensor) {
+        let _ = hidden.mm_out(out, &self.lm_head_weight().tr());
     }
 
     pub fn param_count(&self) -> i64 {

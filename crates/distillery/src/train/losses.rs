@@ -9,7 +9,7 @@
 //!
 //! Every function returns sums over tokens; the caller divides by the token count of the
 //! optimizer step, so means are token-weighted across micro-batches.
-use crate::base::batch::{chunk_rows, row_chunks};
+use crate::base::batch::{chunk_rows, row_chunks, CHUNK_BYTES_CPU_SWEEP};
 use crate::base::gemm::{addmm_bf16_into_f32, bf16_gemm_accumulates_in_fp32};
 use crate::model::CausalLm;
 use crate::train::logit_grad::{forward_kl_logit_grad, LogitGradWeights, RowSums};
@@ -288,17 +288,28 @@ pub fn chunked_forward_kl(
     // gradient in the dtype of the head products that read it, into one buffer reused by
     // every chunk; other devices and dtypes (f16) keep the libtorch ops.
     let fp32_or_bf16 = |k: Kind| matches!(k, Kind::Float | Kind::BFloat16);
-    let sweep_buffer = (device == Device::Cpu
+    let sweep = device == Device::Cpu
         && fp32_or_bf16(head.kind())
         && match teacher {
             TeacherRows::Online { model, .. } => fp32_or_bf16(model.lm_head_weight().kind()),
             _ => true,
-        })
-    .then(|| {
-        let kind = if bf16_head_gemm_into_fp32 { Kind::BFloat16 } else { Kind::Float };
-        Tensor::empty([chunk.min(hidden.size()[0]), student.config.vocab_size], (kind, device))
+        };
+    let chunk = if sweep && w.chunk <= 0 {
+        (CHUNK_BYTES_CPU_SWEEP / (student.config.vocab_size.max(1) * head.kind().elt_size_in_bytes() as i64)).max(16)
+    } else {
+        chunk
+    };
+    // The sweep's buffers: student logits, teacher logits, gradient.
+    let sweep_buffers = sweep.then(|| {
+        let rows = chunk.min(hidden.size()[0]);
+        let buffer = |kind: Kind| Tensor::empty([rows, student.config.vocab_size], (kind, device));
+        let teacher_kind = match teacher {
+            TeacherRows::Online { model, .. } => Some(model.lm_head_weight().kind()),
+            _ => None,
+        };
+        (buffer(head.kind()), teacher_kind.map(buffer), buffer(if bf16_head_gemm_into_fp32 { Kind::BFloat16 } else { Kind::Float }))
     });
-    let host_targets = sweep_buffer.as_ref().map(|_| Vec::<i64>::try_from(targets).expect("targets are i64"));
+    let host_targets = sweep.then(|| Vec::<i64>::try_from(targets).expect("targets are i64"));
     let sweep_weights = LogitGradWeights {
         ce: (w.alpha / normalizer) as f32,
         kd: (w.beta * w.temperature / normalizer) as f32,
@@ -312,13 +323,18 @@ pub fn chunked_forward_kl(
         let tgt = targets.narrow(0, start, len).unsqueeze(1);
         let grad_h = tch::no_grad(|| {
             let hd = h.detach();
-            let g = if let (Some(buffer), Some(host_targets)) = (&sweep_buffer, &host_targets) {
-                let z = student.logits(&hd);
-                let y = match teacher {
-                    TeacherRows::Online { model, hidden: ht } => Some(model.logits(&ht.narrow(0, start, len))),
+            let g = if let (Some((z_buffer, y_buffer, g_buffer)), Some(host_targets)) = (&sweep_buffers, &host_targets) {
+                let z = z_buffer.narrow(0, 0, len);
+                student.logits_into(&hd, &z);
+                let y = match (teacher, y_buffer) {
+                    (TeacherRows::Online { model, hidden: ht }, Some(y_buffer)) => {
+                        let y = y_buffer.narrow(0, 0, len);
+                        model.logits_into(&ht.narrow(0, start, len), &y);
+                        Some(y)
+                    }
                     _ => None,
                 };
-                let g = buffer.narrow(0, 0, len);
+                let g = g_buffer.narrow(0, 0, len);
                 let targets = &host_targets[start as usize..(start + len) as usize];
                 swept = swept + forward_kl_logit_grad(&z, y.as_ref(), targets, sweep_weights, &g).expect("logits, targets and buffer were checked");
                 g
