@@ -15,16 +15,6 @@ use anyhow::{bail, ensure, Result};
 use tch::nn::{self, Init};
 use tch::{Device, Kind, Tensor};
 
-/// Normal(0, `std`) weights; zeros for `std` 0, the placeholders of [`InitMode::ForLoading`]
-/// (drawing normals to multiply them by 0 cost a second or so of a 135M-parameter load).
-fn weight_init(std: f64) -> Init {
-    if std == 0.0 {
-        Init::Const(0.0)
-    } else {
-        Init::Randn { mean: 0.0, stdev: std }
-    }
-}
-
 /// `x @ W^T + b` for HF `nn.Linear`, or `x @ W + b` for GPT-2's `Conv1D` (weight `[in, out]`).
 #[derive(Debug)]
 pub struct Linear {
@@ -36,7 +26,7 @@ pub struct Linear {
 impl Linear {
     fn new(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool, std: f64) -> Linear {
         Linear {
-            weight: p.var("weight", &[out_dim, in_dim], weight_init(std)),
+            weight: p.var("weight", &[out_dim, in_dim], Init::Randn { mean: 0.0, stdev: std }),
             bias: bias.then(|| p.var("bias", &[out_dim], Init::Const(0.0))),
             conv1d: false,
         }
@@ -44,7 +34,7 @@ impl Linear {
 
     fn conv1d(p: nn::Path, in_dim: i64, out_dim: i64, bias: bool, std: f64) -> Linear {
         Linear {
-            weight: p.var("weight", &[in_dim, out_dim], weight_init(std)),
+            weight: p.var("weight", &[in_dim, out_dim], Init::Randn { mean: 0.0, stdev: std }),
             bias: bias.then(|| p.var("bias", &[out_dim], Init::Const(0.0))),
             conv1d: true,
         }
@@ -562,7 +552,7 @@ impl CausalLm {
         };
         let cfg = &config;
         let root = vs.root();
-        let randn = weight_init(std);
+        let randn = Init::Randn { mean: 0.0, stdev: std };
         let spec = cfg.spec();
         let base = &root / spec.body;
         let embed = (&base / spec.embed).var("weight", &[cfg.vocab_size, cfg.hidden_size], randn);
