@@ -149,6 +149,18 @@ def convert(hf_dir, out, outtype):
     runpy.run_path(str(src / "convert_hf_to_gguf.py"), run_name="__main__")
 
 
+def amx_workaround():
+    """On a CPU with AMX tiles this llama.cpp (built with -march=native) dies of SIGILL at its
+    first quantized matrix product (`tilezero` in libggml-cpu's AMX path, its permission
+    request having succeeded); without weight repacking (`--no-repack`) it does not use its
+    AMX buffer type. Elsewhere nothing changes."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    return ["--no-repack"] if " amx_tile" in flags else []
+
+
 def serve(gguf, port, ctx=2048, parallel=1):
     """A llama-server on 127.0.0.1 for `gguf`, once it answers /health. `parallel` slots share
     the `ctx` tokens of context."""
@@ -156,7 +168,8 @@ def serve(gguf, port, ctx=2048, parallel=1):
     import time
 
     server = subprocess.Popen([str(build() / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                               "-c", str(ctx), "-np", str(parallel), "-t", str(os.cpu_count() or 2), "--no-warmup"],
+                               "-c", str(ctx), "-np", str(parallel), "-t", str(os.cpu_count() or 2), "--no-warmup",
+                               *amx_workaround()],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:
