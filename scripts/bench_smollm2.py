@@ -262,6 +262,10 @@ def main():
               "", "| generator | tokens/s | peak RSS |", "|---|---:|---:|"]
     for name, tps, rss in gen:
         lines.append(f"| {name} | {tps if isinstance(tps, str) else f'{tps:.0f}'} | {bench.mib(rss)} |")
+    if llamacpp.amx_workaround():
+        lines += ["", "This CPU has AMX tiles, where this llama.cpp build (-march=native) dies of SIGILL in its AMX "
+                  "matrix path; llama-server ran with `--no-repack`, which keeps it off that path, so its figure is "
+                  "not its best on this CPU (on the machine of earlier runs, without AMX, it made 168-172 tokens/s)."]
     text = "\n".join(lines) + "\n"
     print(text)
     bench.replace_section(a.out, "Real model on the CPU", text)
