@@ -288,12 +288,11 @@ pub fn chunked_forward_kl(
     // gradient in the dtype of the head products that read it, into one buffer reused by
     // every chunk; other devices and dtypes (f16) keep the libtorch ops.
     let fp32_or_bf16 = |k: Kind| matches!(k, Kind::Float | Kind::BFloat16);
-    let sweep = device == Device::Cpu
-        && fp32_or_bf16(head.kind())
-        && match teacher {
-            TeacherRows::Online { model, .. } => fp32_or_bf16(model.lm_head_weight().kind()),
-            _ => true,
-        };
+    let teacher_kind = match teacher {
+        TeacherRows::Online { model, .. } => Some(model.lm_head_weight().kind()),
+        _ => None,
+    };
+    let sweep = device == Device::Cpu && fp32_or_bf16(head.kind()) && teacher_kind.is_none_or(fp32_or_bf16);
     let chunk = if sweep && w.chunk <= 0 {
         (CHUNK_BYTES_CPU_SWEEP / (student.config.vocab_size.max(1) * head.kind().elt_size_in_bytes() as i64)).max(16)
     } else {
@@ -303,10 +302,6 @@ pub fn chunked_forward_kl(
     let sweep_buffers = sweep.then(|| {
         let rows = chunk.min(hidden.size()[0]);
         let buffer = |kind: Kind| Tensor::empty([rows, student.config.vocab_size], (kind, device));
-        let teacher_kind = match teacher {
-            TeacherRows::Online { model, .. } => Some(model.lm_head_weight().kind()),
-            _ => None,
-        };
         (buffer(head.kind()), teacher_kind.map(buffer), buffer(if bf16_head_gemm_into_fp32 { Kind::BFloat16 } else { Kind::Float }))
     });
     let host_targets = sweep.then(|| Vec::<i64>::try_from(targets).expect("targets are i64"));
