@@ -63,22 +63,62 @@ def fetch():
     return src
 
 
+# Fixes applied to the vendored sources before building: (file, text, replacement, id). The
+# build folder records the ids it was built with, so adding one rebuilds what it touches.
+PATCHES = [
+    # GCC does not know that `ldtilecfg` reads the tile configuration from memory, so it drops
+    # the stores of the rows and column widths and loads a zeroed configuration: the first
+    # `tilezero` then faults (SIGILL) on every CPU with AMX (the fault reported in llama.cpp's
+    # pull request 26954). An empty asm that takes the address and clobbers memory keeps them.
+    ("ggml/src/ggml-cpu/amx/mmq.cpp",
+     "    _tile_loadconfig(&tc);\n",
+     "    __asm__ __volatile__(\"\" : : \"r\"(&tc) : \"memory\");  // distillery: keep the stores to tc\n"
+     "    _tile_loadconfig(&tc);\n",
+     "amx-tile-config-stores"),
+]
+
+
+def patch_sources(src):
+    """Applies PATCHES to the vendored sources (once; a patched file is left as it is) and
+    returns their ids."""
+    for rel, text, replacement, _ in PATCHES:
+        path = src / rel
+        code = path.read_text()
+        if replacement in code:
+            continue
+        if code.count(text) != 1:
+            raise SystemExit(f"{path}: the text patch {_} replaces is not there exactly once")
+        path.write_text(code.replace(text, replacement))
+    return "\n".join(pid for *_, pid in PATCHES) + "\n"
+
+
 def build():
-    """Folder with llama-server and llama-quantize, built once (about 5-10 minutes on 2 cores)."""
+    """Folder with llama-server and llama-quantize, built once (about 5-10 minutes on 2 cores;
+    after a new patch, only what it touches)."""
     src = fetch()
     out = src / "build" / "bin"
-    if (out / "llama-server").is_file() and (out / "llama-quantize").is_file():
+    stamp = src / "build" / "distillery-patches"
+    patches = patch_sources(src)
+    if ((out / "llama-server").is_file() and (out / "llama-quantize").is_file() and stamp.is_file()
+            and stamp.read_text() == patches):
         return out
     venv_bin = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
     for tool in ("cmake", "ninja"):
         if shutil.which(tool, path=env["PATH"]) is None:
             subprocess.run([sys.executable, "-m", "pip", "install", "--only-binary", ":all:", tool], check=True)
-    subprocess.run(["cmake", "-S", str(src), "-B", str(src / "build"), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
-                    "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-                    "-DLLAMA_BUILD_EXAMPLES=OFF"], check=True, env=env, stdout=subprocess.DEVNULL)
+    # The build folder outlives the environment that configured it (a deleted venv's ninja
+    # stays in its CMakeCache): name this one's ninja, and start the folder afresh if cmake
+    # still cannot reuse it.
+    configure = ["cmake", "-S", str(src), "-B", str(src / "build"), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+                 f"-DCMAKE_MAKE_PROGRAM={shutil.which('ninja', path=env['PATH'])}",
+                 "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"]
+    if subprocess.run(configure, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode != 0:
+        shutil.rmtree(src / "build")
+        subprocess.run(configure, check=True, env=env, stdout=subprocess.DEVNULL)
     subprocess.run(["cmake", "--build", str(src / "build"), "--target", "llama-server", "llama-quantize",
                     "-j", str(os.cpu_count() or 2)], check=True, env=env, stdout=subprocess.DEVNULL)
+    stamp.write_text(patches)
     return out
 
 
@@ -93,7 +133,7 @@ def python_server():
             return
     except ImportError:
         pass
-    fetch()
+    patch_sources(fetch())  # for a wheel built here; one already in the cache is kept
     wheels = cache_root() / "wheel"
     found = sorted(wheels.glob(f"llama_cpp_python-{VERSION}-*.whl"))
     if not found:
@@ -149,27 +189,15 @@ def convert(hf_dir, out, outtype):
     runpy.run_path(str(src / "convert_hf_to_gguf.py"), run_name="__main__")
 
 
-def amx_workaround():
-    """On a CPU with AMX tiles this llama.cpp (built with -march=native) dies of SIGILL at its
-    first quantized matrix product (`tilezero` in libggml-cpu's AMX path, its permission
-    request having succeeded); without weight repacking (`--no-repack`) it does not use its
-    AMX buffer type. Elsewhere nothing changes."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    return ["--no-repack"] if " amx_tile" in flags else []
-
-
-def serve(gguf, port, ctx=2048, parallel=1):
+def serve(gguf, port, ctx=2048, parallel=1, extra=()):
     """A llama-server on 127.0.0.1 for `gguf`, once it answers /health. `parallel` slots share
-    the `ctx` tokens of context."""
+    the `ctx` tokens of context; `extra`: more llama-server flags."""
     import socket
     import time
 
     server = subprocess.Popen([str(build() / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
                                "-c", str(ctx), "-np", str(parallel), "-t", str(os.cpu_count() or 2), "--no-warmup",
-                               *amx_workaround()],
+                               *extra],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:
