@@ -7,7 +7,7 @@ measured matmul peak (a CPU MFU); and greedy generation of 16 chat prompts x 64 
 against llama.cpp's `llama-server` on the same model's Q4_1 file with 16 slots. Writes the
 "Real model on the CPU" section of docs/BENCHMARKS.md (`make bench-smollm2`).
 
-    python scripts/bench_smollm2.py [--out docs/BENCHMARKS.md] [--steps 6] [--repeats 2]
+    python scripts/bench_smollm2.py [--out docs/BENCHMARKS.md] [--steps 6] [--repeats 2] [--gen-repeats 5]
 """
 import argparse
 import csv
@@ -178,6 +178,7 @@ def main():
     p.add_argument("--out", default=str(ROOT / "docs" / "BENCHMARKS.md"))
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--gen-repeats", type=int, default=5)
     a = p.parse_args()
     gguf = subprocess.run([sys.executable, str(ROOT / "scripts" / "smollm2.py")], check=True, capture_output=True,
                           text=True).stdout.strip()
@@ -213,13 +214,23 @@ def main():
             floor = BATCH * SEQ / gemm_floor(t_shape, s_shape, torch.float32 if dtype == "fp32" else torch.bfloat16)
             rows.append((dtype, med, best, fpt, peak[dtype], floor))
         prompts = chat_prompts(w / "prompts.jsonl")
+        # The three generators in turn, a.gen_repeats times: each one's median, and the ratio of
+        # bf16 to llama.cpp round by round (runs side by side; the machine's speed drifts).
+        gen_runs, llama_error = {"f32": [], "bf16": [], "llama": []}, None
+        for _ in range(a.gen_repeats):
+            for dtype in ("f32", "bf16"):
+                gen_runs[dtype].append(ours_generate(teacher, prompts, work, dtype))
+            try:
+                gen_runs["llama"].append(llamacpp_generate(gguf, teacher, prompts))
+            except (Exception, SystemExit) as e:  # keep the figures above
+                llama_error = f"did not run: {e}"
+                break
         for dtype in ("f32", "bf16"):
-            gen.append((f"Distillery kd-generate ({dtype}, batch {GEN_PROMPTS})", *ours_generate(teacher, prompts, work, dtype)))
-        try:
-            llama = llamacpp_generate(gguf, teacher, prompts)
-        except (Exception, SystemExit) as e:  # keep the 20 minutes of figures above
-            llama = f"did not run: {e}"
+            gen.append((f"Distillery kd-generate ({dtype}, batch {GEN_PROMPTS})",
+                        statistics.median(t for t, _ in gen_runs[dtype]), max(r for _, r in gen_runs[dtype])))
+        llama = llama_error or statistics.median(gen_runs["llama"])
         gen.append((f"llama.cpp llama-server (Q4_1 file, {GEN_PROMPTS} slots)", llama, None))
+        pairs = [] if llama_error else [o / l for (o, _), l in zip(gen_runs["bf16"], gen_runs["llama"])]
     where = f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     lines = ["## Real model on the CPU", "",
              f"`python scripts/bench_smollm2.py` (`make bench-smollm2`) on {where}, torch {torch.__version__}, "
@@ -257,10 +268,15 @@ def main():
               "more than 0.5x its peak memory, and generation at least at llama.cpp's rate."]
     lines += ["", f"Greedy generation, {GEN_PROMPTS} chat prompts (data/instructions/heldout_prompts.jsonl) x {GEN_NEW} new "
               "tokens, EOS ignored. Not the same arithmetic: Distillery runs the dequantised weights in f32 or bf16, "
-              "llama.cpp the Q4_1 file (4-bit weights, 8-bit activations in its matmuls), the form people serve it in:",
+              "llama.cpp the Q4_1 file (4-bit weights, 8-bit activations in its matmuls), the form people serve it in. "
+              f"The three ran in turn {a.gen_repeats} times (load and warm-up excluded); tokens/s is the median, peak "
+              "RSS the largest:",
               "", "| generator | tokens/s | peak RSS |", "|---|---:|---:|"]
     for name, tps, rss in gen:
         lines.append(f"| {name} | {tps if isinstance(tps, str) else f'{tps:.0f}'} | {bench.mib(rss)} |")
+    if pairs:
+        lines += ["", f"kd-generate in bf16 over llama.cpp, run by run: {', '.join(f'{r:.2f}x' for r in pairs)} "
+                  f"(median {statistics.median(pairs):.2f}x)."]
     if " amx_tile" in Path("/proc/cpuinfo").read_text():
         lines += ["", "This CPU has AMX tiles, and llama.cpp multiplies its Q4_1 weights on them (its int8 AMX path, "
                   "chosen at load). Its build here carries one fix for that path (`PATCHES` in scripts/llamacpp.py: "
