@@ -12,6 +12,7 @@ against llama.cpp's `llama-server` on the same model's Q4_1 file with 16 slots. 
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import shutil
@@ -35,6 +36,17 @@ BATCH, SEQ, WARM = 4, 256, 2
 GEN_PROMPTS, GEN_NEW = 16, 64
 
 
+def param_count(model_dir):
+    """Parameters of a checkpoint directory, from its safetensors headers."""
+    from safetensors import safe_open
+
+    n = 0
+    for f in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+    return n
+
+
 def matmul_peak(dtype):
     """FLOP/s of a 2048 x 2048 matmul on every core: the attainable peak an MFU is read against."""
     torch.set_num_threads(os.cpu_count() or 1)
@@ -42,7 +54,7 @@ def matmul_peak(dtype):
     for _ in range(3):
         a @ b
     best = 0.0
-    for _ in range(5):
+    for _ in range(10):
         t0 = time.perf_counter()
         for _ in range(5):
             a @ b
@@ -194,6 +206,7 @@ def main():
         subprocess.run([str(bench.BIN / "kd-init"), "--teacher", str(teacher), "--out", str(student), "--init", "prune",
                         "--layers", "16", "--intermediate", "640", "--calib", str(calib), "--device", "cpu"], check=True, capture_output=True)
         t_shape, s_shape = shape_of(teacher), shape_of(student)
+        weight_bytes = 2 * param_count(teacher)
         fpt = bench.flops_per_token(s_shape, SEQ, True) + bench.flops_per_token(t_shape, SEQ, False)
         data = bench.fixed_length_data(w / "data.jsonl", t_shape["vocab_size"], BATCH * a.steps, SEQ)
         for dtype in ("fp32", "bf16"):
@@ -212,7 +225,7 @@ def main():
                    for k, v in runs.items()}
             best = max((k for k in ("eager", "compile") if runs[k]), key=lambda k: med[k][0])
             floor = BATCH * SEQ / gemm_floor(t_shape, s_shape, torch.float32 if dtype == "fp32" else torch.bfloat16)
-            rows.append((dtype, med, best, fpt, peak[dtype], floor))
+            rows.append((dtype, med, best, fpt, floor))
         prompts = chat_prompts(w / "prompts.jsonl")
         # The three generators in turn, a.gen_repeats times: each one's median, and the ratio of
         # bf16 to llama.cpp round by round (runs side by side; the machine's speed drifts).
@@ -231,6 +244,9 @@ def main():
         llama = llama_error or statistics.median(gen_runs["llama"])
         gen.append((f"llama.cpp llama-server (Q4_1 file, {GEN_PROMPTS} slots)", llama, None))
         pairs = [] if llama_error else [o / l for (o, _), l in zip(gen_runs["bf16"], gen_runs["llama"])]
+    # The peak again at the end, the larger kept: a shared machine slowed down during a
+    # one-second measurement would otherwise inflate every MFU read against it.
+    peak = {k: max(v, matmul_peak(torch.float32 if k == "fp32" else torch.bfloat16)) for k, v in peak.items()}
     where = f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     lines = ["## Real model on the CPU", "",
              f"`python scripts/bench_smollm2.py` (`make bench-smollm2`) on {where}, torch {torch.__version__}, "
@@ -240,11 +256,12 @@ def main():
              f"median step over {a.steps} steps after {WARM} warm-up, median over {a.repeats} runs (torch.compile: one "
              "run). The reference's best variant is the one compared. MFU: model FLOPs (student forward and backward "
              f"plus teacher forward, {fpt / 1e9:.2f} GFLOP per token) per second against this machine's measured "
-             f"2048x2048 matmul rate on every core ({peak['fp32'] / 1e9:.0f} GFLOP/s fp32, {peak['bf16'] / 1e9:.0f} "
+             f"2048x2048 matmul rate on every core, the best of its measurements at the start and at the end ({peak['fp32'] / 1e9:.0f} GFLOP/s fp32, {peak['bf16'] / 1e9:.0f} "
              "GFLOP/s bf16).", "",
              "| dtype | Distillery tokens/s | PyTorch eager | PyTorch compiled | best reference | speed ratio | matmul-only bound | Distillery MFU | reference MFU | Distillery peak RSS | reference peak RSS | memory ratio |",
              "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for dtype, med, best, f, pk, floor in rows:
+    for dtype, med, best, f, floor in rows:
+        pk = peak[dtype]
         (o, orss), (e, _), (c, _), (b, brss) = med["ours"], med["eager"], med["compile"], med[best]
         lines.append(f"| {dtype} | {o:.0f} | {e:.0f} | {'failed' if c != c else f'{c:.0f}'} | {best} | {o / b:.2f}x | "
                      f"{floor:.0f} ({floor / b:.2f}x the best) | {f * o / pk:.0%} | {f * b / pk:.0%} | "
@@ -255,7 +272,7 @@ def main():
               "activations, and, last, against the reference with checkpointing too:", "",
               "| dtype | Distillery tokens/s | Distillery peak RSS | speed ratio | memory ratio | reference (checkpointing) tokens/s | its peak RSS | memory ratio to it |",
               "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for dtype, med, best, f, pk, floor in rows:
+    for dtype, med, best, f, floor in rows:
         (o, orss), (b, brss), (rc, rcrss) = med["ours_ckpt"], med[best], med["eager_ckpt"]
         lines.append(f"| {dtype} | {o:.0f} | {bench.mib(orss)} | {o / b:.2f}x | {orss / brss:.2f}x | {rc:.0f} | "
                      f"{bench.mib(rcrss)} | {orss / rcrss:.2f}x |")
@@ -277,6 +294,15 @@ def main():
     if pairs:
         lines += ["", f"kd-generate in bf16 over llama.cpp, run by run: {', '.join(f'{r:.2f}x' for r in pairs)} "
                   f"(median {statistics.median(pairs):.2f}x)."]
+    bf16_rate = gen[1][1]
+    if not isinstance(bf16_rate, str):
+        # What bounds a decode step at this batch: every weight is read once per step of 16 tokens.
+        steps = bf16_rate / GEN_PROMPTS
+        lines += ["", f"Each decoding step (one token for each of the {GEN_PROMPTS} rows) reads every weight once: "
+                  f"{weight_bytes / 1e6:.0f} MB in bf16 for kd-generate, {steps:.1f} steps/s at its median rate, so "
+                  f"{weight_bytes * steps / 1e9:.1f} GB/s of weights; llama.cpp reads the "
+                  f"{Path(gguf).stat().st_size / 1e6:.0f} MB of the Q4_1 file (\"What bounds generation on the CPU\", "
+                  "above)."]
     if " amx_tile" in Path("/proc/cpuinfo").read_text():
         lines += ["", "This CPU has AMX tiles, and llama.cpp multiplies its Q4_1 weights on them (its int8 AMX path, "
                   "chosen at load). Its build here carries one fix for that path (`PATCHES` in scripts/llamacpp.py: "
