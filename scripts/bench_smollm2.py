@@ -192,6 +192,8 @@ def main():
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--gen-repeats", type=int, default=5)
     a = p.parse_args()
+    if a.steps <= WARM or min(a.repeats, a.gen_repeats) < 1:
+        p.error(f"--steps must be above the {WARM} warm-up steps, --repeats and --gen-repeats at least 1")
     gguf = subprocess.run([sys.executable, str(ROOT / "scripts" / "smollm2.py")], check=True, capture_output=True,
                           text=True).stdout.strip()
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
@@ -233,17 +235,17 @@ def main():
         for _ in range(a.gen_repeats):
             for dtype in ("f32", "bf16"):
                 gen_runs[dtype].append(ours_generate(teacher, prompts, work, dtype))
-            try:
-                gen_runs["llama"].append(llamacpp_generate(gguf, teacher, prompts))
-            except (Exception, SystemExit) as e:  # keep the figures above
-                llama_error = f"did not run: {e}"
-                break
+            if llama_error is None:
+                try:
+                    gen_runs["llama"].append(llamacpp_generate(gguf, teacher, prompts))
+                except (Exception, SystemExit) as e:  # keep the figures above, and ours
+                    llama_error = f"failed after {len(gen_runs['llama'])} run(s): {e}"
         for dtype in ("f32", "bf16"):
             gen.append((f"Distillery kd-generate ({dtype}, batch {GEN_PROMPTS})",
                         statistics.median(t for t, _ in gen_runs[dtype]), max(r for _, r in gen_runs[dtype])))
-        llama = llama_error or statistics.median(gen_runs["llama"])
+        llama = statistics.median(gen_runs["llama"]) if gen_runs["llama"] else "did not run"
         gen.append((f"llama.cpp llama-server (Q4_1 file, {GEN_PROMPTS} slots)", llama, None))
-        pairs = [] if llama_error else [o / l for (o, _), l in zip(gen_runs["bf16"], gen_runs["llama"])]
+        pairs = [o / l for (o, _), l in zip(gen_runs["bf16"], gen_runs["llama"])]
     # The peak again at the end, the larger kept: a shared machine slowed down during a
     # one-second measurement would otherwise inflate every MFU read against it.
     peak = {k: max(v, matmul_peak(torch.float32 if k == "fp32" else torch.bfloat16)) for k, v in peak.items()}
@@ -286,24 +288,29 @@ def main():
     lines += ["", f"Greedy generation, {GEN_PROMPTS} chat prompts (data/instructions/heldout_prompts.jsonl) x {GEN_NEW} new "
               "tokens, EOS ignored. Not the same arithmetic: Distillery runs the dequantised weights in f32 or bf16, "
               "llama.cpp the Q4_1 file (4-bit weights, 8-bit activations in its matmuls), the form people serve it in. "
-              f"The three ran in turn {a.gen_repeats} times (load and warm-up excluded); tokens/s is the median, peak "
-              "RSS the largest:",
+              f"The three ran in turn {a.gen_repeats} times (model loading excluded; llama-server answers one "
+              "request before the timed set, kd-generate's time includes its first steps); tokens/s is the median, "
+              "peak RSS the largest:",
               "", "| generator | tokens/s | peak RSS |", "|---|---:|---:|"]
     for name, tps, rss in gen:
         lines.append(f"| {name} | {tps if isinstance(tps, str) else f'{tps:.0f}'} | {bench.mib(rss)} |")
+    if llama_error:
+        lines += ["", f"llama-server {llama_error} (its median is over the runs before)."]
     if pairs:
         lines += ["", f"kd-generate in bf16 over llama.cpp, run by run: {', '.join(f'{r:.2f}x' for r in pairs)} "
                   f"(median {statistics.median(pairs):.2f}x)."]
-    bf16_rate = gen[1][1]
-    if not isinstance(bf16_rate, str):
-        # What bounds a decode step at this batch: every weight is read once per step of 16 tokens.
-        steps = bf16_rate / GEN_PROMPTS
-        lines += ["", f"Each decoding step (one token for each of the {GEN_PROMPTS} rows) reads every weight once: "
-                  f"{weight_bytes / 1e6:.0f} MB in bf16 for kd-generate, {steps:.1f} steps/s at its median rate, so "
-                  f"{weight_bytes * steps / 1e9:.1f} GB/s of weights; llama.cpp reads the "
-                  f"{Path(gguf).stat().st_size / 1e6:.0f} MB of the Q4_1 file (\"What bounds generation on the CPU\", "
-                  "above)."]
-    if " amx_tile" in Path("/proc/cpuinfo").read_text():
+    # What bounds a decode step at this batch: every weight is read once per step of 16 tokens.
+    steps = gen[1][1] / GEN_PROMPTS
+    lines += ["", f"Each decoding step (one token for each of the {GEN_PROMPTS} rows) reads every weight once: "
+              f"{weight_bytes / 1e6:.0f} MB in bf16 for kd-generate, {steps:.1f} steps/s at its median rate, so "
+              f"{weight_bytes * steps / 1e9:.1f} GB/s of weights; llama.cpp reads the "
+              f"{Path(gguf).stat().st_size / 1e6:.0f} MB of the Q4_1 file (\"What bounds generation on the CPU\", "
+              "above)."]
+    try:
+        amx = " amx_tile" in Path("/proc/cpuinfo").read_text()
+    except OSError:  # no /proc: not Linux
+        amx = False
+    if amx:
         lines += ["", "This CPU has AMX tiles, and llama.cpp multiplies its Q4_1 weights on them (its int8 AMX path, "
                   "chosen at load). Its build here carries one fix for that path (`PATCHES` in scripts/llamacpp.py: "
                   "GCC dropped the tile configuration's stores, so the first tile instruction faulted)."]

@@ -110,10 +110,16 @@ def build():
     # The build folder outlives the environment that configured it (a deleted venv's ninja
     # stays in its CMakeCache): name this one's ninja, and start the folder afresh if cmake
     # still cannot reuse it.
+    ninja = shutil.which("ninja", path=env["PATH"])
+    if ninja is None:
+        raise SystemExit(f"ninja is not on PATH (nor in {venv_bin}) after installing it")
     configure = ["cmake", "-S", str(src), "-B", str(src / "build"), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
-                 f"-DCMAKE_MAKE_PROGRAM={shutil.which('ninja', path=env['PATH'])}",
+                 f"-DCMAKE_MAKE_PROGRAM={ninja}",
                  "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF"]
-    if subprocess.run(configure, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode != 0:
+    first = subprocess.run(configure, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if first.returncode != 0:
+        if not (src / "build" / "CMakeCache.txt").is_file():  # not a stale folder: a real failure
+            raise SystemExit(f"cmake could not configure llama.cpp:\n{first.stderr[-3000:]}")
         shutil.rmtree(src / "build")
         subprocess.run(configure, check=True, env=env, stdout=subprocess.DEVNULL)
     subprocess.run(["cmake", "--build", str(src / "build"), "--target", "llama-server", "llama-quantize",
