@@ -48,6 +48,14 @@ TEXTS = [
 ]
 
 
+def mixed_precision_binary():
+    """The mixed-precision test binary: the carried one (BIN/mixed_precision), else the newest
+    one cargo built here (older builds stay in deps/); None where there is none."""
+    built = [b for b in (ROOT / "target" / "release" / "deps").glob("mixed_precision-*") if not b.suffix]
+    return next((b for b in [BIN / "mixed_precision", *sorted(built, key=lambda b: b.stat().st_mtime, reverse=True)]
+                 if b.is_file() and os.access(b, os.X_OK)), None)
+
+
 def run(*cmd):
     p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
     if p.returncode != 0:
@@ -95,10 +103,7 @@ def main():
             flush()
 
     # Reduced-precision gradients against fp32 at Llama 3's vocabulary.
-    # The carried binary, else the newest one cargo built here (older builds stay in deps/).
-    built = [b for b in (ROOT / "target" / "release" / "deps").glob("mixed_precision-*") if not b.suffix]
-    probe = next((b for b in [BIN / "mixed_precision", *sorted(built, key=lambda b: b.stat().st_mtime, reverse=True)]
-                  if b.is_file() and os.access(b, os.X_OK)), None)
+    probe = mixed_precision_binary()
     lines += ["", "## First-step gradients, bf16 and f16 against fp32 (vocabulary 128256 on a GPU)", ""]
     if probe is None:
         failed.append("the mixed_precision test binary is missing (make gpu-bin)")

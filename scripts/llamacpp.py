@@ -81,13 +81,13 @@ PATCHES = [
 def patch_sources(src):
     """Applies PATCHES to the vendored sources (once; a patched file is left as it is) and
     returns their ids."""
-    for rel, text, replacement, _ in PATCHES:
+    for rel, text, replacement, pid in PATCHES:
         path = src / rel
         code = path.read_text()
         if replacement in code:
             continue
         if code.count(text) != 1:
-            raise SystemExit(f"{path}: the text patch {_} replaces is not there exactly once")
+            raise SystemExit(f"{path}: the text patch {pid} replaces is not there exactly once")
         path.write_text(code.replace(text, replacement))
     return "\n".join(pid for *_, pid in PATCHES) + "\n"
 
@@ -195,15 +195,14 @@ def convert(hf_dir, out, outtype):
     runpy.run_path(str(src / "convert_hf_to_gguf.py"), run_name="__main__")
 
 
-def serve(gguf, port, ctx=2048, parallel=1, extra=()):
+def serve(gguf, port, ctx=2048, parallel=1):
     """A llama-server on 127.0.0.1 for `gguf`, once it answers /health. `parallel` slots share
-    the `ctx` tokens of context; `extra`: more llama-server flags."""
+    the `ctx` tokens of context."""
     import socket
     import time
 
     server = subprocess.Popen([str(build() / "llama-server"), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-                               "-c", str(ctx), "-np", str(parallel), "-t", str(os.cpu_count() or 2), "--no-warmup",
-                               *extra],
+                               "-c", str(ctx), "-np", str(parallel), "-t", str(os.cpu_count() or 2), "--no-warmup"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(600):
         try:

@@ -7,11 +7,14 @@ import pytest
 
 from conftest import ROOT
 
+sys.path.insert(0, str(ROOT / "scripts"))
+import gpu_check  # noqa: E402
+
 
 def test_gpu_check_dry_run_passes(tmp_path):
     # The gradient check runs the test binary `cargo test --release` builds (make test builds
     # it before the Python tests; pytest alone on a fresh checkout has none).
-    if not [b for b in (ROOT / "target" / "release" / "deps").glob("mixed_precision-*") if not b.suffix]:
+    if gpu_check.mixed_precision_binary() is None:
         pytest.skip("no mixed_precision test binary: run cargo test --release (make test) first")
     p = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--device", "cpu", "--no-bench",
                         "--out", str(tmp_path)], capture_output=True, text=True)
