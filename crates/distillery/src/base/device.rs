@@ -1,6 +1,24 @@
 //! Device and precision selection shared by every stage (`--device`, `--dtype`).
 use anyhow::{bail, Result};
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
+
+/// Whether autograd records operations on this thread (libtorch's grad mode, which
+/// `tch::no_grad` turns off). tch keeps its own query private, so this asks libtorch.
+pub fn grad_enabled() -> bool {
+    // SAFETY: `at_grad_set_enabled` sets the thread's grad mode and returns the previous one;
+    // the second call puts back what the first found. No tensor is touched.
+    unsafe {
+        let was = torch_sys::at_grad_set_enabled(0);
+        torch_sys::at_grad_set_enabled(was);
+        was != 0
+    }
+}
+
+/// Whether autograd would record an operation on these tensors: grad mode is on and one of
+/// them requires a gradient.
+pub fn autograd_records(tensors: &[&Tensor]) -> bool {
+    tensors.iter().any(|t| t.requires_grad()) && grad_enabled()
+}
 
 /// `auto` takes CUDA when present, else the CPU; `cuda:N` picks a GPU.
 pub fn parse_device(s: &str) -> Result<Device> {

@@ -1,12 +1,18 @@
-//! One matrix product libtorch 2.11 has no op for: bf16 x bf16 added into an fp32 matrix with
-//! fp32 accumulation throughout, which a bf16 model's fp32 master gradients want (rounding
-//! the product to bf16 first would make small gradient entries cancel, and the fp32 product
-//! runs at half the rate or less).
+//! Two matrix products libtorch 2.11 has no fast op for, both through MKL's
+//! `cblas_gemm_bf16bf16f32` on the CPU (bf16 operands, fp32 accumulation and output), which
+//! the torch wheel's `libtorch_cpu.so` carries and exports. It is looked up at run time, so a
+//! libtorch built without MKL simply reports the product unavailable and callers keep
+//! libtorch's own ops.
 //!
-//! * CUDA: `addmm.dtype_out` (cuBLAS, tensor cores).
-//! * CPU: MKL's `cblas_gemm_bf16bf16f32`, which the torch wheel's `libtorch_cpu.so` carries
-//!   and exports (`addmm.dtype` has no CPU kernel). It is looked up at run time, so a libtorch
-//!   built without MKL simply reports the product unavailable and callers keep fp32.
+//! * [`addmm_bf16_into_f32`]: bf16 x bf16 added into an fp32 matrix with fp32 accumulation
+//!   throughout, which a bf16 model's fp32 master gradients want (rounding the product to bf16
+//!   first would make small gradient entries cancel, and the fp32 product runs at half the
+//!   rate or less). CUDA: `addmm.dtype_out` (cuBLAS, tensor cores); CPU: MKL (`addmm.dtype` has
+//!   no CPU kernel).
+//! * [`small_bf16_linear`]: a bf16 projection of a few rows, as each step of generation makes:
+//!   at 8-32 rows MKL's routine takes 20-45% less time than libtorch's linear (oneDNN) at
+//!   SmolLM2's layer shapes; from about 48 rows oneDNN is faster (docs/BENCHMARKS.md, "What
+//!   bounds generation on the CPU").
 //!
 //! [`bf16_gemm_accumulates_in_fp32`] checks the product once per device against fp32
 //! arithmetic before anything relies on it.
@@ -66,13 +72,18 @@ fn blas_layout(t: &Tensor) -> Option<(bool, i64)> {
 /// transposed views, as they come), `acc` a contiguous fp32 `[m, n]`. False, with nothing
 /// done, when MKL's routine is absent or the shapes do not fit it.
 fn cpu_addmm_bf16_into_f32(acc: &Tensor, a: &Tensor, b: &Tensor) -> bool {
+    cpu_gemm_bf16_f32(acc, a, b, 1.0)
+}
+
+/// `out = a @ b + beta * out` through MKL (see [`cpu_addmm_bf16_into_f32`]).
+fn cpu_gemm_bf16_f32(out: &Tensor, a: &Tensor, b: &Tensor, beta: f32) -> bool {
     let Some(gemm) = mkl_gemm_bf16() else { return false };
     let fits = |t: &Tensor, kind: Kind| t.device() == Device::Cpu && t.kind() == kind && t.dim() == 2;
-    if !(fits(acc, Kind::Float) && fits(a, Kind::BFloat16) && fits(b, Kind::BFloat16) && acc.is_contiguous()) {
+    if !(fits(out, Kind::Float) && fits(a, Kind::BFloat16) && fits(b, Kind::BFloat16) && out.is_contiguous()) {
         return false;
     }
     let (m, k, n) = (a.size()[0], a.size()[1], b.size()[1]);
-    if b.size()[0] != k || acc.size() != [m, n] || [m, n, k].iter().any(|&d| d > i64::from(c_int::MAX)) {
+    if b.size()[0] != k || out.size() != [m, n] || [m, n, k].iter().any(|&d| d > i64::from(c_int::MAX)) {
         return false;
     }
     if m == 0 || n == 0 || k == 0 {
@@ -83,7 +94,7 @@ fn cpu_addmm_bf16_into_f32(acc: &Tensor, a: &Tensor, b: &Tensor) -> bool {
     let trans = |t: bool| if t { CBLAS_TRANS } else { CBLAS_NO_TRANS };
     // SAFETY: every pointer is to a live CPU tensor of the dtype the routine reads or writes
     // (bf16 is 16-bit, fp32 is `f32`), with the dimensions and leading dimensions of its
-    // layout checked above; `acc` is contiguous `[m, n]` and not aliased by `a` or `b` (their
+    // layout checked above; `out` is contiguous `[m, n]` and not aliased by `a` or `b` (their
     // dtypes differ).
     unsafe {
         gemm(
@@ -98,12 +109,50 @@ fn cpu_addmm_bf16_into_f32(acc: &Tensor, a: &Tensor, b: &Tensor) -> bool {
             lda as c_int,
             b.0.data_ptr() as *const u16,
             ldb as c_int,
-            1.0,
-            acc.data_ptr() as *mut f32,
+            beta,
+            out.data_ptr() as *mut f32,
             n as c_int,
         );
     }
     true
+}
+
+/// Up to this many rows a bf16 projection goes through MKL ([`small_bf16_linear`]).
+pub const SMALL_LINEAR_ROWS: i64 = 32;
+
+/// `x @ weight^T + bias` in bf16 through MKL when it is the faster route: `x` `[.., k]` bf16
+/// on the CPU with at most [`SMALL_LINEAR_ROWS`] rows, `weight` `[n, k]` and `bias` `[n]`
+/// bf16, and no gradient wanted (grad mode off, or no operand requires one: the product is
+/// not recorded for autograd). The bias is added to the fp32 product and the sum rounded to
+/// bf16 once, as libtorch's linear rounds its fp32 accumulator. `None` where any of that does
+/// not hold; the caller uses libtorch's linear.
+pub fn small_bf16_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Option<Tensor> {
+    let cpu_bf16 = |t: &Tensor| t.kind() == Kind::BFloat16 && t.device() == Device::Cpu;
+    if !(cpu_bf16(x) && cpu_bf16(weight) && weight.dim() == 2 && x.dim() >= 1 && bias.is_none_or(cpu_bf16)) {
+        return None;
+    }
+    let (n, k) = (weight.size()[0], weight.size()[1]);
+    let dims = x.size();
+    if dims[dims.len() - 1] != k {
+        return None;
+    }
+    let rows = dims[..dims.len() - 1].iter().product::<i64>();
+    if rows > SMALL_LINEAR_ROWS
+        || crate::base::device::autograd_records(&[Some(x), Some(weight), bias].into_iter().flatten().collect::<Vec<_>>())
+        || !bf16_gemm_accumulates_in_fp32(Device::Cpu)
+    {
+        return None;
+    }
+    let out = Tensor::empty([rows, n], (Kind::Float, Device::Cpu));
+    cpu_gemm_bf16_f32(&out, &x.reshape([rows, k]), &weight.tr(), 0.0).then(|| {
+        let mut shape = dims;
+        *shape.last_mut().unwrap() = n;
+        let out = match bias {
+            Some(b) => out + b,
+            None => out,
+        };
+        out.to_kind(Kind::BFloat16).view(shape.as_slice())
+    })
 }
 
 /// The tensor with its BLAS layout, copied to a contiguous one when it has none.

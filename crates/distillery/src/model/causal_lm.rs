@@ -9,6 +9,8 @@
 //! The forward pass returns the final hidden states at every position; [`CausalLm::logits`]
 //! applies the output head. Distillation computes logits in chunks from those hidden states,
 //! so full `[batch, seq, vocab]` tensors need not exist.
+use crate::base::gemm;
+use crate::model::step_kernels;
 use crate::model::arch::{MlpNames, NormKind, Positions, QkvNames, WeightLayout};
 use crate::model::config::{Activation, Llama3RopeScaling, ModelConfig};
 use anyhow::{bail, ensure, Result};
@@ -55,6 +57,9 @@ impl Linear {
                 Some(b) => y + b,
                 None => y,
             }
+        } else if let Some(y) = gemm::small_bf16_linear(x, &self.weight, self.bias.as_ref()) {
+            // A decoding step's few rows: MKL's product, not oneDNN's (see `small_bf16_linear`).
+            y
         } else {
             x.linear(&self.weight, self.bias.as_ref())
         }
@@ -96,8 +101,14 @@ enum Norm {
     Layer { weight: Tensor, bias: Tensor, eps: f64 },
 }
 
-/// RMSNorm computed in fp32 and cast back, as `LlamaRMSNorm` does.
+/// RMSNorm computed in fp32 and cast back, as `LlamaRMSNorm` does (a decoding step's few rows
+/// in one pass, [`step_kernels::rms_norm`]).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
+    step_kernels::rms_norm(x, weight, eps).unwrap_or_else(|| rms_norm_ops(x, weight, eps))
+}
+
+/// [`rms_norm`] as libtorch operators.
+pub(crate) fn rms_norm_ops(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
     let kind = x.kind();
     let x32 = x.to_kind(Kind::Float);
     let var = x32.square().mean_dim(-1, true, Kind::Float);
@@ -167,6 +178,18 @@ fn rotate_half(x: &Tensor) -> Tensor {
 }
 
 /// Repeats each key/value head `groups` times: `[b, kv, s, d] -> [b, kv*groups, s, d]`.
+/// Rotary position embedding of `x` `[b, heads, t, hd]` by the tables `cos`, `sin` `[b, t,
+/// hd]` (a decoding step's few rows in one pass, [`step_kernels::rotary`]).
+fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    step_kernels::rotary(x, cos, sin).unwrap_or_else(|| rotary_ops(x, cos, sin))
+}
+
+/// [`rotary`] as libtorch operators, as transformers' `apply_rotary_pos_emb`.
+pub(crate) fn rotary_ops(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    let (cos, sin) = (cos.unsqueeze(1), sin.unsqueeze(1));
+    x * &cos + rotate_half(x) * &sin
+}
+
 fn repeat_kv(x: &Tensor, groups: i64) -> Tensor {
     if groups == 1 {
         return x.shallow_clone();
@@ -235,9 +258,8 @@ impl Attention {
         let mut q = q.transpose(1, 2);
         let mut k = k.transpose(1, 2);
         if let Some((cos, sin)) = rope {
-            let (cos, sin) = (cos.unsqueeze(1), sin.unsqueeze(1));
-            q = &q * &cos + rotate_half(&q) * &sin;
-            k = &k * &cos + rotate_half(&k) * &sin;
+            q = rotary(&q, cos, sin);
+            k = rotary(&k, cos, sin);
         }
         let (k, v) = match cache {
             // The new keys and values are written into preallocated buffers at `past`, so a

@@ -13,6 +13,7 @@
 //! `CE = logsumexp(z) - z[target]`, `KD = T^2 sum p_t (log p_t - log softmax(z/T))`, the
 //! formulas of `losses::chunked_forward_kl`'s libtorch path, which the tests compare against.
 use anyhow::{ensure, Result};
+use crate::base::elem::{Bf16, Element, Output};
 use crate::base::omp::parallel_tasks;
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
@@ -42,52 +43,6 @@ impl std::ops::Add for RowSums {
     type Output = RowSums;
     fn add(self, o: RowSums) -> RowSums {
         RowSums { ce: self.ce + o.ce, kd: self.kd + o.kd }
-    }
-}
-
-/// An element read as fp32: fp32 itself or bf16 (its upper half).
-trait Element: Copy + Send + Sync {
-    fn f32(self) -> f32;
-}
-
-impl Element for f32 {
-    #[inline(always)]
-    fn f32(self) -> f32 {
-        self
-    }
-}
-
-/// A bf16 value's bits.
-#[derive(Clone, Copy, Default)]
-#[repr(transparent)]
-struct Bf16(u16);
-
-impl Element for Bf16 {
-    #[inline(always)]
-    fn f32(self) -> f32 {
-        f32::from_bits(u32::from(self.0) << 16)
-    }
-}
-
-/// An element written from fp32.
-trait Output: Copy + Send + Sync {
-    fn from_f32(x: f32) -> Self;
-}
-
-impl Output for f32 {
-    #[inline(always)]
-    fn from_f32(x: f32) -> f32 {
-        x
-    }
-}
-
-impl Output for Bf16 {
-    /// Round to nearest, ties to even, as libtorch's cast (NaN stays NaN: the rounding
-    /// increment never carries out of its mantissa).
-    #[inline(always)]
-    fn from_f32(x: f32) -> Bf16 {
-        let b = x.to_bits();
-        Bf16((b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16)
     }
 }
 
@@ -414,15 +369,5 @@ mod tests {
         let half = z.to_kind(Kind::Half);
         assert!(forward_kl_logit_grad(&half, None, &[0, 1], w, &g).is_err(), "f16 logits");
         assert!(forward_kl_logit_grad(&z, None, &[0, 1], w, &g.tr()).is_err(), "a transposed buffer");
-    }
-
-    #[test]
-    fn bf16_rounding_is_libtorchs() {
-        let x = Tensor::randn([4096], (Kind::Float, Device::Cpu)) * 100.0;
-        let want = x.to_kind(Kind::BFloat16);
-        let xs = Vec::<f32>::try_from(&x).unwrap();
-        let got: Vec<u16> = xs.iter().map(|&v| Bf16::from_f32(v).0).collect();
-        let want_bits = Vec::<i16>::try_from(&want.view_dtype(Kind::Int16)).unwrap();
-        assert!(got.iter().zip(&want_bits).all(|(a, b)| *a == *b as u16));
     }
 }

@@ -1,0 +1,78 @@
+//! The elements of CPU kernels that work on tensor memory directly: fp32 and bf16, read as
+//! fp32 and written from fp32 with libtorch's rounding, branch-free so that loops over them
+//! vectorise.
+
+/// An element read as fp32: fp32 itself or bf16 (its upper half).
+pub trait Element: Copy + Send + Sync {
+    fn f32(self) -> f32;
+}
+
+impl Element for f32 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+/// A bf16 value's bits (libtorch's `BFloat16` in memory).
+#[derive(Clone, Copy, Default, Debug, PartialEq)]
+#[repr(transparent)]
+pub struct Bf16(pub u16);
+
+impl Element for Bf16 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        f32::from_bits(u32::from(self.0) << 16)
+    }
+}
+
+/// An element written from fp32.
+pub trait Output: Copy + Send + Sync {
+    fn from_f32(x: f32) -> Self;
+}
+
+impl Output for f32 {
+    #[inline(always)]
+    fn from_f32(x: f32) -> f32 {
+        x
+    }
+}
+
+impl Output for Bf16 {
+    /// Round to nearest, ties to even, NaN to the quiet NaN: libtorch's cast.
+    #[inline(always)]
+    fn from_f32(x: f32) -> Bf16 {
+        let b = x.to_bits();
+        let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+        Bf16(if x.is_nan() { 0x7FC0 } else { rounded })
+    }
+}
+
+/// `x` rounded to `E`'s precision and read back: the value a libtorch operator computing in
+/// fp32 leaves in a tensor of `E`, as the next operator reads it.
+#[inline(always)]
+pub fn rounded<E: Element + Output>(x: f32) -> f32 {
+    E::from_f32(x).f32()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind, Tensor};
+
+    #[test]
+    fn bf16_rounding_is_libtorchs() {
+        let x = Tensor::randn([4096], (Kind::Float, Device::Cpu)) * 100.0;
+        let specials = Tensor::from_slice(&[f32::NAN, -f32::NAN, f32::from_bits(0x7F80_0001), f32::INFINITY, -0.0, f32::MAX]);
+        let x = Tensor::cat(&[x, specials], 0);
+        let want = x.to_kind(Kind::BFloat16);
+        let xs = Vec::<f32>::try_from(&x).unwrap();
+        let got: Vec<u16> = xs.iter().map(|&v| Bf16::from_f32(v).0).collect();
+        let want_bits = Vec::<i16>::try_from(&want.view_dtype(Kind::Int16)).unwrap();
+        for ((g, w), v) in got.iter().zip(&want_bits).zip(&xs) {
+            // Any NaN is libtorch's NaN; every other value has its exact bits.
+            let nan = |bits: u16| bits & 0x7F80 == 0x7F80 && bits & 0x7F != 0;
+            assert!(*g == *w as u16 || (v.is_nan() && nan(*g) && nan(*w as u16)), "{v}: {g:#x} against {:#x}", *w as u16);
+        }
+    }
+}
