@@ -133,7 +133,7 @@ pub fn small_bf16_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> 
     }
     let (n, k) = (weight.size()[0], weight.size()[1]);
     let dims = x.size();
-    if dims[dims.len() - 1] != k {
+    if dims[dims.len() - 1] != k || bias.is_some_and(|b| b.size() != [n]) {
         return None;
     }
     let rows = dims[..dims.len() - 1].iter().product::<i64>();
@@ -232,6 +232,35 @@ mod tests {
             let err = (&acc - &want).abs().max().double_value(&[]);
             assert!(err < 1e-4, "largest difference {err}");
         }
+    }
+
+    #[test]
+    fn a_few_rows_project_as_libtorchs_linear() {
+        if !bf16_gemm_accumulates_in_fp32(Device::Cpu) {
+            return;
+        }
+        tch::no_grad(|| {
+            let (w, b) = (random([48, 40], Kind::BFloat16), random([1, 48], Kind::BFloat16).view([48]));
+            for rows in [1, 7, SMALL_LINEAR_ROWS] {
+                let x = random([rows, 40], Kind::BFloat16).view([rows, 1, 40]);
+                for bias in [None, Some(&b)] {
+                    let got = small_bf16_linear(&x, &w, bias).expect("few rows, no gradient");
+                    let want = x.linear(&w, bias);
+                    assert_eq!((got.size(), got.kind()), (want.size(), want.kind()));
+                    // Both accumulate in fp32 and round once; the order of the sums differs.
+                    let diff = (got.to_kind(Kind::Float) - want.to_kind(Kind::Float)).abs().max().double_value(&[]);
+                    assert!(diff <= 0.0625, "{rows} rows, bias {}: {diff}", bias.is_some());
+                }
+            }
+            // More rows, fp32, or a weight of the wrong width: libtorch's linear.
+            assert!(small_bf16_linear(&random([SMALL_LINEAR_ROWS + 1, 40], Kind::BFloat16), &w, None).is_none());
+            assert!(small_bf16_linear(&random([4, 40], Kind::Float), &w.to_kind(Kind::Float), None).is_none());
+            assert!(small_bf16_linear(&random([4, 41], Kind::BFloat16), &w, None).is_none());
+        });
+        // With grad mode on and a weight that wants its gradient, autograd must see the op.
+        let w = random([48, 40], Kind::BFloat16).set_requires_grad(true);
+        assert!(small_bf16_linear(&random([4, 40], Kind::BFloat16), &w, None).is_none());
+        assert!(small_bf16_linear(&random([4, 40], Kind::BFloat16), &w.detach(), None).is_some(), "nothing to record");
     }
 
     #[test]
