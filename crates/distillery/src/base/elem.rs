@@ -39,7 +39,8 @@ impl Output for f32 {
 }
 
 impl Output for Bf16 {
-    /// Round to nearest, ties to even, NaN to the quiet NaN: libtorch's cast.
+    /// Round to nearest, ties to even, as libtorch's cast; NaN to the quiet NaN `0x7FC0` (its
+    /// scalar cast's; its vectorised one gives `0xFFFF`, a NaN too).
     #[inline(always)]
     fn from_f32(x: f32) -> Bf16 {
         let b = x.to_bits();

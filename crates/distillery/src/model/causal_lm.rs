@@ -57,11 +57,10 @@ impl Linear {
                 Some(b) => y + b,
                 None => y,
             }
-        } else if let Some(y) = gemm::small_bf16_linear(x, &self.weight, self.bias.as_ref()) {
-            // A decoding step's few rows: MKL's product, not oneDNN's (see `small_bf16_linear`).
-            y
         } else {
-            x.linear(&self.weight, self.bias.as_ref())
+            // A decoding step's few rows: MKL's product, not oneDNN's (see `small_bf16_linear`).
+            let step = step_kernels::in_decoding_step().then(|| gemm::small_bf16_linear(x, &self.weight, self.bias.as_ref()));
+            step.flatten().unwrap_or_else(|| x.linear(&self.weight, self.bias.as_ref()))
         }
     }
 }
@@ -177,7 +176,6 @@ fn rotate_half(x: &Tensor) -> Tensor {
     Tensor::cat(&[x2.neg(), x1], -1)
 }
 
-/// Repeats each key/value head `groups` times: `[b, kv, s, d] -> [b, kv*groups, s, d]`.
 /// Rotary position embedding of `x` `[b, heads, t, hd]` by the tables `cos`, `sin` `[b, t,
 /// hd]` (a decoding step's few rows in one pass, [`step_kernels::rotary`]).
 fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
@@ -190,6 +188,7 @@ pub(crate) fn rotary_ops(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
     x * &cos + rotate_half(x) * &sin
 }
 
+/// Repeats each key/value head `groups` times: `[b, kv, s, d] -> [b, kv*groups, s, d]`.
 fn repeat_kv(x: &Tensor, groups: i64) -> Tensor {
     if groups == 1 {
         return x.shallow_clone();
@@ -689,6 +688,8 @@ impl CausalLm {
         observer: &mut dyn ForwardObserver,
     ) -> Result<ForwardOutput> {
         let past = cache.as_ref().map_or(0, |c| c.len());
+        // With a cache this is a step of generation: its few rows may take the step kernels.
+        let _step = cache.is_some().then(step_kernels::DecodingStep::enter);
         let (mut x, ctx) = self.embed_inputs(input_ids, attention_mask, past)?;
         let mut hidden_states = vec![];
         let mut attentions = vec![];

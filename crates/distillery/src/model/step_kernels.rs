@@ -2,34 +2,67 @@
 //! (one token per sequence). There libtorch spends more time dispatching small operators than
 //! computing them: RMSNorm is eight operators and rotary embedding six per tensor, about 50
 //! microseconds for an RMSNorm of 16 rows of 576 against a few for one pass over the data.
-//! Each kernel here does one pass with the arithmetic and the roundings of the libtorch
-//! expression it replaces (every libtorch op on bf16 computes in fp32 and rounds its result to
-//! bf16, so the kernels round at the same points), and applies only where that expression
-//! would: CPU tensors in fp32 or bf16, at most [`MAX_ROWS`] rows, with no gradient wanted.
-//! Anything else gets `None`, and the caller runs the libtorch expression.
+//! Each kernel does one pass and rounds where the libtorch expression it replaces rounds
+//! (every libtorch operator on bf16 computes in fp32 and rounds its result to bf16): rotary
+//! embedding is bit-identical; RMSNorm sums its squares in another order, so a rare bf16
+//! element rounds the other way.
+//!
+//! They run only inside a decoding step ([`DecodingStep`]: a forward pass with a KV cache) on
+//! CPU tensors in fp32 or bf16 of at most [`MAX_ROWS`] rows with nothing for autograd to
+//! record. Everything else (training, checkpointed recomputation, evaluation, prompts) keeps
+//! libtorch's operators, so its results do not depend on a batch's size. Where a kernel does
+//! not apply it returns `None`, and the caller runs the libtorch expression.
 use crate::base::device::autograd_records;
 use crate::base::elem::{rounded, Bf16, Element, Output};
+use std::cell::Cell;
 use tch::{Device, Kind, Tensor};
 
-/// The most rows (positions across the batch) a kernel takes: a decoding step's batch. Larger
-/// inputs are prompts and training batches, where libtorch's operators are worth their
-/// dispatch and run on every core.
+/// The most rows (positions across the batch) a kernel takes: a decoding step's batch.
 pub const MAX_ROWS: i64 = 32;
 
-/// Whether the kernels take these tensors: all on the CPU, of one kind (fp32 or bf16),
-/// contiguous, with nothing for autograd to record.
+thread_local! {
+    static IN_DECODING_STEP: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks this thread as inside a decoding step's forward pass until dropped (libtorch's grad
+/// mode is thread-local too, and the forward pass runs on the thread that calls it).
+pub struct DecodingStep {
+    was: bool,
+}
+
+impl DecodingStep {
+    pub fn enter() -> DecodingStep {
+        DecodingStep { was: IN_DECODING_STEP.with(|c| c.replace(true)) }
+    }
+}
+
+impl Drop for DecodingStep {
+    fn drop(&mut self) {
+        IN_DECODING_STEP.with(|c| c.set(self.was));
+    }
+}
+
+/// Whether this thread is inside a [`DecodingStep`].
+pub fn in_decoding_step() -> bool {
+    IN_DECODING_STEP.with(Cell::get)
+}
+
+/// Whether the kernels take these tensors: inside a decoding step, all on the CPU, of one kind
+/// (fp32 or bf16), contiguous and not empty, with nothing for autograd to record.
 fn applies(tensors: &[&Tensor]) -> bool {
     let kind = tensors[0].kind();
-    matches!(kind, Kind::Float | Kind::BFloat16)
-        && tensors.iter().all(|t| t.device() == Device::Cpu && t.kind() == kind && t.is_contiguous())
+    in_decoding_step()
+        && matches!(kind, Kind::Float | Kind::BFloat16)
+        && tensors.iter().all(|t| t.device() == Device::Cpu && t.kind() == kind && t.is_contiguous() && t.numel() > 0)
         && !autograd_records(tensors)
 }
 
-/// The rows of `x` when its last dimension is `dim` and it has at most [`MAX_ROWS`] of them.
+/// The rows of `x` when its last dimension is `dim` (not 0) and it has at most [`MAX_ROWS`]
+/// of them.
 fn small_rows(x: &Tensor, dim: i64) -> Option<i64> {
     let size = x.size();
     let rows: i64 = size[..size.len().saturating_sub(1)].iter().product();
-    (size.last() == Some(&dim) && rows <= MAX_ROWS).then_some(rows)
+    (dim > 0 && size.last() == Some(&dim) && rows <= MAX_ROWS).then_some(rows)
 }
 
 /// A CPU tensor's elements. Callers have checked it is contiguous and of kind `E`.
@@ -139,15 +172,21 @@ mod tests {
         got.ne_tensor(want).to_kind(Kind::Float).mean(Kind::Float).double_value(&[])
     }
 
+    /// `f` as a decoding step's forward pass runs it: grad mode off, inside a [`DecodingStep`].
+    fn in_step<T>(f: impl FnOnce() -> T) -> T {
+        let _step = DecodingStep::enter();
+        tch::no_grad(f)
+    }
+
     #[test]
     fn rms_norm_matches_the_libtorch_expression() {
-        tch::no_grad(|| {
+        in_step(|| {
             for kind in [Kind::Float, Kind::BFloat16] {
                 let (x, w) = (random(&[16, 1, 576], kind, 1), random(&[576], kind, 2));
                 let (got, want) = (rms_norm(&x, &w, 1e-5).expect("a decoding step's rows"), rms_norm_ops(&x, &w, 1e-5));
                 assert_eq!((got.size(), got.kind()), (want.size(), want.kind()));
-                // The sum of squares is taken in another order (and in f64), so a last bit of
-                // the scale may differ: in bf16 a rare element rounds the other way.
+                // The sum of squares is taken in another order, so a last bit of the scale may
+                // differ: in bf16 a rare element rounds the other way.
                 if kind == Kind::Float {
                     assert!(max_difference(&got, &want) < 1e-5, "{kind:?}: {}", max_difference(&got, &want));
                 } else {
@@ -160,7 +199,7 @@ mod tests {
 
     #[test]
     fn rotary_matches_the_libtorch_expression_exactly() {
-        tch::no_grad(|| {
+        in_step(|| {
             for kind in [Kind::Float, Kind::BFloat16] {
                 // [b, heads, t, hd] with two positions per sequence, tables per sequence.
                 let x = random(&[3, 4, 2, 8], kind, 3);
@@ -168,6 +207,18 @@ mod tests {
                 let got = rotary(&x, &cos, &sin).expect("few rows");
                 let want = rotary_ops(&x, &cos, &sin);
                 assert_eq!(share_differing(&got, &want), 0.0, "{kind:?}");
+                // As the attention passes q and k in a decoding step: a projection's output
+                // `[b, 1, heads * hd]` viewed as `[b, 1, heads, hd]` and transposed to `[b,
+                // heads, 1, hd]` (dense, with a size-1 dimension's stride out of order), and
+                // one sequence's heads cut from a fused projection (a storage offset).
+                let projected = random(&[3, 1, 4 * 8], kind, 6).view([3, 1, 4, 8]).transpose(1, 2);
+                let (cos1, sin1) = (cos.narrow(1, 0, 1).contiguous(), sin.narrow(1, 0, 1).contiguous());
+                let fused = random(&[1, 1, 3 * 4 * 8], kind, 7).narrow(2, 4 * 8, 4 * 8).view([1, 1, 4, 8]).transpose(1, 2);
+                let (cos0, sin0) = (cos1.narrow(0, 0, 1), sin1.narrow(0, 0, 1));
+                for (x, c, s) in [(&projected, &cos1, &sin1), (&fused, &cos0, &sin0)] {
+                    let got = rotary(x, c, s).expect("a dense layout");
+                    assert_eq!(share_differing(&got, &rotary_ops(x, c, s)), 0.0, "{kind:?} {:?}", x.stride());
+                }
             }
         })
     }
@@ -175,6 +226,17 @@ mod tests {
     #[test]
     fn anything_else_is_left_to_libtorch() {
         let w = random(&[8], Kind::Float, 6);
+        let x = random(&[2, 8], Kind::Float, 11);
+        // Outside a decoding step (training, evaluation, a prompt), even with grad mode off.
+        assert!(tch::no_grad(|| rms_norm(&x, &w, 1e-5)).is_none());
+        let _step = DecodingStep::enter();
+        // Empty inputs (no rows, or rows of nothing).
+        assert!(tch::no_grad(|| rms_norm(&random(&[0, 8], Kind::Float, 12), &w, 1e-5)).is_none());
+        let nothing = Tensor::zeros([0], (Kind::Float, Device::Cpu));
+        assert!(tch::no_grad(|| rms_norm(&Tensor::zeros([2, 0], (Kind::Float, Device::Cpu)), &nothing, 1e-5)).is_none());
+        let empty_heads = Tensor::zeros([0, 4, 1, 8], (Kind::Float, Device::Cpu));
+        let empty_table = Tensor::zeros([0, 1, 8], (Kind::Float, Device::Cpu));
+        assert!(tch::no_grad(|| rotary(&empty_heads, &empty_table, &empty_table)).is_none());
         // Too many rows, a half-precision input, a non-contiguous one, one autograd records.
         assert!(tch::no_grad(|| rms_norm(&random(&[MAX_ROWS + 1, 8], Kind::Float, 7), &w, 1e-5)).is_none());
         let half = random(&[2, 8], Kind::Half, 8);
