@@ -1,7 +1,8 @@
 //! Activation checkpointing changes memory, not results: a forward pass that keeps only each
 //! layer's input, followed by the layer-by-layer recomputing backward pass, gives the
 //! parameter gradients of the plain forward and backward passes, for every architecture, with
-//! losses on the output, on a middle layer's hidden states and on a captured attention map.
+//! losses on the output, on a middle layer's hidden states and on a captured attention map;
+//! so does recomputing only the first layers and keeping the others' graphs.
 use distillery::model::causal_lm::{Capture, LayerSet};
 use distillery::model::{CausalLm, InitMode};
 use distillery::ModelConfig;
@@ -29,10 +30,13 @@ fn tiny(model_type: &str, tied: bool) -> CausalLm {
 /// Every parameter's gradient after one forward and backward pass of a loss that reads the
 /// output, layer 1's hidden states and layer 1's attention map. Gradients accumulate into
 /// whatever the parameters already hold, as in training.
-fn gradients(model: &CausalLm, ids: &Tensor, mask: &Tensor, checkpointed: bool) -> BTreeMap<String, Tensor> {
+/// `recompute`: `None` for the plain passes, else how many leading layers the checkpointed
+/// pass recomputes.
+fn gradients(model: &CausalLm, ids: &Tensor, mask: &Tensor, recompute: Option<usize>) -> BTreeMap<String, Tensor> {
     let capture = Capture { hidden_states: true, attentions: LayerSet::of([1]) };
-    let (out, saved) = if checkpointed {
-        let (out, saved) = model.forward_checkpointed(ids, Some(mask), capture).unwrap();
+    let checkpointed = recompute.is_some();
+    let (out, saved) = if let Some(recompute) = recompute {
+        let (out, saved) = model.forward_checkpointed(ids, Some(mask), capture, recompute).unwrap();
         (out, Some(saved))
     } else {
         (model.forward_hidden(ids, Some(mask), capture, None).unwrap(), None)
@@ -55,7 +59,7 @@ fn gradients(model: &CausalLm, ids: &Tensor, mask: &Tensor, checkpointed: bool) 
         .into_iter()
         .map(|(n, p)| {
             let g = p.grad();
-            assert!(g.defined(), "{n} got no gradient (checkpointed: {checkpointed})");
+            assert!(g.defined(), "{n} got no gradient (checkpointed: {checkpointed}, recomputing {recompute:?})");
             (n, g.copy())
         })
         .collect()
@@ -78,15 +82,20 @@ fn checkpointed_backward_gives_the_plain_gradients() {
         // Checkpointed first, while no gradient exists (the embeddings' gradient is created
         // through autograd), then plain, then checkpointed again into existing gradients (the
         // embeddings' rows are added in place).
-        let first = gradients(&model, &ids, &mask, true);
+        let first = gradients(&model, &ids, &mask, Some(usize::MAX));
         zero_grads(&model);
-        let plain = gradients(&model, &ids, &mask, false);
+        let plain = gradients(&model, &ids, &mask, None);
         zero_grads(&model);
-        let again = gradients(&model, &ids, &mask, true);
+        let again = gradients(&model, &ids, &mask, Some(usize::MAX));
+        // Layer 0 recomputed, layers 1 (whose map is captured) and 2 kept; then none recomputed.
+        zero_grads(&model);
+        let partial = gradients(&model, &ids, &mask, Some(1));
+        zero_grads(&model);
+        let none = gradients(&model, &ids, &mask, Some(0));
         for (name, want) in &plain {
             assert!(want.defined() && want.abs().max().double_value(&[]) > 0.0, "{arch}: {name} gets a gradient");
             let scale = want.abs().max().double_value(&[]);
-            for (what, got) in [("first", &first[name]), ("in place", &again[name])] {
+            for (what, got) in [("first", &first[name]), ("in place", &again[name]), ("first layer only", &partial[name]), ("no layer", &none[name])] {
                 assert!(got.defined(), "{arch} {what}: {name} has no gradient");
                 let diff = (got - want).abs().max().double_value(&[]);
                 assert!(diff <= 1e-5 * scale, "{arch} (tied {tied}) {what}: {name} differs by {diff:e} (largest entry {scale:e})");
@@ -101,7 +110,7 @@ fn checkpointed_forward_keeps_one_tensor_a_layer() {
     let model = tiny("llama", false);
     let ids = Tensor::randint(97, [2, 9], (Kind::Int64, Device::Cpu));
     let mask = Tensor::ones([2, 9], (Kind::Int64, Device::Cpu));
-    let (out, _saved) = model.forward_checkpointed(&ids, Some(&mask), Capture { hidden_states: true, attentions: LayerSet::default() }).unwrap();
+    let (out, _saved) = model.forward_checkpointed(&ids, Some(&mask), Capture { hidden_states: true, attentions: LayerSet::default() }, usize::MAX).unwrap();
     // Every hidden state is a leaf: no layer's graph (and so none of its intermediates) is kept.
     for (i, h) in out.hidden_states.iter().enumerate() {
         assert!(h.requires_grad() && h.is_leaf(), "hidden state {i} is a leaf");

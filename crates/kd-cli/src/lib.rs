@@ -174,6 +174,11 @@ pub struct LoopArgs {
     /// every layer's intermediates to one tensor a layer.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// With --gradient-checkpointing, recompute only the first N student layers; the later
+    /// ones keep their activations (each layer kept costs its activation memory and saves its
+    /// share of the extra forward pass).
+    #[arg(long, value_name = "N", requires = "gradient_checkpointing")]
+    pub checkpoint_layers: Option<usize>,
     /// Checkpoints kept in <out>/train_state (the newest K).
     #[arg(long, default_value_t = 1)]
     pub keep_last: usize,
@@ -235,6 +240,7 @@ impl LoopArgs {
             dtype: self.runtime.dtype.clone(),
             skip_nonfinite: self.skip_nonfinite,
             gradient_checkpointing: self.gradient_checkpointing,
+            checkpoint_layers: self.checkpoint_layers,
             keep_last: self.keep_last,
             on_policy: Default::default(),
             cross_tokenizer: None,

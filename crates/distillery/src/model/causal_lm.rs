@@ -405,12 +405,14 @@ struct LayerInputs {
 
 /// What a forward pass with activation checkpointing keeps for its backward pass
 /// ([`CausalLm::forward_checkpointed`], [`CausalLm::backward_checkpointed`]): each layer's
-/// input (a leaf whose gradient the later layers and any loss on it fill) and the leaves of
-/// captured attention maps.
+/// input (a leaf whose gradient the later layers and any loss on it fill), the leaves of
+/// captured attention maps, and for the layers not recomputed their outputs (and maps) with
+/// their graphs.
 pub struct Checkpointed {
     inputs: Vec<Tensor>,
     last: Tensor,
     probs: Vec<Option<Tensor>>,
+    kept: Vec<Option<(Tensor, Option<Tensor>)>>,
     ctx: LayerInputs,
 }
 
@@ -726,15 +728,30 @@ impl CausalLm {
     /// [`CausalLm::backward_checkpointed`], which carries those gradients through the layers
     /// into the parameters. (On a GPU the recomputed pass, with autograd on, may pick another
     /// attention kernel than the first, so its outputs can differ in the last bits.)
-    pub fn forward_checkpointed(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, capture: Capture) -> Result<(ForwardOutput, Checkpointed)> {
+    ///
+    /// Only the first `recompute` layers are recomputed (Megatron's `--recompute-num-layers`);
+    /// the later ones keep their graphs, trading their activation memory for their share of
+    /// the extra forward pass. `recompute` at or above the number of layers recomputes all.
+    pub fn forward_checkpointed(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>, capture: Capture, recompute: usize) -> Result<(ForwardOutput, Checkpointed)> {
         let (mut x, ctx) = tch::no_grad(|| self.embed_inputs(input_ids, attention_mask, 0))?;
-        let (mut inputs, mut probs) = (vec![], vec![]);
+        let (mut inputs, mut probs, mut kept) = (vec![], vec![], vec![]);
         for (i, layer) in self.layers.iter().enumerate() {
             let leaf = x.set_requires_grad(true);
-            let (out, p) = tch::no_grad(|| layer.forward(&leaf, &ctx, None, capture.attentions.contains(i), &mut NoObserver, i));
+            let want_probs = capture.attentions.contains(i);
+            if i < recompute {
+                let (out, p) = tch::no_grad(|| layer.forward(&leaf, &ctx, None, want_probs, &mut NoObserver, i));
+                probs.push(p.map(|p| p.set_requires_grad(true)));
+                kept.push(None);
+                x = out;
+            } else {
+                // The layer's graph stays, from its input leaf to its output and map; the next
+                // layer starts from a leaf again, so the backward pass is the same for both kinds.
+                let (out, p) = layer.forward(&leaf, &ctx, None, want_probs, &mut NoObserver, i);
+                probs.push(p.as_ref().map(|p| p.detach().set_requires_grad(true)));
+                x = out.detach();
+                kept.push(Some((out, p)));
+            }
             inputs.push(leaf);
-            probs.push(p.map(|p| p.set_requires_grad(true)));
-            x = out;
         }
         let last = x.set_requires_grad(true);
         let hidden_states = if capture.hidden_states {
@@ -744,7 +761,7 @@ impl CausalLm {
         };
         let attentions = if capture.attentions.is_empty() { vec![] } else { probs.iter().map(|p| p.as_ref().map(Tensor::shallow_clone)).collect() };
         let hidden = self.final_norm.forward(&last);
-        Ok((ForwardOutput { hidden, hidden_states, attentions }, Checkpointed { inputs, last, probs, ctx }))
+        Ok((ForwardOutput { hidden, hidden_states, attentions }, Checkpointed { inputs, last, probs, kept, ctx }))
     }
 
     /// The backward pass through the layers of [`CausalLm::forward_checkpointed`]: from the
@@ -758,16 +775,18 @@ impl CausalLm {
     /// copy passes its fp32 masters' (`embedding_tables` of the master model): the rows are then
     /// summed in fp32, and no dense low-precision gradient of the whole table is made.
     pub fn backward_checkpointed(&self, saved: Checkpointed, embedding_tables: Option<(&Tensor, Option<&Tensor>)>) {
-        let Checkpointed { mut inputs, last, mut probs, ctx } = saved;
+        let Checkpointed { mut inputs, last, mut probs, mut kept, ctx } = saved;
         let mut grad = last.grad();
         drop(last);
         for (i, layer) in self.layers.iter().enumerate().rev() {
             let input = inputs.pop().expect("one input per layer");
             let probs_leaf = probs.pop().flatten();
             let probs_grad = probs_leaf.as_ref().map(Tensor::grad).filter(Tensor::defined);
+            let kept = kept.pop().flatten();
             if grad.defined() || probs_grad.is_some() {
-                // The same attention path as the forward pass (eager where the map was captured).
-                let (out, p) = layer.forward(&input, &ctx, None, probs_leaf.is_some(), &mut NoObserver, i);
+                // A kept layer's graph, or the layer again on its input, on the same attention
+                // path as the forward pass (eager where the map was captured).
+                let (out, p) = kept.unwrap_or_else(|| layer.forward(&input, &ctx, None, probs_leaf.is_some(), &mut NoObserver, i));
                 // d/dy sum(y * g) = g: the surrogate hands each gradient to autograd exactly.
                 let mut surrogate = None;
                 if grad.defined() {

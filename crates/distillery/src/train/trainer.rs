@@ -112,6 +112,10 @@ pub struct DistillConfig {
     /// memory of one tensor a layer plus one layer's intermediates.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// With `gradient_checkpointing`, recompute only the first N layers; the later ones keep
+    /// their activations (memory for speed). `None`: every layer.
+    #[serde(default)]
+    pub checkpoint_layers: Option<usize>,
 }
 
 fn default_uld_top_k() -> i64 {
@@ -603,6 +607,10 @@ impl Trainer {
         // The student starts from --student; a resumed run takes its weights from the state.
         let (student, student_files) = load_model(&cfg.student, device, Kind::Float).with_context(|| format!("loading student `{}`", cfg.student))?;
         let tok = Tok::load(&student_files)?;
+        if let Some(n) = cfg.checkpoint_layers {
+            let layers = student.num_layers();
+            ensure!(n <= layers, "--checkpoint-layers {n}: the student has {layers} layers (at most {layers}: all of them recomputed)");
+        }
         let special = SpecialTokens::resolve(&student_files, &student.config)?;
         let online = cfg.teacher.is_some() && cfg.teacher_logits.is_none();
         let teacher = match &cfg.teacher {
@@ -1090,7 +1098,8 @@ impl Trainer {
         let model = self.forward_model();
         let capture = Capture { hidden_states: want_hidden, attentions: s_attn };
         let (s_out, checkpointed) = if self.cfg.gradient_checkpointing {
-            let (out, saved) = model.forward_checkpointed(&batch.input_ids, Some(&batch.attention_mask), capture)?;
+            let recompute = self.cfg.checkpoint_layers.unwrap_or(usize::MAX);
+            let (out, saved) = model.forward_checkpointed(&batch.input_ids, Some(&batch.attention_mask), capture, recompute)?;
             (out, Some(saved))
         } else {
             (model.forward_hidden(&batch.input_ids, Some(&batch.attention_mask), capture, None)?, None)
