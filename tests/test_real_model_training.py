@@ -4,7 +4,7 @@ the student, four texts in one batch. The tiny random models of the other tests 
 what trained weights do to precision (outliers in the residual stream, a sharp teacher at
 vocabulary 49152): here the first step's CE, KD and pre-clipping gradient norm in fp32 equal
 PyTorch's on the same batch; a bf16 step (the compute copy) stays within a few percent of them;
-activation checkpointing changes nothing but memory."""
+activation checkpointing, whole or partial, changes nothing but memory."""
 import csv
 
 import pytest
@@ -87,3 +87,14 @@ def test_first_step_on_the_real_model(models, tmp_path):
         ckpt = first_step(models, tmp_path, f"{dtype}-ckpt", "--dtype", dtype, "--gradient-checkpointing")
         for k in plain:
             assert ckpt[k] == pytest.approx(plain[k], rel=1e-5 if dtype == "f32" else 1e-3), (dtype, k, ckpt[k], plain[k])
+    # Partial checkpointing: 3 of the 8 layers recomputed, the rest kept.
+    part = first_step(models, tmp_path, "f32-ckpt3", "--dtype", "f32", "--gradient-checkpointing", "--checkpoint-layers", 3)
+    for k in f32:
+        assert part[k] == pytest.approx(f32[k], rel=1e-5), (k, part[k], f32[k])
+
+
+def test_checkpoint_layers_beyond_the_student_are_refused(models, tmp_path):
+    teacher, student, data = models
+    proc = run_bin("kd-distill", "--teacher", teacher, "--student", student, "--data", data, "--out", tmp_path / "o",
+                   "--steps", 1, "--device", "cpu", "--gradient-checkpointing", "--checkpoint-layers", 9, check=False)
+    assert proc.returncode != 0 and "--checkpoint-layers 9: the student has 8 layers" in proc.stderr, proc.stderr
