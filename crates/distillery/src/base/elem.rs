@@ -1,13 +1,18 @@
 //! The elements of CPU kernels that work on tensor memory directly: fp32 and bf16, read as
 //! fp32 and written from fp32 with libtorch's rounding, branch-free so that loops over them
 //! vectorise.
+use anyhow::{ensure, Result};
+use tch::{Device, Kind, Tensor};
 
 /// An element read as fp32: fp32 itself or bf16 (its upper half).
 pub trait Element: Copy + Send + Sync {
+    /// The tensor dtype whose memory holds elements of this type.
+    const KIND: Kind;
     fn f32(self) -> f32;
 }
 
 impl Element for f32 {
+    const KIND: Kind = Kind::Float;
     #[inline(always)]
     fn f32(self) -> f32 {
         self
@@ -20,10 +25,27 @@ impl Element for f32 {
 pub struct Bf16(pub u16);
 
 impl Element for Bf16 {
+    const KIND: Kind = Kind::BFloat16;
     #[inline(always)]
     fn f32(self) -> f32 {
         f32::from_bits(u32::from(self.0) << 16)
     }
+}
+
+/// A CPU tensor's `len` elements as a slice of `E`, checked: on the CPU, of `E`'s dtype,
+/// contiguous, `len` elements.
+pub fn elements<E: Element>(t: &Tensor, len: usize) -> Result<&[E]> {
+    ensure!(
+        t.device() == Device::Cpu && t.kind() == E::KIND && t.is_contiguous() && t.numel() == len,
+        "a {:?} tensor of {len} elements, contiguous on the CPU, was expected, got {:?} {:?} {:?}",
+        E::KIND,
+        t.kind(),
+        t.device(),
+        t.size()
+    );
+    // SAFETY: a contiguous CPU tensor of `len` elements of `E::KIND`, whose size and alignment
+    // `E` matches (f32 for Float, a u16 wrapper for BFloat16); it outlives the borrow of `t`.
+    Ok(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const E, len) })
 }
 
 /// An element written from fp32.
@@ -59,7 +81,6 @@ pub fn rounded<E: Element + Output>(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{Device, Kind, Tensor};
 
     #[test]
     fn bf16_rounding_is_libtorchs() {

@@ -155,7 +155,8 @@ pub fn small_bf16_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> 
     }
     let rows = dims[..dims.len() - 1].iter().product::<i64>();
     if rows == 0 || n == 0 || k == 0 || rows > SMALL_LINEAR_ROWS || !cpu_has_bf16_products()
-        || crate::base::device::autograd_records(&[Some(x), Some(weight), bias].into_iter().flatten().collect::<Vec<_>>())
+        || crate::base::device::autograd_records(&[x, weight])
+        || bias.is_some_and(|b| crate::base::device::autograd_records(&[b]))
         || !bf16_gemm_accumulates_in_fp32(Device::Cpu)
     {
         return None;

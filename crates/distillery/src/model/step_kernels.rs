@@ -13,7 +13,7 @@
 //! libtorch's operators, so its results do not depend on a batch's size. Where a kernel does
 //! not apply it returns `None`, and the caller runs the libtorch expression.
 use crate::base::device::autograd_records;
-use crate::base::elem::{rounded, Bf16, Element, Output};
+use crate::base::elem::{elements, rounded, Bf16, Element, Output};
 use std::cell::Cell;
 use tch::{Device, Kind, Tensor};
 
@@ -65,11 +65,9 @@ fn small_rows(x: &Tensor, dim: i64) -> Option<i64> {
     (dim > 0 && size.last() == Some(&dim) && rows <= MAX_ROWS).then_some(rows)
 }
 
-/// A CPU tensor's elements. Callers have checked it is contiguous and of kind `E`.
+/// A tensor's elements, which [`applies`] has checked are readable as `E`.
 fn elems<E: Element>(t: &Tensor) -> &[E] {
-    // SAFETY: a contiguous CPU tensor of `numel` elements of `E`'s size and layout (fp32 is
-    // `f32`, bf16 is `Bf16`, `repr(transparent)` over its bits), alive for `t`'s borrow.
-    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const E, t.numel()) }
+    elements(t, t.numel()).expect("checked by `applies`")
 }
 
 /// A fresh tensor like `like`, filled by `fill` through its elements.

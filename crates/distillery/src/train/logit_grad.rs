@@ -12,8 +12,8 @@
 //! `g = a (softmax(z) - onehot(target)) + c (softmax(z/T) - softmax(y/T))`,
 //! `CE = logsumexp(z) - z[target]`, `KD = T^2 sum p_t (log p_t - log softmax(z/T))`, the
 //! formulas of `losses::chunked_forward_kl`'s libtorch path, which the tests compare against.
-use anyhow::{ensure, Result};
-use crate::base::elem::{Bf16, Element, Output};
+use anyhow::{ensure, Context, Result};
+use crate::base::elem::{elements, Bf16, Element, Output};
 use crate::base::omp::parallel_tasks;
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
@@ -203,14 +203,6 @@ fn rows<S: Element, T: Element, G: Output>(z: &[S], y: Option<&[T]>, targets: &[
     each(z, y, targets, vocab, w, g)
 }
 
-/// A CPU tensor's elements as a slice of `E` (checked: contiguous, of `kind`, `len` elements).
-fn elements<E>(t: &Tensor, kind: Kind, len: usize) -> Result<&[E]> {
-    ensure!(t.device() == Device::Cpu && t.kind() == kind && t.is_contiguous() && t.numel() == len, "logit_grad: a {:?} {:?} tensor of {} elements, contiguous on the CPU, was expected, got {:?} {:?} {:?}", kind, Device::Cpu, len, t.kind(), t.device(), t.size());
-    // SAFETY: a contiguous CPU tensor of `len` elements of `kind`, whose size and alignment
-    // `E` matches (f32 for Float, a u16 wrapper for BFloat16); it outlives the borrow of `t`.
-    Ok(unsafe { std::slice::from_raw_parts(t.data_ptr() as *const E, len) })
-}
-
 /// The logit gradient of one chunk into `g` `[rows, vocab]` (fp32 or bf16), from the
 /// student's logits `z` and the teacher's `y` (each fp32 or bf16, `[rows, vocab]`, contiguous;
 /// no teacher: CE alone) and the next tokens `targets`; returns the chunk's CE and KD sums.
@@ -230,22 +222,22 @@ pub fn forward_kl_logit_grad(z: &Tensor, y: Option<&Tensor>, targets: &[i64], w:
     let g_f32 = || unsafe { std::slice::from_raw_parts_mut(g.data_ptr() as *mut f32, n) };
     let g_bf16 = || unsafe { std::slice::from_raw_parts_mut(g.data_ptr() as *mut Bf16, n) };
     macro_rules! with_teacher {
-        ($s:ty, $sk:expr) => {{
-            let zs = elements::<$s>(z, $sk, n)?;
+        ($s:ty) => {{
+            let zs = elements::<$s>(z, n).context("logit_grad: student logits")?;
             match (y.map(Tensor::kind), g.kind()) {
                 (None, Kind::Float) => par_rows(zs, None::<&[f32]>, targets, v, w, g_f32()),
                 (None, Kind::BFloat16) => par_rows(zs, None::<&[f32]>, targets, v, w, g_bf16()),
-                (Some(Kind::Float), Kind::Float) => par_rows(zs, Some(elements::<f32>(y.unwrap(), Kind::Float, n)?), targets, v, w, g_f32()),
-                (Some(Kind::Float), Kind::BFloat16) => par_rows(zs, Some(elements::<f32>(y.unwrap(), Kind::Float, n)?), targets, v, w, g_bf16()),
-                (Some(Kind::BFloat16), Kind::Float) => par_rows(zs, Some(elements::<Bf16>(y.unwrap(), Kind::BFloat16, n)?), targets, v, w, g_f32()),
-                (Some(Kind::BFloat16), Kind::BFloat16) => par_rows(zs, Some(elements::<Bf16>(y.unwrap(), Kind::BFloat16, n)?), targets, v, w, g_bf16()),
+                (Some(Kind::Float), Kind::Float) => par_rows(zs, Some(elements::<f32>(y.unwrap(), n).context("logit_grad: teacher logits")?), targets, v, w, g_f32()),
+                (Some(Kind::Float), Kind::BFloat16) => par_rows(zs, Some(elements::<f32>(y.unwrap(), n).context("logit_grad: teacher logits")?), targets, v, w, g_bf16()),
+                (Some(Kind::BFloat16), Kind::Float) => par_rows(zs, Some(elements::<Bf16>(y.unwrap(), n).context("logit_grad: teacher logits")?), targets, v, w, g_f32()),
+                (Some(Kind::BFloat16), Kind::BFloat16) => par_rows(zs, Some(elements::<Bf16>(y.unwrap(), n).context("logit_grad: teacher logits")?), targets, v, w, g_bf16()),
                 (t, o) => anyhow::bail!("logit_grad: teacher logits {t:?} and gradient {o:?} (fp32 or bf16 each)"),
             }
         }};
     }
     Ok(match z.kind() {
-        Kind::Float => with_teacher!(f32, Kind::Float),
-        Kind::BFloat16 => with_teacher!(Bf16, Kind::BFloat16),
+        Kind::Float => with_teacher!(f32),
+        Kind::BFloat16 => with_teacher!(Bf16),
         k => anyhow::bail!("logit_grad: student logits must be fp32 or bf16, got {k:?}"),
     })
 }
