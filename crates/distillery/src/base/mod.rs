@@ -1,7 +1,7 @@
 //! The base layer: what every other layer uses and nothing model-specific. Atomic file
 //! output, resumable journals, output locks, stop signals, padded token batches and row
 //! chunks, seeded random streams, device and precision selection, fp32 and bf16 elements for
-//! kernels on tensor memory, MKL's bf16 matrix products, parallel loops on libtorch's
+//! kernels on tensor memory, MKL's bf16 matrix products and its square root, parallel loops on libtorch's
 //! threads, progress on stderr, the allocator settings of a stage process, the command log,
 //! and the statistics of reports.
 pub mod alloc;
@@ -18,3 +18,4 @@ pub mod provenance;
 pub mod rng;
 pub mod signals;
 pub mod stats;
+pub mod vml;
