@@ -75,10 +75,18 @@ pub fn predicted_positions(attention_mask: &Tensor) -> Tensor {
 pub const CHUNK_ELEMENTS_CPU: i64 = 1 << 22;
 pub const CHUNK_ELEMENTS_GPU: i64 = 1 << 27;
 /// The CPU budget of the fused loss's one-sweep path (`train::logit_grad`), in bytes per
-/// `[rows, vocab]` buffer of the model's dtype (it holds three, allocated once a micro-batch):
-/// 16 MiB, 170 rows at SmolLM2's vocabulary in bf16 and 85 in fp32. bf16's products run at a
-/// third more rows a second at 170 rows than at 85; fp32's gain nothing from more rows.
-pub const CHUNK_BYTES_CPU_SWEEP: i64 = 1 << 24;
+/// `[rows, vocab]` buffer of the head's dtype (it holds three, allocated once a micro-batch).
+/// bf16: 16 MiB, 170 rows at SmolLM2's vocabulary; its products run at a third more rows a
+/// second at 170 rows than at 85, and whole steps at 340 or 512 rows were no faster. fp32:
+/// just under glibc's mmap threshold (32 MiB, so the buffers come from the heap, not fresh
+/// pages), 170 rows there: in four alternating pairs of SmolLM2 steps 3.38 s against 3.78 s at
+/// 85 rows (less CPU time in each pair), for 50-80 MiB more peak memory.
+pub fn sweep_chunk_bytes(kind: Kind) -> i64 {
+    match kind {
+        Kind::Float => (1 << 25) - (1 << 16),
+        _ => 1 << 24,
+    }
+}
 
 /// Token rows per chunk: `requested` when positive, else as many as fit the device's budget.
 pub fn chunk_rows(requested: i64, vocab: i64, device: Device) -> i64 {

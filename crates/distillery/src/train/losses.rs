@@ -9,7 +9,7 @@
 //!
 //! Every function returns sums over tokens; the caller divides by the token count of the
 //! optimizer step, so means are token-weighted across micro-batches.
-use crate::base::batch::{chunk_rows, row_chunks, CHUNK_BYTES_CPU_SWEEP};
+use crate::base::batch::{chunk_rows, row_chunks, sweep_chunk_bytes};
 use crate::base::gemm::{addmm_bf16_into_f32, bf16_gemm_accumulates_in_fp32};
 use crate::model::CausalLm;
 use crate::train::logit_grad::{forward_kl_logit_grad, LogitGradWeights, RowSums};
@@ -294,7 +294,7 @@ pub fn chunked_forward_kl(
     };
     let sweep = device == Device::Cpu && fp32_or_bf16(head.kind()) && teacher_kind.is_none_or(fp32_or_bf16);
     let chunk = if sweep && w.chunk <= 0 {
-        (CHUNK_BYTES_CPU_SWEEP / (student.config.vocab_size.max(1) * head.kind().elt_size_in_bytes() as i64)).max(16)
+        (sweep_chunk_bytes(head.kind()) / (student.config.vocab_size.max(1) * head.kind().elt_size_in_bytes() as i64)).max(16)
     } else {
         chunk
     };
