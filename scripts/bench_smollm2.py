@@ -33,6 +33,8 @@ import bench  # noqa: E402
 import llamacpp  # noqa: E402
 
 BATCH, SEQ, WARM = 4, 256, 2
+# Partial checkpointing's point: the first half of the student's 16 layers recomputed.
+HALF_RECOMPUTED = 8
 GEN_PROMPTS, GEN_NEW = 16, 64
 
 
@@ -122,12 +124,14 @@ def shape_of(model_dir):
     return {k: c[k] for k in keys} | ({"head_dim": c["head_dim"]} if c.get("head_dim") else {})
 
 
-def ours_distill(teacher, student, data, work, steps, dtype, checkpointing=False):
+def ours_distill(teacher, student, data, work, steps, dtype, checkpointing=False, recompute=None):
+    """tokens/s and peak RSS of kd-distill; with `checkpointing`, `recompute` limits the layers
+    recomputed to the first N (`--checkpoint-layers`; all when None)."""
     out = Path(work) / f"distill-{dtype}"
     shutil.rmtree(out, ignore_errors=True)
+    ckpt = (["--gradient-checkpointing"] + (["--checkpoint-layers", recompute] if recompute is not None else [])) if checkpointing else []
     _, rss, _ = bench.run_measured(bench.kd_distill_cmd(teacher, student, data, out, BATCH, SEQ, steps, "cpu", "--warmup", 0,
-                                                        "--dtype", dtype, "--lr", 1e-4,
-                                                        *(["--gradient-checkpointing"] if checkpointing else [])))
+                                                        "--dtype", dtype, "--lr", 1e-4, *ckpt))
     secs = [float(r["seconds"]) for r in csv.DictReader(open(out / "metrics.csv"))]
     step = statistics.median([t1 - t0 for t0, t1 in zip(secs[WARM - 1:], secs[WARM:])])
     return BATCH * SEQ / step, rss
@@ -212,12 +216,14 @@ def main():
         fpt = bench.flops_per_token(s_shape, SEQ, True) + bench.flops_per_token(t_shape, SEQ, False)
         data = bench.fixed_length_data(w / "data.jsonl", t_shape["vocab_size"], BATCH * a.steps, SEQ)
         for dtype in ("fp32", "bf16"):
-            runs = {"ours": [], "eager": [], "compile": [], "ours_ckpt": [], "eager_ckpt": []}
+            runs = {"ours": [], "eager": [], "compile": [], "ours_ckpt": [], "ours_half": [], "eager_ckpt": []}
             for r in range(a.repeats):
                 ours_dtype = "f32" if dtype == "fp32" else "bf16"
                 runs["ours"].append(ours_distill(teacher, student, data, work, a.steps, ours_dtype))
                 runs["eager"].append(reference_distill(teacher, student, a.steps, dtype, False))
                 runs["ours_ckpt"].append(ours_distill(teacher, student, data, work, a.steps, ours_dtype, checkpointing=True))
+                runs["ours_half"].append(ours_distill(teacher, student, data, work, a.steps, ours_dtype, checkpointing=True,
+                                                      recompute=HALF_RECOMPUTED))
                 if r == 0:
                     # Both sides with activation checkpointing (transformers' for the reference).
                     runs["eager_ckpt"].append(reference_distill(teacher, student, a.steps, dtype, False, checkpointing=True))
@@ -269,15 +275,17 @@ def main():
                      f"{floor:.0f} ({floor / b:.2f}x the best) | {f * o / pk:.0%} | {f * b / pk:.0%} | "
                      f"{bench.mib(orss)} | {bench.mib(brss)} | {orss / brss:.2f}x |")
     lines += ["", "With activation checkpointing (`kd-distill --gradient-checkpointing`: each student layer recomputed "
-              "in the backward pass; the reference: transformers' `gradient_checkpointing_enable`, non-reentrant, "
+              f"in the backward pass, or only the first {HALF_RECOMPUTED} of the student's 16 with `--checkpoint-layers "
+              f"{HALF_RECOMPUTED}`; the reference: transformers' `gradient_checkpointing_enable`, non-reentrant, "
               "eager, one run). The ratios are against the best reference of the table above, which keeps its "
               "activations, and, last, against the reference with checkpointing too:", "",
-              "| dtype | Distillery tokens/s | Distillery peak RSS | speed ratio | memory ratio | reference (checkpointing) tokens/s | its peak RSS | memory ratio to it |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| dtype | layers recomputed | Distillery tokens/s | Distillery peak RSS | speed ratio | memory ratio | reference (checkpointing) tokens/s | its peak RSS | memory ratio to it |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for dtype, med, best, f, floor in rows:
-        (o, orss), (b, brss), (rc, rcrss) = med["ours_ckpt"], med[best], med["eager_ckpt"]
-        lines.append(f"| {dtype} | {o:.0f} | {bench.mib(orss)} | {o / b:.2f}x | {orss / brss:.2f}x | {rc:.0f} | "
-                     f"{bench.mib(rcrss)} | {orss / rcrss:.2f}x |")
+        for key, layers in (("ours_ckpt", "all 16"), ("ours_half", f"first {HALF_RECOMPUTED}")):
+            (o, orss), (b, brss), (rc, rcrss) = med[key], med[best], med["eager_ckpt"]
+            lines.append(f"| {dtype} | {layers} | {o:.0f} | {bench.mib(orss)} | {o / b:.2f}x | {orss / brss:.2f}x | {rc:.0f} | "
+                         f"{bench.mib(rcrss)} | {orss / rcrss:.2f}x |")
     lines += ["", "Matmul-only bound: tokens/s if the step did nothing but its matrix products and attention "
               "(`gemm_floor`: every product of the teacher's forward and the student's forward and backward, "
               "and SDPA, each timed alone at its shape on this machine, summed). No implementation of the same "
