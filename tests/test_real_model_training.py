@@ -83,10 +83,15 @@ def test_first_step_on_the_real_model(models, tmp_path):
     bf16 = first_step(models, tmp_path, "bf16", "--dtype", "bf16")
     for k, rel in (("ce", 0.01), ("kd", 0.02), ("grad_norm", 0.05)):
         assert bf16[k] == pytest.approx(f32[k], rel=rel), (k, bf16[k], f32[k])
+    # Checkpointing recomputes each layer through autograd; the plain run's layers on the CPU
+    # are lean (crates/distillery/src/model/causal_lm.rs: a hand-written backward pass whose
+    # projection gradients add up in another order). In fp32 the two agree to the last digits;
+    # in bf16 each rounds its gradients in its own order, which moves the gradient norm by about
+    # 0.1% (measured: fp32 61.134, lean bf16 60.771, recomputed bf16 60.848).
     for dtype, plain in (("f32", f32), ("bf16", bf16)):
         ckpt = first_step(models, tmp_path, f"{dtype}-ckpt", "--dtype", dtype, "--gradient-checkpointing")
         for k in plain:
-            assert ckpt[k] == pytest.approx(plain[k], rel=1e-5 if dtype == "f32" else 1e-3), (dtype, k, ckpt[k], plain[k])
+            assert ckpt[k] == pytest.approx(plain[k], rel=1e-5 if dtype == "f32" else 5e-3), (dtype, k, ckpt[k], plain[k])
     # Partial checkpointing: 3 of the 8 layers recomputed, the rest kept.
     part = first_step(models, tmp_path, "f32-ckpt3", "--dtype", "f32", "--gradient-checkpointing", "--checkpoint-layers", 3)
     for k in f32:

@@ -20,6 +20,32 @@ pub fn autograd_records(tensors: &[&Tensor]) -> bool {
     tensors.iter().any(|t| t.requires_grad()) && grad_enabled()
 }
 
+/// Adds `g` to `param`'s gradient (in place once it exists; the first time through autograd,
+/// which is the only way to create a gradient through this binding: d/dp sum(p * g) = g).
+/// A `g` of another dtype (a bf16 compute copy's gradient into its fp32 master) is added in
+/// slices: on the CPU a mixed-dtype add converts its whole operand first, which for a model's
+/// embedding table is a 100+ MiB fp32 transient. The sums are the same either way.
+pub fn add_to_grad(param: &Tensor, g: &Tensor) {
+    const SLICE: i64 = 1 << 22;
+    let mut grad = param.grad();
+    if grad.defined() {
+        tch::no_grad(|| {
+            if grad.kind() == g.kind() || !grad.is_contiguous() || !g.is_contiguous() || grad.size() != g.size() {
+                let _ = grad.g_add_(&g.to_kind(grad.kind()));
+                return;
+            }
+            let (dst, src) = (grad.view([-1]), g.view([-1]));
+            let n = src.size()[0];
+            for start in (0..n).step_by(SLICE as usize) {
+                let len = SLICE.min(n - start);
+                let _ = dst.narrow(0, start, len).g_add_(&src.narrow(0, start, len));
+            }
+        });
+    } else {
+        (param * g.to_kind(param.kind()).detach()).sum(Kind::Float).backward();
+    }
+}
+
 /// `auto` takes CUDA when present, else the CPU; `cuda:N` picks a GPU.
 pub fn parse_device(s: &str) -> Result<Device> {
     Ok(match s {

@@ -10,6 +10,7 @@
 //! Every function returns sums over tokens; the caller divides by the token count of the
 //! optimizer step, so means are token-weighted across micro-batches.
 use crate::base::batch::{chunk_rows, row_chunks, sweep_chunk_bytes};
+use crate::base::device::add_to_grad;
 use crate::base::gemm::{addmm_bf16_into_f32, bf16_gemm_accumulates_in_fp32};
 use crate::model::CausalLm;
 use crate::train::logit_grad::{forward_kl_logit_grad, LogitGradWeights, RowSums};
@@ -417,32 +418,6 @@ pub fn chunked_forward_kl(
     let sums = Tensor::stack(&[ce_sum, kd_sum], 0).to_device(Device::Cpu);
     let sums = Vec::<f64>::try_from(sums).expect("two f64 loss sums");
     LogitLossSums { ce: sums[0] + swept.ce, kd: if matches!(teacher, TeacherRows::None) { 0.0 } else { sums[1] + swept.kd } }
-}
-
-/// Adds `g` to `param`'s gradient (in place once it exists; the first time through autograd,
-/// which is the only way to create a gradient through this binding: d/dp sum(p * g) = g).
-/// A `g` of another dtype (a bf16 compute copy's gradient into its fp32 master) is added in
-/// slices: on the CPU a mixed-dtype add converts its whole operand first, which for a model's
-/// embedding table is a 100+ MiB fp32 transient. The sums are the same either way.
-pub fn add_to_grad(param: &Tensor, g: &Tensor) {
-    const SLICE: i64 = 1 << 22;
-    let mut grad = param.grad();
-    if grad.defined() {
-        tch::no_grad(|| {
-            if grad.kind() == g.kind() || !grad.is_contiguous() || !g.is_contiguous() || grad.size() != g.size() {
-                let _ = grad.g_add_(&g.to_kind(grad.kind()));
-                return;
-            }
-            let (dst, src) = (grad.view([-1]), g.view([-1]));
-            let n = src.size()[0];
-            for start in (0..n).step_by(SLICE as usize) {
-                let len = SLICE.min(n - start);
-                let _ = dst.narrow(0, start, len).g_add_(&src.narrow(0, start, len));
-            }
-        });
-    } else {
-        (param * g.to_kind(param.kind()).detach()).sum(Kind::Float).backward();
-    }
 }
 
 /// The per-token reverse KL estimated from the sampled token, for on-policy batches whose

@@ -13,6 +13,7 @@ use crate::data::records::Record;
 use crate::model::token_bytes::TokenBytes;
 use crate::train::cross::{chunked_span_loss, CrossTokenizer, CrossWeights, SpanRows, TeacherSide, VocabMap};
 use crate::data::examples::{build_examples, Example, Sampler, TrainBatch};
+use crate::base::device::add_to_grad;
 use crate::model::checkpoint::{load_model, save_pretrained, write_safetensors, ModelFiles};
 use crate::stages::eval::metrics::{evaluate, EvalMetrics};
 use crate::teacher::served::{sparse_teacher, ServedSettings, ServedTeacher};
@@ -21,7 +22,7 @@ use crate::base::io::{ensure_space, sync_dir, write_atomic, write_json_atomic, w
 use crate::base::lock::OutputLock;
 use crate::base::signals::{signal_name, stop_requested, Stopped};
 use crate::train::losses::{
-    add_to_grad, attention_loss_sum, chunked_forward_kl, chunked_logit_losses_autograd, chunked_sampled_reverse_kl, hidden_loss_sum,
+    attention_loss_sum, chunked_forward_kl, chunked_logit_losses_autograd, chunked_sampled_reverse_kl, hidden_loss_sum,
     teacher_target_logprobs, Divergence, HiddenMetric, LogitLossWeights, TeacherRows,
 };
 use crate::model::causal_lm::{Capture, CausalLm, LayerSet};
@@ -1100,9 +1101,11 @@ impl Trainer {
         // On the CPU the layers run from leaf inputs even without checkpointing (none
         // recomputed): the embedded rows' gradient then goes into the table's gradient in place,
         // where autograd's embedding backward would first build a dense gradient the size of the
-        // table (113 MiB for SmolLM2's, freshly mapped every step: about 130 MB of peak RSS). A
-        // GPU keeps autograd's, whose sorted accumulation is deterministic (index_add_'s atomics
-        // are not).
+        // table (113 MiB for SmolLM2's, freshly mapped every step: about 130 MB of peak RSS),
+        // and Llama-style layers keep only what their hand-written backward pass reads (about
+        // half of autograd's saved tensors: `forward_checkpointed`). A GPU keeps autograd's
+        // pass, whose sorted embedding accumulation is deterministic (index_add_'s atomics are
+        // not).
         let leaf_layers = self.cfg.gradient_checkpointing || self.device == Device::Cpu;
         let (s_out, checkpointed) = if leaf_layers {
             let recompute = if self.cfg.gradient_checkpointing { self.cfg.checkpoint_layers.unwrap_or(usize::MAX) } else { 0 };
