@@ -10,34 +10,13 @@ use distillery::train::trainer::{DistillConfig, LayerMap, Summary, TrainSchedule
 use std::path::PathBuf;
 use tch::{Device, Kind};
 
-/// jemalloc for the whole process: its unprefixed `malloc` and `free` also serve libtorch's
-/// CPU tensors (why: the workspace's Cargo.toml, and `distillery::base::alloc`).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[global_allocator]
-static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-/// Returns every jemalloc arena's unused pages to the OS at once (`arena.<all>.purge`), for the
-/// library's calls after one-off phases such as loading a checkpoint (otherwise they would
-/// stay resident until jemalloc's decay, seconds into training).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn purge_jemalloc() {
-    // MALLCTL_ARENAS_ALL: the pseudo-arena index meaning all arenas.
-    let name = c"arena.4096.purge";
-    // SAFETY: a purge reads and writes nothing through the (null) pointers and touches no
-    // live allocation.
-    unsafe {
-        tikv_jemalloc_sys::mallctl(name.as_ptr(), std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut(), 0);
-    }
-}
-
 /// Runs a stage's body; prints its summary, or `stage: error: ...` with its causes and
 /// exits 1. A run stopped by a signal after saving its state prints where and exits
 /// [`EXIT_STOPPED`] (75). Either way the invocation goes to the command log when
 /// `KD_COMMAND_LOG` is set.
 pub fn run(stage: &str, body: impl FnOnce() -> Result<String>) {
     use distillery::base::provenance::{log_command, CommandRecord};
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    distillery::base::alloc::set_release(purge_jemalloc);
+    distillery::base::alloc::tune_cpu_allocator();
     let started = std::time::SystemTime::now();
     let result = body();
     if let Err(e) = log_command(&CommandRecord::new(stage, started, result.is_ok())) {

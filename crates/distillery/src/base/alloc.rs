@@ -1,14 +1,11 @@
-//! Allocator settings for a process whose tensors come from glibc's malloc. The stage binaries
-//! do not use them: kd-cli makes jemalloc the process's allocator, libtorch's tensors included
-//! (its reasons: the workspace's Cargo.toml). A program that links the library and keeps
-//! glibc's malloc can call these.
+//! Allocator settings for a pipeline-stage process.
 
-/// libtorch's CPU allocator takes every tensor from malloc. With glibc's defaults,
+/// libtorch's CPU allocator takes every tensor from glibc malloc. With glibc's defaults,
 /// blocks above a moving mmap threshold get fresh mappings and freed heap tops go back to
 /// the OS, so each training step faults in and zeroes its large activations again: about a
 /// fifth of a CPU distillation step in `perf`. A fixed threshold at glibc's ceiling (32 MiB)
 /// and no trimming keep freed blocks for reuse; the process keeps its high-water mark until
-/// it exits (fine for a one-job process such as a pipeline stage).
+/// it exits (fine for a pipeline stage, which is why only the stage binaries' entry point calls this).
 pub fn tune_cpu_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; called before tensors exist.
@@ -18,24 +15,12 @@ pub fn tune_cpu_allocator() {
     }
 }
 
-static RELEASE: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
-
-/// Makes [`release_free_memory`] call `release` instead of glibc's `malloc_trim`: for a process
-/// whose malloc is another allocator (kd-cli sets jemalloc's purge of every arena).
-pub fn set_release(release: fn()) {
-    let _ = RELEASE.set(release);
-}
-
-/// Hands the heap's free blocks back to the OS (`malloc_trim`, or what [`set_release`] set). With trimming off (above),
+/// Hands the heap's free blocks back to the OS (`malloc_trim`). With trimming off (above),
 /// what a one-off phase freed stays resident: loading a checkpoint reads every tensor before
 /// copying it into the model, and the read copies (the size of the model) would otherwise
 /// count in the process's memory for the rest of the run. Call it after such phases, not in
 /// a loop: blocks freed and reused every step are better kept.
 pub fn release_free_memory() {
-    if let Some(release) = RELEASE.get() {
-        release();
-        return;
-    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only returns free memory to the OS; it touches no live block.
     unsafe {
