@@ -11,7 +11,7 @@
 //! so full `[batch, seq, vocab]` tensors need not exist.
 use crate::base::gemm;
 use crate::base::device::add_to_grad;
-use crate::model::step_kernels;
+use crate::model::row_kernels::{self, Rotation};
 use crate::model::arch::{MlpNames, NormKind, Positions, QkvNames, WeightLayout};
 use crate::model::config::{Activation, Llama3RopeScaling, ModelConfig};
 use anyhow::{bail, ensure, Result};
@@ -60,7 +60,7 @@ impl Linear {
             }
         } else {
             // A decoding step's few rows: MKL's product, not oneDNN's (see `small_bf16_linear`).
-            let step = step_kernels::in_decoding_step().then(|| gemm::small_bf16_linear(x, &self.weight, self.bias.as_ref()));
+            let step = row_kernels::in_decoding_step().then(|| gemm::small_bf16_linear(x, &self.weight, self.bias.as_ref()));
             step.flatten().unwrap_or_else(|| x.linear(&self.weight, self.bias.as_ref()))
         }
     }
@@ -102,9 +102,9 @@ enum Norm {
 }
 
 /// RMSNorm computed in fp32 and cast back, as `LlamaRMSNorm` does (a decoding step's few rows
-/// in one pass, [`step_kernels::rms_norm`]).
+/// in one pass, [`row_kernels::rms_norm`]).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
-    step_kernels::rms_norm(x, weight, eps).unwrap_or_else(|| rms_norm_ops(x, weight, eps))
+    row_kernels::rms_norm(x, weight, eps).unwrap_or_else(|| rms_norm_ops(x, weight, eps))
 }
 
 /// [`rms_norm`] as libtorch operators.
@@ -178,9 +178,9 @@ fn rotate_half(x: &Tensor) -> Tensor {
 }
 
 /// Rotary position embedding of `x` `[b, heads, t, hd]` by the tables `cos`, `sin` `[b, t,
-/// hd]` (a decoding step's few rows in one pass, [`step_kernels::rotary`]).
+/// hd]` (in one pass where nothing is recorded, [`row_kernels::rotary`]).
 fn rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
-    step_kernels::rotary(x, cos, sin).unwrap_or_else(|| rotary_ops(x, cos, sin))
+    row_kernels::rotary(x, cos, sin, Rotation::Forward).unwrap_or_else(|| rotary_ops(x, cos, sin))
 }
 
 /// [`rotary`] as libtorch operators, as transformers' `apply_rotary_pos_emb`.
@@ -355,6 +355,12 @@ fn activate(x: &Tensor, act: Activation) -> Tensor {
     }
 }
 
+/// `act(gate) * up`: one pass for SiLU where [`row_kernels::silu_mul`] applies.
+fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> Tensor {
+    let fused = (act == Activation::Silu).then(|| row_kernels::silu_mul(gate, up)).flatten();
+    fused.unwrap_or_else(|| activate(gate, act) * up)
+}
+
 impl Mlp {
     fn new(p: nn::Path, cfg: &ModelConfig, std: f64) -> Mlp {
         let spec = cfg.spec();
@@ -371,7 +377,7 @@ impl Mlp {
     /// The output; an observer sees the intermediate activations `[b, t, intermediate]`.
     fn forward(&self, x: &Tensor, observer: &mut dyn ForwardObserver, layer: usize) -> Tensor {
         let (mid, out_proj) = match self {
-            Mlp::Gated { gate, up, down, act } => (activate(&gate.forward(x), *act) * up.forward(x), down),
+            Mlp::Gated { gate, up, down, act } => (gated(&gate.forward(x), &up.forward(x), *act), down),
             Mlp::Plain { fc, proj, act } => (activate(&fc.forward(x), *act), proj),
         };
         observer.ffn_inner(layer, &mid);
@@ -482,18 +488,19 @@ impl Block {
             let mid = x + self.attn.o.forward(&attn.transpose(1, 2).reshape([b, t, nh * hd]));
             let normed = self.norm_mlp.forward(&mid);
             let (g, u) = (gate.forward(&normed), up.forward(&normed));
-            let out = &mid + down.forward(&(activate(&g, *act) * &u));
+            let out = &mid + down.forward(&gated(&g, &u, *act));
             (out, mid, g, u)
         });
         (out, LeanSaved { q, k, v, attn, mid, gate: g, up: u })
     }
 
     /// The backward pass of [`Block::forward_lean`]: `grad` is the gradient of the layer's
-    /// output; the parameters' gradients are accumulated and the input's added into
-    /// `x.grad()`. The projections' gradients are GEMMs on recomputed inputs (the norms' outputs
-    /// and the activation's product); the elementwise parts go through autograd on small graphs
-    /// rebuilt from the saved tensors, so they are differentiated exactly as in a plain pass.
-    fn backward_lean(&self, x: &Tensor, grad: &Tensor, saved: LeanSaved, ctx: &LayerInputs) {
+    /// output; the parameters' gradients are accumulated and the input's returned. The
+    /// projections' gradients are GEMMs on recomputed inputs (the norms' outputs and the
+    /// activation's product). The elementwise parts (the norms, the activation) are one-pass
+    /// kernels on the CPU ([`row_kernels`]), elsewhere autograd on small graphs rebuilt from the
+    /// saved tensors; SDPA's backward is always autograd's.
+    fn backward_lean(&self, x: &Tensor, grad: &Tensor, saved: LeanSaved, ctx: &LayerInputs) -> Tensor {
         let LeanSaved { q, k, v, attn, mid, gate: g, up: u } = saved;
         let Mlp::Gated { gate, up, down, act } = &self.mlp else { unreachable!("checked by lean_applies") };
         let Qkv::Separate { q: q_proj, k: k_proj, v: v_proj } = &self.attn.qkv else { unreachable!("checked by lean_applies") };
@@ -503,24 +510,20 @@ impl Block {
             let width = t.size().last().copied().unwrap();
             t.reshape([-1, width])
         };
-        let grad = rows(grad);
+        let grad = grad.view([b, t, h]);
         // MLP: out = mid + down(act(g) * u), g = gate(norm(mid)), u = up(norm(mid)).
-        let (g, u) = (g.set_requires_grad(true), u.set_requires_grad(true));
-        let product = activate(&g, *act) * &u;
-        let d_product = linear_backward(down, &rows(&product.detach()), &grad);
-        backward_through(&product, &d_product.view(product.size().as_slice()));
+        let product = tch::no_grad(|| gated(&g, &u, *act));
+        let d_product = linear_backward(down, &rows(&product), &rows(&grad)).view(product.size().as_slice());
         drop(product);
-        let mid = mid.set_requires_grad(true);
-        let normed = self.norm_mlp.forward(&mid);
-        let normed_rows = rows(&normed.detach());
-        let mut d_normed = linear_backward(gate, &normed_rows, &rows(&g.grad()));
-        d_normed += linear_backward(up, &normed_rows, &rows(&u.grad()));
-        drop((g, u, normed_rows));
-        backward_through(&normed, &d_normed.view([b, t, h]));
-        drop((normed, d_normed));
+        let (dg, du) = gated_backward(&g, &u, *act, &d_product);
+        drop((g, u, d_product));
+        let normed_rows = rows(&tch::no_grad(|| self.norm_mlp.forward(&mid)));
+        let mut d_normed = linear_backward(gate, &normed_rows, &rows(&dg));
+        d_normed += linear_backward(up, &normed_rows, &rows(&du));
+        drop((dg, du, normed_rows));
         // The residual: mid's gradient is the output's plus what came back through the MLP.
-        let d_mid = mid.grad() + grad.view([b, t, h]);
-        drop(mid);
+        let d_mid = norm_backward(&self.norm_mlp, &mid, &d_normed.view([b, t, h]), &grad);
+        drop((mid, d_normed));
         // Attention: mid = x + o(sdpa(q, k, v)).
         let d_attn = linear_backward(&self.attn.o, &attn.detach().transpose(1, 2).reshape([b * t, nh * hd]), &rows(&d_mid));
         backward_through(&attn, &d_attn.view([b, t, nh, hd]).transpose(1, 2));
@@ -528,10 +531,10 @@ impl Block {
         // The rotation's transpose: rotate_half^T = -rotate_half, so
         // d(x cos + rotate_half(x) sin) / dx applied to g is g cos - rotate_half(g sin).
         let unrotate = |g: Tensor| match ctx.rope.as_ref() {
-            Some((cos, sin)) => {
+            Some((cos, sin)) => row_kernels::rotary(&g, cos, sin, Rotation::Transpose).unwrap_or_else(|| {
                 let (cos, sin) = (cos.unsqueeze(1), sin.unsqueeze(1));
                 &g * &cos - rotate_half(&(&g * &sin))
-            }
+            }),
             None => g,
         };
         let heads_rows = |g: Tensor, heads: i64| g.transpose(1, 2).reshape([b * t, heads * hd]);
@@ -539,18 +542,45 @@ impl Block {
         let dk = heads_rows(tch::no_grad(|| unrotate(k.grad())), nkv);
         let dv = heads_rows(v.grad(), nkv);
         drop((q, k, v));
-        let normed = self.norm_attn.forward(x);
-        let normed_rows = rows(&normed.detach());
+        let x = x.detach();
+        let normed_rows = rows(&tch::no_grad(|| self.norm_attn.forward(&x)));
         let mut d_normed = linear_backward(q_proj, &normed_rows, &dq);
         d_normed += linear_backward(k_proj, &normed_rows, &dk);
         d_normed += linear_backward(v_proj, &normed_rows, &dv);
         drop((dq, dk, dv, normed_rows));
-        backward_through(&normed, &d_normed.view([b, t, h]));
-        drop((normed, d_normed));
-        let mut dx = x.grad();
-        tch::no_grad(|| {
-            let _ = dx.g_add_(&d_mid);
-        });
+        norm_backward(&self.norm_attn, &x, &d_normed.view([b, t, h]), &d_mid)
+    }
+}
+
+/// The gradients of `gate` and `up` for `d_product`, the gradient of `act(gate) * up`: one
+/// pass for SiLU where [`row_kernels::silu_mul_backward`] applies, else autograd on the
+/// product rebuilt from the two.
+fn gated_backward(gate: &Tensor, up: &Tensor, act: Activation, d_product: &Tensor) -> (Tensor, Tensor) {
+    let fused = tch::no_grad(|| (act == Activation::Silu).then(|| row_kernels::silu_mul_backward(gate, up, d_product)).flatten());
+    fused.unwrap_or_else(|| {
+        let (g, u) = (gate.detach().set_requires_grad(true), up.detach().set_requires_grad(true));
+        backward_through(&(activate(&g, act) * &u), d_product);
+        (g.grad(), u.grad())
+    })
+}
+
+/// The gradient of an RMSNorm's input `x` for `d_normed`, the gradient of its output, plus
+/// `residual` (the gradient that reaches `x` around the norm); the weight's gradient is added
+/// into its `.grad`. One pass where [`row_kernels::rms_norm_backward`] applies, else autograd on
+/// the norm run again.
+fn norm_backward(norm: &Norm, x: &Tensor, d_normed: &Tensor, residual: &Tensor) -> Tensor {
+    let Norm::Rms { weight, eps } = norm else { unreachable!("checked by lean_applies") };
+    let fused = tch::no_grad(|| row_kernels::rms_norm_backward(x, weight, d_normed, *eps, Some(residual)));
+    match fused {
+        Some((dx, dw)) => {
+            add_to_grad(weight, &dw.to_kind(weight.kind()));
+            dx
+        }
+        None => {
+            let leaf = x.detach().set_requires_grad(true);
+            backward_through(&norm.forward(&leaf), d_normed);
+            tch::no_grad(|| leaf.grad() + residual)
+        }
     }
 }
 
@@ -861,7 +891,7 @@ impl CausalLm {
     ) -> Result<ForwardOutput> {
         let past = cache.as_ref().map_or(0, |c| c.len());
         // With a cache this is a step of generation: its few rows may take the step kernels.
-        let _step = cache.is_some().then(step_kernels::DecodingStep::enter);
+        let _step = cache.is_some().then(row_kernels::DecodingStep::enter);
         let (mut x, ctx) = self.embed_inputs(input_ids, attention_mask, past)?;
         let mut hidden_states = vec![];
         let mut attentions = vec![];
@@ -962,7 +992,12 @@ impl CausalLm {
             let kept = kept.pop().expect("one entry per layer");
             if let Kept::Lean(saved) = kept {
                 if grad.defined() {
-                    layer.backward_lean(&input, &grad, saved, &ctx);
+                    // The input's gradient: the layer's, plus any a loss on the input itself
+                    // (hidden-state matching) left in its `.grad`.
+                    let dx = layer.backward_lean(&input, &grad, saved, &ctx);
+                    let own = input.grad();
+                    grad = if own.defined() { tch::no_grad(|| own + dx) } else { dx };
+                    continue;
                 }
             } else if grad.defined() || probs_grad.is_some() {
                 // A kept layer's graph, or the layer again on its input, on the same attention

@@ -8,7 +8,7 @@ pub mod config;
 pub mod decode;
 pub mod gguf;
 pub mod gguf_hf;
-pub mod step_kernels;
+pub mod row_kernels;
 pub mod token_bytes;
 pub mod tokenizer;
 
