@@ -101,8 +101,8 @@ enum Norm {
     Layer { weight: Tensor, bias: Tensor, eps: f64 },
 }
 
-/// RMSNorm computed in fp32 and cast back, as `LlamaRMSNorm` does (a decoding step's few rows
-/// in one pass, [`row_kernels::rms_norm`]).
+/// RMSNorm computed in fp32 and cast back, as `LlamaRMSNorm` does (in one pass where nothing
+/// is recorded, [`row_kernels::rms_norm`]).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Tensor {
     row_kernels::rms_norm(x, weight, eps).unwrap_or_else(|| rms_norm_ops(x, weight, eps))
 }

@@ -35,7 +35,8 @@ thread_local! {
 }
 
 /// Marks this thread as inside a decoding step's forward pass until dropped (libtorch's grad
-/// mode is thread-local too, and the forward pass runs on the thread that calls it).
+/// mode is thread-local too, and the forward pass runs on the thread that calls it). The
+/// kernels here do not ask; a decoding step's bf16 projections do (`gemm::small_bf16_linear`).
 pub struct DecodingStep {
     was: bool,
 }
@@ -623,8 +624,8 @@ mod tests {
     fn anything_else_is_left_to_libtorch() {
         let w = random(&[8], Kind::Float, 6);
         let (cos, sin) = (random(&[1, 2, 8], Kind::Float, 13), random(&[1, 2, 8], Kind::Float, 14));
-        // Rotary embedding outside a decoding step (training, evaluation, a prompt), even with
-        // grad mode off; RMSNorm anywhere nothing is recorded, at any number of rows.
+        // Outside a decoding step too (training, evaluation, a prompt), at any number of rows,
+        // where nothing is recorded.
         let x = random(&[1, 4, 2, 8], Kind::Float, 15);
         assert!(tch::no_grad(|| rotary(&x, &cos, &sin, Rotation::Forward)).is_some());
         assert!(tch::no_grad(|| rms_norm(&random(&[100, 8], Kind::Float, 7), &w, 1e-5)).is_some());
