@@ -510,7 +510,8 @@ impl Block {
             let width = t.size().last().copied().unwrap();
             t.reshape([-1, width])
         };
-        let grad = grad.view([b, t, h]);
+        // (Contiguous, as the kernels read it.)
+        let grad = grad.reshape([b, t, h]);
         // MLP: out = mid + down(act(g) * u), g = gate(norm(mid)), u = up(norm(mid)).
         let product = tch::no_grad(|| gated(&g, &u, *act));
         let d_product = linear_backward(down, &rows(&product), &rows(&grad)).view(product.size().as_slice());
