@@ -18,8 +18,8 @@
 //! `exp` ([`crate::base::elem::exp`], within 2.5e-7 of the library's), so a last bit may
 //! differ (in bf16 a rare element rounds the other way).
 //!
-//! The kernels take CPU tensors in fp32 or bf16, contiguous, with nothing for autograd to
-//! record: the teacher's forward pass, evaluation, decoding, and the lean layers of a training
+//! The kernels take CPU tensors in fp32 or bf16, contiguous (rotary embedding: any layout whose
+//! head dimension is dense), with nothing for autograd to record: the teacher's forward pass, evaluation, decoding, and the lean layers of a training
 //! step ([`crate::model::causal_lm`]'s `forward_lean` / `backward_lean`, whose backward pass
 //! calls the backward kernels directly). A forward pass that autograd records keeps libtorch's
 //! operators. Where a kernel does not apply it returns `None`, and the caller runs the
