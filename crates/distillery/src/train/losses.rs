@@ -299,11 +299,16 @@ pub fn chunked_forward_kl(
     } else {
         chunk
     };
-    // The sweep's buffers: student logits, teacher logits, gradient.
+    // The sweep's buffers: student logits, teacher logits, gradient. The gradient overwrites
+    // the student's logits where it has their dtype (an fp32 head, or a bf16 one whose
+    // gradient products run in bf16): one [rows, vocab] buffer fewer at the step's peak.
     let sweep_buffers = sweep.then(|| {
         let rows = chunk.min(hidden.size()[0]);
         let buffer = |kind: Kind| Tensor::empty([rows, student.config.vocab_size], (kind, device));
-        (buffer(head.kind()), teacher_kind.map(buffer), buffer(if bf16_head_gemm_into_fp32 { Kind::BFloat16 } else { Kind::Float }))
+        let grad_kind = if bf16_head_gemm_into_fp32 { Kind::BFloat16 } else { Kind::Float };
+        let z = buffer(head.kind());
+        let g = if grad_kind == head.kind() { z.shallow_clone() } else { buffer(grad_kind) };
+        (z, teacher_kind.map(buffer), g)
     });
     let host_targets = sweep.then(|| Vec::<i64>::try_from(targets).expect("targets are i64"));
     let sweep_weights = LogitGradWeights {
