@@ -27,6 +27,7 @@
 use crate::base::device::autograd_records;
 use crate::base::elem::{elements, exp, rounded, Bf16, Element, Output};
 use crate::base::omp::parallel_tasks;
+use multiversion::multiversion;
 use std::cell::Cell;
 use tch::{Device, Kind, Tensor};
 
@@ -119,29 +120,10 @@ trait RowBlock: Sync {
     fn rows(&self, first: usize, count: usize);
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-fn rows_avx512<B: RowBlock>(block: &B, first: usize, count: usize) {
-    block.rows(first, count)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn rows_avx2<B: RowBlock>(block: &B, first: usize, count: usize) {
-    block.rows(first, count)
-}
-
+/// `block`'s rows, compiled for the widest vector instructions the CPU has (the kernels'
+/// `rows` are `#[inline(always)]`, so their loops are compiled into each copy).
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma"))]
 fn rows_widest<B: RowBlock>(block: &B, first: usize, count: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for (checked just above).
-        return unsafe { rows_avx512(block, first, count) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: as above.
-        return unsafe { rows_avx2(block, first, count) };
-    }
     block.rows(first, count)
 }
 

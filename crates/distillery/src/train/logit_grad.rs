@@ -15,6 +15,7 @@
 use anyhow::{ensure, Context, Result};
 use crate::base::elem::{elements, exp, Bf16, Element, Output};
 use crate::base::omp::parallel_tasks;
+use multiversion::multiversion;
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
@@ -139,45 +140,23 @@ fn row<S: Element, T: Element, G: Output, const TEMPERED: bool>(z: &[S], y: Opti
     RowSums { ce, kd: (kd.iter().map(|&v| f64::from(v)).sum::<f64>() + f64::from(teacher_poison)) * t2 }
 }
 
-/// Rows `z` (and `y`) of width `vocab` into `g`, in the widest vector instructions the CPU has.
+/// Rows `z` (and `y`) of width `vocab` into `g`, compiled for the widest vector instructions
+/// the CPU has (AVX-512, else AVX2; 16-lane blocks either way, so the sums are the same).
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma"))]
 fn rows<S: Element, T: Element, G: Output>(z: &[S], y: Option<&[T]>, targets: &[i64], vocab: usize, w: LogitGradWeights, g: &mut [G]) -> RowSums {
-    #[inline(always)]
-    fn each<S: Element, T: Element, G: Output>(z: &[S], y: Option<&[T]>, targets: &[i64], vocab: usize, w: LogitGradWeights, g: &mut [G]) -> RowSums {
-        let mut sums = RowSums::default();
-        for (r, gr) in g.chunks_exact_mut(vocab).enumerate() {
-            let zr = &z[r * vocab..(r + 1) * vocab];
-            let yr = y.map(|y| &y[r * vocab..(r + 1) * vocab]);
-            let target = targets[r] as usize;
-            sums = sums
-                + if w.temperature == 1.0 {
-                    row::<S, T, G, false>(zr, yr, target, w, gr)
-                } else {
-                    row::<S, T, G, true>(zr, yr, target, w, gr)
-                };
-        }
-        sums
+    let mut sums = RowSums::default();
+    for (r, gr) in g.chunks_exact_mut(vocab).enumerate() {
+        let zr = &z[r * vocab..(r + 1) * vocab];
+        let yr = y.map(|y| &y[r * vocab..(r + 1) * vocab]);
+        let target = targets[r] as usize;
+        sums = sums
+            + if w.temperature == 1.0 {
+                row::<S, T, G, false>(zr, yr, target, w, gr)
+            } else {
+                row::<S, T, G, true>(zr, yr, target, w, gr)
+            };
     }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    fn each_avx2<S: Element, T: Element, G: Output>(z: &[S], y: Option<&[T]>, targets: &[i64], vocab: usize, w: LogitGradWeights, g: &mut [G]) -> RowSums {
-        each(z, y, targets, vocab, w, g)
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-    fn each_avx512<S: Element, T: Element, G: Output>(z: &[S], y: Option<&[T]>, targets: &[i64], vocab: usize, w: LogitGradWeights, g: &mut [G]) -> RowSums {
-        each(z, y, targets, vocab, w, g)
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bw") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for (checked just above).
-        return unsafe { each_avx512(z, y, targets, vocab, w, g) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for (checked just above).
-        return unsafe { each_avx2(z, y, targets, vocab, w, g) };
-    }
-    each(z, y, targets, vocab, w, g)
+    sums
 }
 
 /// The logit gradient of one chunk into `g` `[rows, vocab]` (fp32 or bf16), from the

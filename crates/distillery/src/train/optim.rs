@@ -1,5 +1,6 @@
 //! AdamW as `torch.optim.AdamW` computes it, with state that can be saved and restored
 //! bit for bit, plus warmup-then-cosine learning rates and global-norm gradient clipping.
+use multiversion::multiversion;
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
@@ -172,53 +173,27 @@ fn fused_update(p: &mut Tensor, m: &mut Tensor, v: &mut Tensor, g: &Tensor, deca
 }
 
 /// `m = m*b1 + g*(1-b1); v = v*b2 + g*g*(1-b2)`, vectorised where the CPU allows.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma"))]
 fn moments(m: &mut [f32], v: &mut [f32], g: &[f32], s: &StepScalars) {
-    #[inline(always)]
-    fn each(m: &mut [f32], v: &mut [f32], g: &[f32], s: &StepScalars) {
-        let n = m.len();
-        let (v, g) = (&mut v[..n], &g[..n]);
-        for i in 0..n {
-            m[i] = m[i] * s.beta1 + g[i] * s.one_minus_beta1;
-            v[i] = v[i] * s.beta2 + g[i] * g[i] * s.one_minus_beta2;
-        }
+    let n = m.len();
+    let (v, g) = (&mut v[..n], &g[..n]);
+    for i in 0..n {
+        m[i] = m[i] * s.beta1 + g[i] * s.one_minus_beta1;
+        v[i] = v[i] * s.beta2 + g[i] * g[i] * s.one_minus_beta2;
     }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    fn each_avx512(m: &mut [f32], v: &mut [f32], g: &[f32], s: &StepScalars) {
-        each(m, v, g, s)
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked just above).
-        return unsafe { each_avx512(m, v, g, s) };
-    }
-    each(m, v, g, s)
 }
 
 /// `p = p*(1 - lr*wd)` (decayed groups) `- m / (root/sqrt(bc2) + eps) * (lr/bc1)`.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma"))]
 fn parameters(p: &mut [f32], m: &[f32], roots: &[f32], decay: Option<f32>, s: &StepScalars) {
-    #[inline(always)]
-    fn each(p: &mut [f32], m: &[f32], roots: &[f32], decay: Option<f32>, s: &StepScalars) {
-        let n = p.len();
-        let (m, roots) = (&m[..n], &roots[..n]);
-        // The decay branch outside the loop, so the loop body is branch-free.
-        let step = |p: f32, i: usize| p - m[i] / (roots[i] / s.sqrt_bc2 + s.eps) * s.step_size;
-        match decay {
-            Some(wd) => (0..n).for_each(|i| p[i] = step(p[i] * wd, i)),
-            None => (0..n).for_each(|i| p[i] = step(p[i], i)),
-        }
+    let n = p.len();
+    let (m, roots) = (&m[..n], &roots[..n]);
+    // The decay branch outside the loop, so the loop body is branch-free.
+    let step = |p: f32, i: usize| p - m[i] / (roots[i] / s.sqrt_bc2 + s.eps) * s.step_size;
+    match decay {
+        Some(wd) => (0..n).for_each(|i| p[i] = step(p[i] * wd, i)),
+        None => (0..n).for_each(|i| p[i] = step(p[i], i)),
     }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    fn each_avx512(p: &mut [f32], m: &[f32], roots: &[f32], decay: Option<f32>, s: &StepScalars) {
-        each(p, m, roots, decay, s)
-    }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F (checked just above).
-        return unsafe { each_avx512(p, m, roots, decay, s) };
-    }
-    each(p, m, roots, decay, s)
 }
 
 /// Whether `t` is exactly the memory of `view` (same start, shape and strides).
