@@ -478,20 +478,28 @@ impl Block {
     /// [`Block::backward_lean`]: the projections run without autograd, SDPA with it (its
     /// backward needs its own saved statistics). `x` is the layer's input leaf.
     fn forward_lean(&self, x: &Tensor, ctx: &LayerInputs) -> (Tensor, LeanSaved) {
+        let saved = self.lean_saved(x, ctx);
+        let Mlp::Gated { down, act, .. } = &self.mlp else { unreachable!("checked by lean_applies") };
+        let out = tch::no_grad(|| &saved.mid + down.forward(&gated(&saved.gate, &saved.up, *act)));
+        (out, saved)
+    }
+
+    /// What [`Block::forward_lean`] keeps, without the layer's output (the MLP's down
+    /// projection): all a recomputed layer's backward pass needs.
+    fn lean_saved(&self, x: &Tensor, ctx: &LayerInputs) -> LeanSaved {
         let (b, t, _) = x.size3().unwrap();
         let (nh, hd) = (self.attn.num_heads, self.attn.head_dim);
         let (q, k, v) = tch::no_grad(|| self.attn.project(&self.norm_attn.forward(x), ctx.rope.as_ref()));
         let (q, k, v) = (q.set_requires_grad(true), k.set_requires_grad(true), v.set_requires_grad(true));
         let attn = self.attn.attend(&q, &k, &v, &ctx.mask);
-        let Mlp::Gated { gate, up, down, act } = &self.mlp else { unreachable!("checked by lean_applies") };
-        let (out, mid, g, u) = tch::no_grad(|| {
+        let Mlp::Gated { gate, up, .. } = &self.mlp else { unreachable!("checked by lean_applies") };
+        let (mid, g, u) = tch::no_grad(|| {
             let mid = x + self.attn.o.forward(&attn.transpose(1, 2).reshape([b, t, nh * hd]));
             let normed = self.norm_mlp.forward(&mid);
             let (g, u) = (gate.forward(&normed), up.forward(&normed));
-            let out = &mid + down.forward(&gated(&g, &u, *act));
-            (out, mid, g, u)
+            (mid, g, u)
         });
-        (out, LeanSaved { q, k, v, attn, mid, gate: g, up: u })
+        LeanSaved { q, k, v, attn, mid, gate: g, up: u }
     }
 
     /// The backward pass of [`Block::forward_lean`]: `grad` is the gradient of the layer's
@@ -990,7 +998,12 @@ impl CausalLm {
             let input = inputs.pop().expect("one input per layer");
             let probs_leaf = probs.pop().flatten();
             let probs_grad = probs_leaf.as_ref().map(Tensor::grad).filter(Tensor::defined);
-            let kept = kept.pop().expect("one entry per layer");
+            let kept = match kept.pop().expect("one entry per layer") {
+                // A recomputed layer the lean pass covers runs it again for its saved tensors
+                // (no autograd graph of the norms and the activation, no output).
+                Kept::Recompute if grad.defined() && probs_leaf.is_none() && layer.lean_applies(false) => Kept::Lean(layer.lean_saved(&input, &ctx)),
+                kept => kept,
+            };
             if let Kept::Lean(saved) = kept {
                 if grad.defined() {
                     // The input's gradient: the layer's, plus any a loss on the input itself
