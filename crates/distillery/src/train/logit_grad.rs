@@ -177,7 +177,8 @@ pub fn forward_kl_logit_grad(z: &Tensor, y: Option<&Tensor>, targets: &[i64], w:
     }
     let in_place = g.data_ptr() == z.data_ptr();
     ensure!(!in_place || g.kind() == z.kind(), "logit_grad: a gradient written over the logits must have their dtype");
-    ensure!(in_place || !overlaps(z, g) && y.is_none_or(|y| !overlaps(y, g)), "logit_grad: the gradient buffer overlaps the logits without being them");
+    ensure!(in_place || !overlaps(z, g), "logit_grad: the gradient buffer overlaps the logits without being them");
+    ensure!(y.is_none_or(|y| !overlaps(y, g)), "logit_grad: the gradient buffer overlaps the teacher's logits");
     // SAFETY (both): `g` is a contiguous CPU tensor of `n` elements (checked above) of the kind
     // matched below, written only through this one slice; in place, `z` is read only through
     // it too (below), else `g` shares no memory with `z` or `y` (checked above).
@@ -409,5 +410,6 @@ mod tests {
         let (rows_0_1, rows_1_2) = (wide.narrow(0, 0, 2), wide.narrow(0, 1, 2));
         assert!(forward_kl_logit_grad(&rows_0_1, None, &[0, 1], w, &rows_1_2).is_err(), "a buffer overlapping the logits");
         assert!(forward_kl_logit_grad(&z, Some(&rows_0_1), &[0, 1], w, &rows_1_2).is_err(), "a buffer overlapping the teacher's logits");
+        assert!(forward_kl_logit_grad(&rows_1_2, Some(&rows_0_1), &[0, 1], w, &rows_1_2).is_err(), "written over the logits, which overlap the teacher's");
     }
 }
